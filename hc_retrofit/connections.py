@@ -1,0 +1,233 @@
+"""The hyper-connection maths: static HC, dynamic HC and mHC. Knows nothing of transformers.
+
+Notation (per token; ``H`` holds ``n`` residual streams of width ``D``, shape ``(..., n, D)``)::
+
+    x     = sum_k a_k H_k                      width connection   (branch input)
+    y     = f(x)                               the branch (attention, MLP, ...), run once
+    H'_j  = sum_k R_jk H_k + b_j y             depth connection
+
+``R_jk`` is the weight of *input* stream ``k`` in *output* stream ``j`` (row = output). The HC
+paper (2409.19606, Algorithm 2) writes the same matrix transposed, as ``A_r`` with
+``H'^T = A_r^T H^T``; mHC (2512.24880) writes ``H_res`` exactly as ``R`` here.
+
+Variants (:class:`HyperConnection`):
+
+* ``static``  -- ``a``, ``R``, ``b`` are parameters.
+* ``dynamic`` -- adds ``s * tanh(norm(H) W)`` to each of them (DHC), ``W = 0`` at init.
+* ``mhc``     -- ``a = sigmoid(.)``, ``b = 2 sigmoid(.)``, ``R = Sinkhorn(exp(.))`` (doubly
+  stochastic), each argument a bias plus (optionally) ``alpha * (RMSNorm(vec H) phi)``, ``phi = 0``.
+
+Exactness at init: with ``expand`` = copy into n streams and ``reduce`` = mean, a converted model
+computes the original function iff ``sum_k a_k = 1``, every ``b_j = 1`` and every row of ``R``
+sums to 1. All inits below satisfy this, and none is uniform in ``a`` (that would lock all streams
+into identical gradients: the *symmetry lock*). Our Sinkhorn ends on a row normalisation, so ``R``
+stays exactly row-stochastic (the property exactness needs) whatever the number of iterations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hc_retrofit.config import HCConfig
+
+__all__ = [
+    "Coefficients",
+    "HyperConnection",
+    "depth_connection",
+    "expand_streams",
+    "reduce_streams",
+    "sinkhorn",
+    "stream_mix",
+    "width_connection",
+]
+
+_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------- stream plumbing
+def expand_streams(h: torch.Tensor, num_streams: int) -> torch.Tensor:
+    """``(..., D) -> (..., n, D)``: n copies of ``h``, as a broadcast view (no memory copied)."""
+    return h.unsqueeze(-2).expand(*h.shape[:-1], num_streams, h.shape[-1])
+
+
+def reduce_streams(streams: torch.Tensor) -> torch.Tensor:
+    """``(..., n, D) -> (..., D)``: the mean over streams (the inverse of :func:`expand_streams`)."""
+    return streams.mean(dim=-2)
+
+
+def width_connection(streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``x = sum_k a_k H_k``; ``a`` is ``(n,)`` (static) or ``(..., n)`` (per token)."""
+    return torch.einsum("...k,...kd->...d", a.to(streams.dtype), streams)
+
+
+def stream_mix(streams: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``(R H)_j = sum_k R_jk H_k``; ``R`` is ``(n, n)`` or ``(..., n, n)``."""
+    return torch.einsum("...jk,...kd->...jd", r.to(streams.dtype), streams)
+
+
+def depth_connection(streams: torch.Tensor, r: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``H'_j = sum_k R_jk H_k + b_j y``."""
+    return stream_mix(streams, r).addcmul_(b.to(y.dtype).unsqueeze(-1), y.unsqueeze(-2))
+
+
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Sinkhorn-Knopp projection of ``exp(logits)`` onto doubly stochastic matrices, in log domain.
+
+    Alternates column and row normalisation of ``(..., n, n)`` logits and finishes with the
+    rows, so the result is exactly row-stochastic (what exactness needs) and doubly stochastic up
+    to the convergence of ``iters`` iterations. Autograd differentiates through the iterations.
+    """
+    log_p = logits.float()
+    for _ in range(iters):
+        log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)  # columns
+        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)  # rows
+    return log_p.exp()
+
+
+def _rms_norm(t: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMS norm over the last dim, in float32."""
+    t = t.float()
+    return t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + _EPS)
+
+
+@dataclass
+class Coefficients:
+    """``a`` ``(..., n)``, ``R`` ``(..., n, n)`` and ``b`` ``(..., n)``, float32.
+
+    Static coefficients have no leading dims; dynamic ones have the token dims of ``H``.
+    """
+
+    a: torch.Tensor
+    r: torch.Tensor
+    b: torch.Tensor
+
+
+def initial_width(num_streams: int, main: float, site_index: int) -> torch.Tensor:
+    """Initial ``a``: ``main`` on stream ``site_index mod n``, the rest shared equally (sum 1).
+
+    Rotating the favoured stream across sites (``e_(site mod n)`` when ``main = 1``, as in the HC
+    paper) breaks the symmetry between streams, so they receive different gradients and diverge.
+    """
+    rest = (1.0 - main) / (num_streams - 1)
+    a = torch.full((num_streams,), rest, dtype=torch.float32)
+    a[site_index % num_streams] = main
+    return a
+
+
+def initial_residual_logits(num_streams: int, diagonal: float) -> torch.Tensor:
+    """Logits whose Sinkhorn projection is ``diagonal`` on the diagonal, the rest shared equally.
+
+    A matrix with a constant diagonal and constant off-diagonal is already doubly stochastic, so
+    the projection is exact after any number of iterations. A moderate diagonal (0.7 by default)
+    keeps ``R`` close to identity while the exp/Sinkhorn gradients stay alive; identity-like logits
+    (diagonal ~ 1) saturate them and freeze the mixing (measured ~200x slower stream divergence).
+    """
+    off = (1.0 - diagonal) / (num_streams - 1)
+    logits = torch.zeros(num_streams, num_streams, dtype=torch.float32)
+    logits.fill_diagonal_(math.log(diagonal / off))
+    return logits
+
+
+class HyperConnection(nn.Module):
+    """One hyper-connection site: the coefficients ``a, R, b`` of a branch, and how to apply them.
+
+    Standalone use over any branch (the role of lucidrains' ``hyper-connections``)::
+
+        hc = HyperConnection(dim=512, config=HCConfig(num_streams=4, variant="mhc"), site_index=i)
+        H = expand_streams(h, 4)               # before the first block
+        H = hc(H, lambda x: attn(norm(x)))     # per block: branch runs once, on x (batch B)
+        h = reduce_streams(H)                  # after the last block
+
+    Parameters are created in float32 and stay float32 when the module is cast (``model.to(bf16)``):
+    the coefficients are tiny and precision-sensitive; they are cast to the stream dtype only where
+    they multiply activations. Set ``ablate = True`` to make the site a plain residual
+    (``a`` uniform, ``R = I``, ``b = 1``, which keeps identical streams identical).
+    """
+
+    def __init__(self, dim: int, config: HCConfig, site_index: int = 0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.config = config
+        self.num_streams = n = config.num_streams
+        self.variant = config.variant
+        self.site_index = site_index
+        self.ablate = config.ablate
+        a0 = initial_width(n, config.width_main, site_index)
+        f32 = {"dtype": torch.float32}
+        if config.variant == "mhc":
+            # a = sigmoid(logit a0) -> a0; b = 2 sigmoid(0) = 1; R = Sinkhorn(exp(logits)).
+            self.width_logits = nn.Parameter(torch.logit(a0.double()).float())
+            self.residual_logits = nn.Parameter(initial_residual_logits(n, config.residual_init_main))
+            self.depth_logits = nn.Parameter(torch.zeros(n, **f32))
+            if config.mhc_dynamic:
+                # phi maps RMSNorm(vec H) (n*D) to the n + n*n + n logits; zero so init is exact.
+                self.dynamic_proj = nn.Parameter(torch.zeros(n * dim, 2 * n + n * n, **f32))
+                self.dynamic_scale = nn.Parameter(torch.full((3,), config.dynamic_scale_init, **f32))
+        else:
+            self.width = nn.Parameter(a0)
+            self.residual = nn.Parameter(torch.eye(n, **f32))
+            self.depth = nn.Parameter(torch.ones(n, **f32))
+            if config.variant == "dynamic":
+                # W maps norm(H_k) (D) to [a_k, R_{.k} (n), b_k]; zero so init is exact.
+                self.dynamic_proj = nn.Parameter(torch.zeros(dim, n + 2, **f32))
+                self.dynamic_scale = nn.Parameter(torch.full((3,), config.dynamic_scale_init, **f32))
+
+    # -- parameters stay float32 -----------------------------------------------------------------
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        for p in self.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+        return self
+
+    # -- coefficients ----------------------------------------------------------------------------
+    @property
+    def is_dynamic(self) -> bool:
+        return not self.ablate and hasattr(self, "dynamic_proj")
+
+    def coefficients(self, streams: torch.Tensor | None = None) -> Coefficients:
+        """``a, R, b`` for ``streams`` ``(..., n, D)`` (needed only by dynamic variants)."""
+        n = self.num_streams
+        if self.ablate:
+            ref = next(self.parameters())
+            return Coefficients(
+                torch.full((n,), 1.0 / n, device=ref.device), torch.eye(n, device=ref.device), torch.ones(n, device=ref.device)
+            )
+        if self.variant == "mhc":
+            a_logit, r_logit, b_logit = self.width_logits, self.residual_logits, self.depth_logits
+            if self.is_dynamic:
+                if streams is None:
+                    raise ValueError("dynamic mHC coefficients need the streams")
+                proj = _rms_norm(streams.flatten(-2)) @ self.dynamic_proj  # (..., 2n + n^2)
+                s_a, s_r, s_b = self.dynamic_scale
+                a_logit = a_logit + s_a * proj[..., :n]
+                b_logit = b_logit + s_b * proj[..., n : 2 * n]
+                r_logit = r_logit + s_r * proj[..., 2 * n :].unflatten(-1, (n, n))
+            return Coefficients(torch.sigmoid(a_logit), sinkhorn(r_logit, self.config.sinkhorn_iters), 2 * torch.sigmoid(b_logit))
+        a, r, b = self.width, self.residual, self.depth
+        if self.is_dynamic:
+            if streams is None:
+                raise ValueError("dynamic HC coefficients need the streams")
+            proj = torch.tanh(_rms_norm(streams) @ self.dynamic_proj)  # (..., n_k, n + 2)
+            s_a, s_r, s_b = self.dynamic_scale
+            a = a + s_a * proj[..., 0]
+            r = r + s_r * proj[..., 1 : n + 1].transpose(-1, -2)  # column k comes from stream k
+            b = b + s_b * proj[..., n + 1]
+        return Coefficients(a, r, b)
+
+    # -- application -----------------------------------------------------------------------------
+    def forward(self, streams: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``H -> R H + b f(a . H)``: one residual block over ``n`` streams ``(..., n, D)``."""
+        c = self.coefficients(streams)
+        y = branch(width_connection(streams, c.a))
+        return depth_connection(streams, c.r, c.b, y)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, streams={self.num_streams}, variant={self.variant!r}, site={self.site_index}" + (
+            ", ablated" if self.ablate else ""
+        )

@@ -1,0 +1,227 @@
+"""`convert()`: retrofit hyper-connections into a loaded transformers causal LM, in place.
+
+How a converted decoder layer runs (streams ``H`` have shape ``(B, T, n, D)`` between layers)::
+
+    layer 0 input h (B, T, D)  --expand (a view, no copy)-->  H
+    site 0:  x0 = a0 . H             fed to the site's entry modules (e.g. input_layernorm)
+             the layer's residual is R0 H (we call the original forward with it)
+             exits return b0 (x) y0, so the layer's own add gives  R0 H + b0 y0
+    site s:  (later branches) the entry hook reads H_s, feeds x_s = a_s . H_s; the exit returns
+             (R_s - I) H_s + b_s (x) y_s, so the layer's own add gives  R_s H_s + b_s y_s
+    last layer output  --reduce (mean over streams)-->  (B, T, D), into the final norm
+
+Attention and MLP therefore only ever see ``(B, T, D)`` tensors: they run once, masks/rotary/KV
+cache/``generate()`` are untouched, and the original parameter names are unchanged (HC parameters
+are new keys ``<layer>.hyper_connections.<site>.*``).
+
+The HC work of a layer happens inside the layer's ``forward`` (we give each decoder layer a
+subclass of its own class), so transformers' gradient checkpointing, which wraps ``forward``,
+recomputes it too. Per-call state lives on the site module only for the duration of that call.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hc_retrofit.config import HCConfig
+from hc_retrofit.connections import (
+    HyperConnection,
+    expand_streams,
+    reduce_streams,
+    stream_mix,
+    width_connection,
+)
+from hc_retrofit.errors import AlreadyConvertedError, UnsupportedArchitectureError
+from hc_retrofit.families import Block, Family, family_for
+
+CONFIG_KEY = "hc_retrofit"
+
+
+@dataclass
+class _Call:
+    """What one site remembers between its entry and its exit during one layer call."""
+
+    x: torch.Tensor
+    r: torch.Tensor
+    b: torch.Tensor
+    streams: torch.Tensor | None  # only for non-routed sites, which add (R - I) H at the exit
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output: Any, value: torch.Tensor) -> Any:
+    return (value, *output[1:]) if isinstance(output, tuple) else value
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": value}
+
+
+def _outer(b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``b_j y`` for every stream j: ``(..., n) x (..., D) -> (..., n, D)``."""
+    return y.unsqueeze(-2) * b.to(y.dtype).unsqueeze(-1)
+
+
+class HCDecoderLayerMixin:
+    """Mixed into each decoder layer's class by :func:`convert`; see the module docstring."""
+
+    hyper_connections: nn.ModuleList
+    _hc_block: Block
+    _hc_first: bool
+    _hc_last: bool
+    _hc_multiplier: float
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = _split_hidden(args, kwargs)
+        first_site: HyperConnection = self.hyper_connections[0]
+        streams = expand_streams(hidden, first_site.num_streams) if self._hc_first else hidden
+        coeffs = first_site.coefficients(streams)
+        x = width_connection(streams, coeffs.a)
+        try:
+            if self._hc_block.kind == "layer":
+                new_args, new_kwargs = _with_hidden(args, kwargs, x)
+                out = super().forward(*new_args, **new_kwargs)
+                # F(x) = layer(x) - x, so H' = R H + b F(x) = (R H - b x) + b layer(x): exact at init.
+                new = stream_mix(streams, coeffs.r)
+                b = coeffs.b.to(new.dtype).unsqueeze(-1)
+                new = new.addcmul_(b, x.unsqueeze(-2), value=-1).addcmul_(b, _first(out).unsqueeze(-2))
+            else:
+                first_site._hc_call = _Call(x, coeffs.r, coeffs.b, streams=None)
+                new_args, new_kwargs = _with_hidden(args, kwargs, stream_mix(streams, coeffs.r))
+                out = super().forward(*new_args, **new_kwargs)
+                new = _first(out)
+        finally:
+            for site in self.hyper_connections:
+                site._hc_call = None
+        if self._hc_last:
+            new = reduce_streams(new)
+        return _replace_first(out, new)
+
+
+@functools.cache
+def _hc_layer_class(cls: type) -> type:
+    """``cls`` with :class:`HCDecoderLayerMixin` in front (one class per original class)."""
+    return type(f"HC{cls.__name__}", (HCDecoderLayerMixin, cls), {"__module__": cls.__module__})
+
+
+def _entry_hook(site: HyperConnection):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        call: _Call | None = site._hc_call
+        if call is None:  # first entry of a non-routed site: read H_s here
+            streams = _split_hidden(args, kwargs)
+            c = site.coefficients(streams)
+            call = site._hc_call = _Call(width_connection(streams, c.a), c.r, c.b, streams)
+        return _with_hidden(args, kwargs, call.x)
+
+    return hook
+
+
+def _exit_hook(site: HyperConnection, multiplier: float):
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        call: _Call = site._hc_call
+        y = _first(output)
+        if call.streams is None:  # routed site: the layer adds R H itself
+            return _replace_first(output, _outer(call.b, y))
+        eye = torch.eye(site.num_streams, device=call.r.device, dtype=call.r.dtype)
+        delta = stream_mix(call.streams, call.r - eye)
+        if multiplier != 1.0:  # the layer computes H + m * exit
+            delta = delta / multiplier
+        return _replace_first(output, delta.addcmul_(call.b.to(y.dtype).unsqueeze(-1), y.unsqueeze(-2)))
+
+    return hook
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` already carries hyper-connections."""
+    return getattr(model, "hc_config", None) is not None or any(
+        isinstance(m, HCDecoderLayerMixin) for m in model.modules()
+    )
+
+
+def decoder_layers(model: nn.Module, family: Family | None = None) -> nn.ModuleList:
+    """The decoder-layer list of ``model`` as its family adapter names it."""
+    family = family or family_for(model.config)
+    try:
+        layers = model.get_submodule(family.layers)
+    except AttributeError as err:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has no {family.layers!r}: pass a *ForCausalLM model "
+            f"(e.g. AutoModelForCausalLM) of type {model.config.model_type!r}"
+        ) from err
+    return layers
+
+
+def hyper_connection_sites(model: nn.Module) -> list[HyperConnection]:
+    """Every :class:`HyperConnection` of a converted model, in network order."""
+    return [m for m in model.modules() if isinstance(m, HyperConnection)]
+
+
+def convert(model: nn.Module, config: HCConfig | None = None) -> nn.Module:
+    """Retrofit hyper-connections into ``model`` (in place) and return it.
+
+    ``model`` is a loaded transformers causal LM of a supported family (see
+    :func:`hc_retrofit.families.supported_model_types`). At initialisation the converted model
+    computes the same function as the original (see :mod:`hc_retrofit.connections`); its HC
+    parameters are float32 and on the device of each layer. The settings are recorded in
+    ``model.config.hc_retrofit`` and ``model.hc_config``.
+
+    Raises:
+        UnsupportedArchitectureError: the family has no adapter.
+        AlreadyConvertedError: ``model`` was converted before.
+        ConfigError: invalid settings.
+    """
+    config = config or HCConfig()
+    if not isinstance(config, HCConfig):
+        raise TypeError(f"config must be an HCConfig, got {type(config).__name__}")
+    if is_converted(model):
+        raise AlreadyConvertedError(
+            f"this {type(model).__name__} already has hyper-connections; convert the original model instead"
+        )
+    family = family_for(model.config)
+    block = family.block_for(model.config)
+    multiplier = family.multiplier_for(model.config)
+    layers = decoder_layers(model, family)
+    dim = model.config.hidden_size
+    site_index = 0
+    for i, layer in enumerate(layers):
+        ref = next(layer.parameters())
+        n_sites = max(1, len(block.sites))
+        sites = nn.ModuleList(HyperConnection(dim, config, site_index + s) for s in range(n_sites))
+        site_index += n_sites
+        sites.to(device=ref.device)
+        layer.__class__ = _hc_layer_class(type(layer))
+        layer.hyper_connections = sites
+        layer._hc_block, layer._hc_multiplier = block, multiplier
+        layer._hc_first, layer._hc_last = i == 0, i == len(layers) - 1
+        for site, spec in zip(sites, block.sites, strict=False):
+            site._hc_call = None
+            entries = [getattr(layer, name, None) for name in spec.entries]
+            exits = [getattr(layer, name, None) for name in spec.exits]
+            if not any(isinstance(m, nn.Module) for m in entries) or not all(isinstance(m, nn.Module) for m in exits):
+                raise UnsupportedArchitectureError(
+                    f"{type(layer).__name__} does not have the submodules the {model.config.model_type!r} "
+                    f"adapter expects ({', '.join(spec.entries + spec.exits)}); is this transformers version supported?"
+                )
+            for module in entries:
+                if isinstance(module, nn.Module):
+                    module.register_forward_pre_hook(_entry_hook(site), with_kwargs=True)
+            for module in exits:
+                module.register_forward_hook(_exit_hook(site, multiplier), with_kwargs=True)
+        for site in sites:
+            site._hc_call = None
+    model.hc_config = config
+    model.config.hc_retrofit = config.to_dict()
+    return model

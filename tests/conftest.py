@@ -1,0 +1,15 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not (SHARED / "models" / "stories260K").is_dir():
+        pytest.skip(f"../shared is absent ({SHARED}); the real-checkpoint tests need it")
+    return SHARED
