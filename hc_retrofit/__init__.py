@@ -25,6 +25,7 @@ from hc_retrofit.errors import (
 )
 from hc_retrofit.families import FAMILIES, Block, Family, Site, register_family, supported_model_types
 from hc_retrofit.patch import convert, hyper_connection_sites, is_converted
+from hc_retrofit.persist import load_converted, save_converted
 
 __version__ = "0.1.0"
 
@@ -45,8 +46,10 @@ __all__ = [
     "expand_streams",
     "hyper_connection_sites",
     "is_converted",
+    "load_converted",
     "reduce_streams",
     "register_family",
+    "save_converted",
     "sinkhorn",
     "stream_mix",
     "supported_model_types",

@@ -25,3 +25,15 @@ class AlreadyConvertedError(HCRetrofitError):
 
 class NotConvertedError(HCRetrofitError):
     """A command that needs a converted model was given a plain one."""
+
+
+class CheckpointError(HCRetrofitError):
+    """A model id or directory that cannot be loaded: not a checkpoint, unknown id, Hub unreachable."""
+
+
+class OutputExistsError(HCRetrofitError):
+    """The output directory exists (pass ``overwrite``) or would be written inside the source model."""
+
+
+class HubError(HCRetrofitError):
+    """A Hugging Face Hub operation failed for a reason the user can fix (no token, no access, ...)."""

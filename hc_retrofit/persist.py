@@ -1,0 +1,303 @@
+"""Saving and loading converted checkpoints, and loading the base models they come from.
+
+A converted checkpoint is an ordinary transformers directory (safetensors, sharded above
+``max_shard_size``; tokenizer and generation config beside it) whose ``config.json`` carries:
+
+* ``hc_retrofit``: the :class:`~hc_retrofit.HCConfig` settings;
+* ``model_type: "hc_retrofit_<base type>"``: unknown to plain transformers, so loading it without
+  ``trust_remote_code`` fails loudly instead of silently dropping the HC tensors;
+* ``auto_map`` + copied modeling files (:mod:`hc_retrofit.remote_code`), so
+  ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without hc-retrofit;
+* ``hc_retrofit_base`` (the base model id or path), ``hc_retrofit_version`` and optional
+  ``hc_retrofit_metadata`` (e.g. a training summary).
+
+:func:`load_converted` loads the same directory with the installed package instead of the copied code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hc_retrofit.errors import AlreadyConvertedError, CheckpointError, ConfigError, NotConvertedError, OutputExistsError
+from hc_retrofit.patch import CONFIG_KEY, is_converted
+from hc_retrofit.remote_code import write_remote_code
+from hc_retrofit.remote_model import (
+    BASE_ARCH_KEY,
+    BASE_TYPE_KEY,
+    HCRetrofitModelMixin,
+    register_conversions,
+    retrofit_model_type,
+)
+
+BASE_KEY = "hc_retrofit_base"
+VERSION_KEY = "hc_retrofit_version"
+METADATA_KEY = "hc_retrofit_metadata"
+DTYPES: dict[str, Any] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+# ----------------------------------------------------------------------------- small helpers
+def parse_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
+    """``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype -> a ``from_pretrained`` dtype."""
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of checkpoint directory ``path`` as a dict (clear error if there is none)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a model checkpoint: it has no config.json")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON: {err}") from err
+
+
+def is_converted_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a checkpoint directory written by :func:`save_converted`."""
+    try:
+        return isinstance(read_config_dict(path).get(CONFIG_KEY), dict)
+    except CheckpointError:
+        return False
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else is meant as a local path."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+# ----------------------------------------------------------------------------- saving
+def check_output_dir(out_dir: Path, *, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
+    """Refuse an existing ``out_dir`` without ``overwrite``, a file, or a path inside ``source``."""
+    out = Path(out_dir).expanduser().resolve()
+    if source is not None and Path(source).expanduser().is_dir():
+        src = Path(source).expanduser().resolve()
+        if out == src or src in out.parents:
+            raise OutputExistsError(f"output {out} is inside the source model directory {src}; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is not a directory")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(
+            f"output directory {out} already exists; pass --overwrite (overwrite=True) to replace it"
+        )
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` is swapped out first, then removed."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old.rmdir()
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def save_converted(
+    model: Any,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+    extra_metadata: dict | None = None,
+    base_model: str | None = None,
+) -> Path:
+    """Save converted ``model`` (plus ``tokenizer``) to ``out_dir`` so that it loads anywhere.
+
+    The directory is written next to ``out_dir`` under a temporary name and renamed at the end,
+    so a failure or Ctrl-C never leaves a partial checkpoint. ``base_model`` (default: the id or
+    path recorded earlier, else ``model.config._name_or_path``) is stored as ``hc_retrofit_base``;
+    ``extra_metadata`` (JSON values) is merged into ``hc_retrofit_metadata``.
+
+    Raises:
+        NotConvertedError: ``model`` has no hyper-connections.
+        OutputExistsError: ``out_dir`` exists and ``overwrite`` is false.
+    """
+    if not is_converted(model):
+        raise NotConvertedError("the model has no hyper-connections; call hc_retrofit.convert(model) before saving")
+    out = check_output_dir(Path(out_dir), overwrite=overwrite)
+    config = model.config
+    base = base_model or getattr(config, BASE_KEY, None) or getattr(config, "_name_or_path", None) or None
+    metadata = {**(getattr(config, METADATA_KEY, None) or {}), **(extra_metadata or {})}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        keys = write_remote_code(tmp, model)
+        import hc_retrofit
+
+        keys.update({BASE_KEY: base, VERSION_KEY: hc_retrofit.__version__})
+        if metadata:
+            keys[METADATA_KEY] = metadata
+        config_file = tmp / "config.json"
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+        data.update(keys)
+        config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for key in (BASE_KEY, BASE_TYPE_KEY, BASE_ARCH_KEY):
+        setattr(config, key, keys[key])
+    return out
+
+
+# ----------------------------------------------------------------------------- loading converted
+@functools.cache
+def _installed_classes(base_type: str, base_arch: str) -> tuple[type, type]:
+    """The installed-package twins of the generated ``HCRetrofitConfig`` / ``HCRetrofit<Arch>``."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    try:
+        base_config = CONFIG_MAPPING[base_type]
+        base_model = getattr(transformers, base_arch)
+    except (KeyError, AttributeError) as err:
+        raise CheckpointError(
+            f"this transformers ({transformers.__version__}) has no {base_arch} of type {base_type!r}; upgrade transformers"
+        ) from err
+    model_type = retrofit_model_type(base_type)
+    config_cls = type("HCRetrofitConfig", (base_config,), {"model_type": model_type, "__module__": __name__})
+    model_cls = type(
+        f"HCRetrofit{base_arch}",
+        (HCRetrofitModelMixin, base_model),
+        {"config_class": config_cls, "__module__": __name__},
+    )
+    register_conversions(model_type, base_type, base_arch)
+    return config_cls, model_cls
+
+
+def check_load_report(info: dict[str, Any], path: str | os.PathLike) -> None:
+    """Fail on missing/unexpected/mismatched keys: transformers leaves missing parameters uninitialised."""
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        detail = "; ".join(
+            f"{k.replace('_', ' ')}: {', '.join(map(str, v[:5]))}{' ...' if len(v) > 5 else ''}"
+            for k, v in problems.items()
+        )
+        raise CheckpointError(f"{path} does not match the model it describes ({detail})")
+
+
+def load_converted(
+    path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+) -> Any:
+    """Load a converted checkpoint with the installed hc-retrofit (no ``trust_remote_code`` needed).
+
+    ``dtype`` (default: the checkpoint's) applies to the base weights; HC parameters stay float32.
+    Every tensor of the model must come from the checkpoint (else :class:`CheckpointError`).
+    """
+    data = read_config_dict(path)
+    if not isinstance(data.get(CONFIG_KEY), dict):
+        raise NotConvertedError(f"{path} is not a converted hc-retrofit checkpoint (no {CONFIG_KEY!r} in config.json)")
+    base_type = data.get(BASE_TYPE_KEY) or str(data.get("model_type", "")).removeprefix("hc_retrofit_")
+    base_arch = data.get(BASE_ARCH_KEY) or (data.get("architectures") or [""])[0].removeprefix("HCRetrofit")
+    config_cls, model_cls = _installed_classes(base_type, base_arch)
+    config = config_cls.from_pretrained(path)
+    model, info = model_cls.from_pretrained(path, config=config, dtype=parse_dtype(dtype), output_loading_info=True)
+    check_load_report(info, path)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- loading base models
+def load_base_config(model_id_or_dir: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a base model (local dir, Hub id or cached Hub id), with clear errors."""
+    from transformers import AutoConfig
+
+    name = str(model_id_or_dir)
+    local = Path(name).expanduser()
+    if local.exists():
+        data = read_config_dict(local)
+        if isinstance(data.get(CONFIG_KEY), dict):
+            raise AlreadyConvertedError(
+                f"{name} is already a converted hc-retrofit checkpoint; start from its base model"
+            )
+    elif _looks_like_path(name):
+        raise CheckpointError(f"{name}: no such directory")
+    try:
+        config = AutoConfig.from_pretrained(
+            str(local) if local.exists() else name, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        if local.exists():
+            raise CheckpointError(f"cannot read the config of {name}: {_one_line(err)}") from err
+        raise CheckpointError(
+            f"cannot load {name!r}: it is not a local directory, and the Hugging Face Hub did not provide it "
+            f"({_one_line(err)}); pass a local checkpoint directory, or set HF_HUB_OFFLINE=1 to use a model "
+            "already in the Hugging Face cache"
+        ) from err
+    if getattr(config, CONFIG_KEY, None):
+        raise AlreadyConvertedError(f"{name} is already a converted hc-retrofit checkpoint; start from its base model")
+    return config
+
+
+def load_tokenizer(model_id_or_dir: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved with a model, or ``None`` when it has none (tokenizers are optional here)."""
+    from transformers import AutoTokenizer
+
+    name = str(Path(model_id_or_dir).expanduser()) if Path(model_id_or_dir).expanduser().exists() else model_id_or_dir
+    with contextlib.suppress(Exception):  # no or unreadable tokenizer files: convert the model anyway
+        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    return None
+
+
+def load_base_model(
+    model_id_or_dir: str,
+    *,
+    revision: str | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """Load a plain causal LM and its tokenizer (or ``None``) through transformers' Hub/cache code.
+
+    Raises :class:`CheckpointError` (one line, with the fix) for an unknown id, an unreachable Hub,
+    or a directory that is not a checkpoint; :class:`AlreadyConvertedError` for a converted one.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = parse_dtype(dtype)
+    config = load_base_config(model_id_or_dir, revision=revision, trust_remote_code=trust_remote_code)
+    local = Path(model_id_or_dir).expanduser()
+    name = str(local) if local.exists() else str(model_id_or_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, config=config, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot load the weights of {model_id_or_dir}: {_one_line(err)}") from err
+    tokenizer = load_tokenizer(model_id_or_dir, revision=revision, trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer

@@ -1,0 +1,98 @@
+"""Model classes that rebuild a converted checkpoint's structure when it is loaded.
+
+A converted checkpoint's ``config.json`` has its own ``model_type`` (``hc_retrofit_<base type>``)
+and an ``auto_map`` pointing at a small generated modeling file (see :mod:`hc_retrofit.remote_code`)
+that subclasses the base family's config and ``*ForCausalLM`` with :class:`HCRetrofitModelMixin`.
+The mixin's ``__init__`` runs :func:`convert` right after the base model is built (on the meta
+device during ``from_pretrained``), so the checkpoint's HC tensors have somewhere to load into.
+
+This module is copied beside the weights together with the package modules it imports, so it may
+only import ``torch``, ``transformers`` and sibling ``hc_retrofit`` modules (``from hc_retrofit.x
+import`` is rewritten to ``from .x import`` at copy time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from hc_retrofit.config import HCConfig
+from hc_retrofit.errors import NotConvertedError
+from hc_retrofit.patch import CONFIG_KEY, convert
+
+MODEL_TYPE_PREFIX = "hc_retrofit_"
+BASE_TYPE_KEY = "hc_retrofit_base_model_type"
+BASE_ARCH_KEY = "hc_retrofit_base_architecture"
+
+
+def retrofit_model_type(base_model_type: str) -> str:
+    """The ``model_type`` of a converted checkpoint of ``base_model_type`` (unknown to plain transformers)."""
+    return MODEL_TYPE_PREFIX + base_model_type
+
+
+def base_model_type(config: Any) -> str:
+    """The original family's ``model_type`` of a (possibly converted) config."""
+    recorded = getattr(config, BASE_TYPE_KEY, None)
+    if recorded:
+        return recorded
+    return str(config.model_type).removeprefix(MODEL_TYPE_PREFIX)
+
+
+class _BaseTypeView:
+    """``config`` seen with the base family's ``model_type`` (for the family lookup in convert)."""
+
+    def __init__(self, config: Any, model_type: str) -> None:
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "model_type", model_type)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._config, name, value)
+
+
+@contextlib.contextmanager
+def _base_type_config(model: Any) -> Iterator[None]:
+    real = model.config
+    model.config = _BaseTypeView(real, base_model_type(real))
+    try:
+        yield
+    finally:
+        model.config = real
+
+
+def register_conversions(model_type: str, base_type: str, base_architecture: str | None = None) -> None:
+    """Let ``model_type`` reuse the base family's checkpoint key conversions (fused MoE experts ...).
+
+    transformers skips the conversions of custom-code classes unless they are registered, but
+    the weights were saved by the base class, which applies them; without this, MoE checkpoints
+    would not load.
+    """
+    try:
+        from transformers import conversion_mapping as cm
+    except ImportError:  # older transformers without key conversions
+        return
+    if model_type in cm.USER_REGISTERED_MAPPINGS:
+        return
+    # the base class's own mapping wins over its model_type's, as in transformers' lookup
+    mapping = cm.get_checkpoint_conversion_mapping(base_architecture) if base_architecture else None
+    if mapping is None:
+        mapping = cm.get_checkpoint_conversion_mapping(base_type)
+    if mapping is not None:
+        cm.register_checkpoint_conversion_mapping(model_type, mapping, overwrite=True)
+
+
+class HCRetrofitModelMixin:
+    """Put in front of a family's ``*ForCausalLM``: builds the base model, then retrofits it."""
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        settings = getattr(config, CONFIG_KEY, None)
+        if not settings:
+            raise NotConvertedError(
+                f"config has no {CONFIG_KEY!r} settings: this is not a converted hc-retrofit checkpoint"
+            )
+        with _base_type_config(self):
+            convert(self, HCConfig.from_dict(dict(settings)))
