@@ -1,0 +1,217 @@
+"""Training data: load text with `datasets`, tokenise, pack into fixed blocks, split, order batches.
+
+* Sources: a local ``.txt`` (documents = blank-line separated paragraphs), ``.jsonl``/``.json``,
+  ``.parquet``, ``.csv``, a directory of such files, or a dataset id (Hub, or anything
+  ``datasets.load_dataset`` accepts).
+* Each document is tokenised without special tokens and followed by EOS, then the stream is cut
+  into ``block_size`` blocks (the tail of each packing batch that does not fill a block is
+  dropped, as in transformers' ``run_clm``).
+* Both maps carry explicit fingerprints (source, tokenizer, block size), so `datasets` caches
+  them on disk and a second run with the same inputs loads the packed blocks without
+  re-tokenising.
+* The held-out split is the *last* ``eval_fraction`` of the blocks: contiguous text the model
+  never trains on (a random split of adjacent passages would leak).
+* :class:`BatchSchedule` maps (micro-batch number, process) to sample indices from a seeded
+  permutation per epoch, so the data order depends only on the seed and the step: resuming at
+  step k sees exactly the batches an uninterrupted run sees, on any process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from hc_retrofit.train.errors import TrainingError
+
+_FORMAT_VERSION = "hc-retrofit-pack-v1"
+_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+PACK_BATCH = 4096
+
+
+def load_documents(
+    source: str | Path,
+    *,
+    text_column: str = "text",
+    config_name: str | None = None,
+    split: str = "train",
+    cache_dir: str | None = None,
+) -> datasets.Dataset:
+    """The documents of ``source`` as a `datasets.Dataset` with a string column ``text_column``."""
+    path = Path(source)
+    try:
+        if path.is_file():
+            builder = _BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise TrainingError(
+                    f"cannot read {path}: use a .txt, .jsonl, .json, .parquet or .csv file, a directory, or a dataset id"
+                )
+            kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
+            ds = datasets.load_dataset(
+                builder, data_files=str(path.resolve()), split="train", cache_dir=cache_dir, **kwargs
+            )
+        else:
+            ds = datasets.load_dataset(str(source), config_name, split=split, cache_dir=cache_dir)
+    except TrainingError:
+        raise
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
+        raise TrainingError(f"cannot load data {source!s}: {err}") from err
+    if isinstance(ds, datasets.DatasetDict):  # pragma: no cover - split= makes this rare
+        ds = ds[split]
+    if text_column not in ds.column_names:
+        raise TrainingError(
+            f"data {source!s} has no column {text_column!r} (columns: {', '.join(ds.column_names)}); pass --text-column"
+        )
+    return ds
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A stable hash of what decides the token ids: the vocabulary/merges and the EOS id."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{body}|{tokenizer.eos_token_id}".encode()).hexdigest()[:16]
+
+
+def pack_documents(
+    docs: datasets.Dataset, tokenizer: Any, block_size: int, *, text_column: str = "text", num_proc: int | None = None
+) -> datasets.Dataset:
+    """Tokenise ``docs`` (EOS after each document) and pack into blocks; a dataset of ``input_ids``.
+
+    Cached by `datasets` under a fingerprint of (documents, tokenizer, block size).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise TrainingError("the tokenizer has no EOS token, which separates packed documents; set tokenizer.eos_token")
+    tok_fp = tokenizer_fingerprint(tokenizer)
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return {"input_ids": [[*x, eos] for x in ids]}
+
+    def pack(batch: dict[str, list]) -> dict[str, list]:
+        flat = [t for ids in batch["input_ids"] for t in ids]
+        usable = len(flat) // block_size * block_size
+        return {"input_ids": [flat[i : i + block_size] for i in range(0, usable, block_size)]}
+
+    fp_tok = _hash(docs._fingerprint, tok_fp, text_column, _FORMAT_VERSION)
+    tokenized = docs.map(
+        tokenize,
+        batched=True,
+        remove_columns=docs.column_names,
+        new_fingerprint=fp_tok,
+        num_proc=num_proc,
+        desc="Tokenising",
+    )
+    packed = tokenized.map(
+        pack,
+        batched=True,
+        batch_size=PACK_BATCH,
+        new_fingerprint=_hash(fp_tok, str(block_size)),
+        num_proc=num_proc,
+        desc=f"Packing into blocks of {block_size}",
+    )
+    return packed.with_format("torch")
+
+
+def _hash(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def split_blocks(blocks: datasets.Dataset, eval_fraction: float) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train, held-out): the held-out split is the last ``eval_fraction`` of the blocks."""
+    n = len(blocks)
+    n_eval = math.ceil(n * eval_fraction) if eval_fraction > 0 else 0
+    if n - n_eval < 1:
+        raise TrainingError(
+            f"the data gives only {n} block(s) ({n_eval} held out): use more text, a smaller --block-size "
+            "or a smaller --eval-fraction"
+        )
+    train = blocks.select(range(n - n_eval))
+    return train, (blocks.select(range(n - n_eval, n)) if n_eval else None)
+
+
+@dataclass
+class PackedData:
+    """The packed training and held-out blocks."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+
+    @property
+    def block_size(self) -> int:
+        return len(self.train[0]["input_ids"])
+
+
+def build_data(
+    source: str | Path,
+    tokenizer: Any,
+    block_size: int,
+    *,
+    eval_fraction: float = 0.05,
+    text_column: str = "text",
+    config_name: str | None = None,
+    split: str = "train",
+    cache_dir: str | None = None,
+) -> PackedData:
+    """Load, tokenise, pack and split ``source`` (see the module docstring)."""
+    docs = load_documents(source, text_column=text_column, config_name=config_name, split=split, cache_dir=cache_dir)
+    train, held_out = split_blocks(pack_documents(docs, tokenizer, block_size, text_column=text_column), eval_fraction)
+    return PackedData(train, held_out)
+
+
+class BatchSchedule:
+    """Deterministic batch order: micro-batch ``m`` of process ``rank`` depends only on (seed, m, rank).
+
+    Global micro-batch ``m`` takes samples ``[m * B * W, (m + 1) * B * W)`` of an endless stream
+    that concatenates seeded permutations of the training set (one per epoch); process ``rank``
+    takes its ``B`` consecutive ones. So W processes at batch B see the same samples per step as
+    one process at batch ``B * W``.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int, world_size: int = 1, rank: int = 0) -> None:
+        if num_samples < 1:
+            raise TrainingError("no training samples")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.world_size, self.rank = world_size, rank
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.clear()
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.num_samples, generator=gen)
+        return self._perms[epoch]
+
+    def indices(self, micro_batch: int) -> list[int]:
+        """Sample indices of global micro-batch number ``micro_batch`` for this process."""
+        start = (micro_batch * self.world_size + self.rank) * self.batch_size
+        out = []
+        for k in range(start, start + self.batch_size):
+            epoch, pos = divmod(k, self.num_samples)
+            out.append(int(self._permutation(epoch)[pos]))
+        return out
+
+    def epoch_of(self, micro_batch: int) -> float:
+        return micro_batch * self.world_size * self.batch_size / self.num_samples
+
+
+def eval_shards(
+    num_samples: int, batch_size: int, *, world_size: int = 1, rank: int = 0
+) -> list[tuple[list[int], list[float]]]:
+    """This process's eval batches as (indices, weights); every process gets the same number of batches.
+
+    Processes must run the same number of forward passes (FSDP gathers parameters in each), so
+    the shorter shards are padded with sample 0 at weight 0.
+    """
+    mine = list(range(rank, num_samples, world_size))
+    per_rank = math.ceil(num_samples / world_size)
+    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+    mine += [0] * (per_rank - len(mine))
+    return [(mine[i : i + batch_size], weights[i : i + batch_size]) for i in range(0, per_rank, batch_size)]

@@ -1,0 +1,375 @@
+"""The continued-pretraining loop on accelerate (one process, DDP, FSDP; CPU or GPU).
+
+Per optimiser step: ``grad_accum`` micro-batches (gradient sync only on the last), the loss is
+averaged over micro-batches and processes, a non-finite loss or gradient norm stops the run
+*before* the weights change, gradients are clipped, AdamW steps, the schedule steps once.
+
+Step numbering: the row for step ``k`` reports the loss of the weights after ``k`` updates, on
+batch ``k``; step 0 is therefore the model as loaded, and for a fresh retrofit its loss is the
+base model's loss (the conversion is exact: no spike). Eval runs at step 0, every
+``eval_every`` steps and at the end.
+
+Only the main process writes files (metrics, plot, final model); checkpoints are collective
+(each process saves its own RNG state, FSDP shards). The data order is a pure function of the
+seed and the step (:class:`~hc_retrofit.train.data.BatchSchedule`), so ``--resume`` reproduces
+the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hc_retrofit.patch import hyper_connection_sites, is_converted
+from hc_retrofit.train import checkpoint as ckpt
+from hc_retrofit.train.data import BatchSchedule, PackedData, build_data, eval_shards
+from hc_retrofit.train.errors import NonFiniteLossError, TrainingError
+from hc_retrofit.train.metrics import METRICS_FILE, MetricsLog, plot_losses, read_metrics
+from hc_retrofit.train.model import load_model, prepare_model, save_final
+from hc_retrofit.train.optim import build_optimizer, build_scheduler, drop_base_gradients, group_lrs
+from hc_retrofit.train.progress import TrainProgress
+from hc_retrofit.train.recipe import TrainConfig
+
+FINAL_DIR = "final"
+PLOT_FILE = "loss.png"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced (also written to ``OUT/summary.json``)."""
+
+    out_dir: str
+    final_dir: str | None
+    hc: bool
+    steps: int
+    start_step: int
+    num_processes: int
+    tokens_per_step: int
+    step0_loss: float | None
+    last_loss: float | None
+    initial_eval_loss: float | None
+    final_eval_loss: float | None
+    tokens_per_s: float
+    train_seconds: float
+    plot: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Any:
+    """An ``Accelerator`` for this run: CPU/gloo when there is no GPU, bf16 when the GPU has it."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed:  # in-process runs (demo, tests) may each want other settings
+        AcceleratorState._reset_state(reset_partial_state=True)
+    # Without a GPU, `accelerate launch --multi_gpu` needs cpu=True to form a gloo group (else each
+    # process runs alone and all of them act as the main process).
+    cpu = cfg.cpu or (distributed and not torch.cuda.is_available())
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cpu=cpu),
+        log_with=(cfg.report_to or None),
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
+        step_scheduler_with_optimizer=False,  # our schedule counts optimiser steps, not process-steps
+    )
+
+
+def resolve_mixed_precision(name: str, *, cpu: bool = False) -> str | None:
+    """``auto``: the launcher's setting if any, else bf16 on a GPU that supports it, else none."""
+    if name != "auto":
+        return name
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None  # accelerate reads it from the environment (accelerate launch / config file)
+    if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _prepare_out_dir(cfg: TrainConfig, out: Path, accelerator: Any) -> None:
+    exists = out.exists() and any(out.iterdir())
+    if exists and not (cfg.resume or cfg.overwrite):
+        raise TrainingError(f"{out} exists and is not empty: pass --resume to continue that run or --overwrite")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if exists and cfg.overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: PackedData, cfg: TrainConfig, accelerator: Any) -> float | None:
+    """Mean next-token loss over the held-out blocks (at most ``eval_batches`` per process)."""
+    if data.eval is None:
+        return None
+    n = len(data.eval)
+    if cfg.eval_batches:
+        n = min(n, cfg.eval_batches * cfg.batch_size * accelerator.num_processes)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for idx, weights in eval_shards(
+        n, cfg.batch_size, world_size=accelerator.num_processes, rank=accelerator.process_index
+    ):
+        x = data.eval[idx]["input_ids"].to(accelerator.device)
+        logits = model(input_ids=x).logits.float()
+        per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+        per_sample = per_token.view(x.shape[0], -1).mean(dim=1).double()
+        w = torch.tensor(weights, device=accelerator.device, dtype=torch.float64)
+        total += torch.stack([(per_sample * w).sum(), w.sum()])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = None) -> TrainResult:
+    """Run continued pretraining as ``cfg`` says; ``model``/``tokenizer`` override ``cfg.model``.
+
+    Raises:
+        TrainingError: bad settings, data or output directory.
+        NonFiniteLossError: the loss diverged; the last good checkpoint is kept.
+    """
+    cfg.validate()
+    out = Path(cfg.out)
+    accelerator = make_accelerator(cfg, out)
+    _prepare_out_dir(cfg, out, accelerator)
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    if model is None:
+        model, loaded_tokenizer = load_model(cfg)
+        tokenizer = tokenizer or loaded_tokenizer
+    model = prepare_model(cfg, model, tokenizer)
+    hc = is_converted(model)
+    with accelerator.main_process_first():  # the main process tokenises; the others load its cache
+        data = build_data(
+            cfg.data,
+            tokenizer,
+            cfg.block_size,
+            eval_fraction=cfg.eval_fraction,
+            text_column=cfg.text_column,
+            config_name=cfg.dataset_config,
+            split=cfg.dataset_split,
+            cache_dir=cfg.cache_dir,
+        )
+    schedule = BatchSchedule(len(data.train), cfg.batch_size, seed=cfg.seed, world_size=world, rank=rank)
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
+
+    torch.manual_seed(cfg.seed)
+    optimizer = build_optimizer(
+        model,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        hc_lr_multiplier=cfg.hc_lr_multiplier,
+        betas=(cfg.beta1, cfg.beta2),
+    )
+    scheduler = build_scheduler(
+        optimizer, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    start_step, last_ckpt = 0, None
+    if cfg.resume:
+        found = ckpt.latest_checkpoint(out)
+        if found is not None:
+            start_step, last_ckpt = found
+            state = ckpt.read_state(last_ckpt)
+            if state.get("num_processes") != world or state.get("batch_size") != cfg.batch_size:
+                accelerator.print(
+                    f"warning: the checkpoint was written with {state.get('num_processes')} process(es) x batch "
+                    f"{state.get('batch_size')}; now {world} x {cfg.batch_size}: the data order will differ"
+                )
+            accelerator.load_state(str(last_ckpt))
+            accelerator.print(f"resuming from {last_ckpt} (step {start_step})")
+        else:
+            accelerator.print(f"--resume: no checkpoint in {out / ckpt.CHECKPOINTS}, starting at step 0")
+    metrics = MetricsLog(out / METRICS_FILE, enabled=main, resume_step=start_step if cfg.resume else None)
+    if cfg.report_to:
+        accelerator.init_trackers("hc-retrofit", config=_tracker_config(cfg))
+
+    ckpt_state = {"num_processes": world, "batch_size": cfg.batch_size, "seed": cfg.seed, "hc": hc}
+    step0_loss = last_loss = initial_eval = final_eval = None
+    train_seconds, trained_tokens = 0.0, 0
+
+    def log(row: dict[str, Any]) -> None:
+        metrics.write(row)
+        if cfg.report_to:
+            accelerator.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+
+    def run_eval(step: int) -> float | None:
+        value = evaluate(model, data, cfg, accelerator)
+        if value is not None:
+            log({"step": step, "eval_loss": value, "eval_ppl": math.exp(min(value, 50.0))})
+        return value
+
+    model.train()
+    progress = TrainProgress(cfg.max_steps, start_step, enabled=main and cfg.progress, hc=hc)
+    with progress:
+        for step in range(start_step, cfg.max_steps):
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                value = run_eval(step)
+                if step == 0:
+                    initial_eval = value
+                progress.note_eval(step, value)
+            t0 = time.perf_counter()
+            loss = _forward_backward(model, data, schedule, step, cfg, accelerator)
+            if not math.isfinite(loss):
+                _stop(accelerator, metrics, step, f"non-finite loss ({loss})", last_ckpt, cfg)
+            if step < cfg.hc_warmup_steps:
+                drop_base_gradients(optimizer)
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf))
+            if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":
+                _stop(accelerator, metrics, step, f"non-finite gradient norm ({grad_norm})", last_ckpt, cfg)
+            lrs = group_lrs(optimizer)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            train_seconds += dt
+            trained_tokens += tokens_per_step
+            if step == 0:
+                step0_loss = loss
+            last_loss = loss
+            if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+                row = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": lrs.get("base/decay", lrs.get("base/no_decay")),
+                    "grad_norm": grad_norm,
+                    "tokens": (step + 1) * tokens_per_step,
+                    "tokens_per_s": tokens_per_step / dt,
+                }
+                if "hc" in lrs:
+                    row["hc_lr"] = lrs["hc"]
+                log(row)
+            progress.update(step + 1, loss, tokens_per_step / dt)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
+                last_ckpt = ckpt.save_checkpoint(accelerator, out, step + 1, ckpt_state, keep=cfg.keep_checkpoints)
+        if data.eval is not None:
+            final_eval = run_eval(cfg.max_steps)
+            progress.note_eval(cfg.max_steps, final_eval)
+
+    final_dir = _save_model(accelerator, model, tokenizer, out, cfg, hc)
+    plot = None
+    if main:
+        plot = str(plot_losses({"HC" if hc else "plain": read_metrics(out)}, out / PLOT_FILE))
+    if cfg.report_to:
+        accelerator.end_training()
+    result = TrainResult(
+        out_dir=str(out),
+        final_dir=str(final_dir) if final_dir else None,
+        hc=hc,
+        steps=cfg.max_steps,
+        start_step=start_step,
+        num_processes=world,
+        tokens_per_step=tokens_per_step,
+        step0_loss=step0_loss,
+        last_loss=last_loss,
+        initial_eval_loss=initial_eval,
+        final_eval_loss=final_eval,
+        tokens_per_s=trained_tokens / train_seconds if train_seconds else 0.0,
+        train_seconds=train_seconds,
+        plot=plot,
+    )
+    if main:
+        import json
+
+        (out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _forward_backward(
+    model: nn.Module, data: PackedData, schedule: BatchSchedule, step: int, cfg: TrainConfig, accelerator: Any
+) -> float:
+    """Accumulate gradients of one optimiser step; return the loss averaged over micro-batches and processes."""
+    total = torch.zeros((), device=accelerator.device)
+    for micro in range(cfg.grad_accum):
+        x = data.train[schedule.indices(step * cfg.grad_accum + micro)]["input_ids"].to(accelerator.device)
+        last = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss = model(input_ids=x, labels=x).loss
+            accelerator.backward(loss / cfg.grad_accum)
+        total += loss.detach().float()
+    return float(accelerator.reduce(total / cfg.grad_accum, reduction="mean"))
+
+
+def _stop(
+    accelerator: Any, metrics: MetricsLog, step: int, what: str, last_ckpt: Path | None, cfg: TrainConfig
+) -> None:
+    metrics.write({"step": step, "loss": None, "error": what})
+    if cfg.report_to:
+        accelerator.end_training()
+    where = (
+        f"the last good checkpoint is {last_ckpt} (continue with --resume)"
+        if last_ckpt
+        else "no checkpoint was written yet"
+    )
+    raise NonFiniteLossError(
+        f"{what} at step {step}: stopped before updating the weights; {where}. "
+        "Lower --lr or --hc-lr-multiplier, or keep --max-grad-norm clipping on.",
+        step=step,
+        last_checkpoint=str(last_ckpt) if last_ckpt else None,
+    )
+
+
+def _save_model(
+    accelerator: Any, model: nn.Module, tokenizer: Any, out: Path, cfg: TrainConfig, hc: bool
+) -> Path | None:
+    """Write ``OUT/final`` (converted format, or ``save_pretrained`` for ``--no-hc``) from the main process.
+
+    Under FSDP the full state dict is gathered first (collective) and loaded into an unsharded
+    CPU copy of the model, which is what gets saved.
+    """
+    from accelerate.utils import DistributedType
+
+    accelerator.wait_for_everyone()
+    metadata = {"training": {k: v for k, v in _tracker_config(cfg).items() if k not in ("out", "cache_dir")}}
+    if accelerator.distributed_type == DistributedType.FSDP:
+        state_dict = accelerator.get_state_dict(model)
+        unwrapped = (
+            _unsharded_copy(accelerator.unwrap_model(model), state_dict) if accelerator.is_main_process else None
+        )
+    else:
+        unwrapped = accelerator.unwrap_model(model)
+    final = out / FINAL_DIR
+    if accelerator.is_main_process:
+        if cfg.grad_checkpointing:
+            unwrapped.gradient_checkpointing_disable()
+        unwrapped.config.use_cache = True
+        save_final(unwrapped, tokenizer, final, metadata=metadata)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _unsharded_copy(sharded: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """A CPU model with ``sharded``'s structure (incl. hyper-connections) holding ``state_dict``."""
+    from transformers import AutoModelForCausalLM
+
+    from hc_retrofit.patch import convert
+
+    config = sharded.config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if hyper_connection_sites(sharded):
+        convert(model, sharded.hc_config)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's settings as scalars (what trackers accept)."""
+    return {k: (",".join(v) if isinstance(v, list) else v) for k, v in cfg.to_dict().items() if v is not None}

@@ -1,0 +1,85 @@
+"""Get the model to train: a converted directory as is, or a plain model converted on the fly.
+
+``--no-hc`` loads the same plain model and trains it unchanged through the same pipeline, so an
+HC-vs-plain comparison differs only in the hyper-connections. Weights are loaded in float32 by
+default (``model_dtype``): they are the optimiser's master weights, and mixed precision (bf16
+autocast, or FSDP's compute dtype) lowers only the compute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hc_retrofit.config import HCConfig
+from hc_retrofit.patch import convert, is_converted
+from hc_retrofit.train.errors import TrainingError
+from hc_retrofit.train.recipe import TrainConfig
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise TrainingError(f"model_dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def load_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
+    """Load ``cfg.model`` (converted dir, local plain model or Hub id) and its tokenizer."""
+    from hc_retrofit import persist
+
+    if not cfg.model:
+        raise TrainingError("no model given: pass MODEL_OR_DIR (or set `model:` in the recipe)")
+    dtype = resolve_dtype(cfg.model_dtype)
+    if persist.is_converted_dir(cfg.model):
+        model = persist.load_converted(cfg.model, dtype=dtype)
+        return model, _tokenizer_from(cfg.model)
+    return persist.load_base_model(
+        cfg.model, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+    )
+
+
+def _tokenizer_from(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_model(cfg: TrainConfig, model: nn.Module, tokenizer: Any) -> nn.Module:
+    """Convert (unless ``no_hc``), set up gradient checkpointing, and check the pair is trainable."""
+    if tokenizer is None:
+        raise TrainingError(
+            f"no tokenizer found for {cfg.model or type(model).__name__}: training tokenises the data with the "
+            "model's tokenizer, so save one beside the weights"
+        )
+    if cfg.no_hc and is_converted(model):
+        raise TrainingError(
+            "--no-hc trains the plain model, but this model already has hyper-connections: pass the base model"
+        )
+    if not cfg.no_hc and not is_converted(model):
+        convert(model, HCConfig(num_streams=cfg.streams, variant=cfg.variant))
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # no KV cache while training (and it conflicts with checkpointing)
+    return model.train()
+
+
+def save_final(model: nn.Module, tokenizer: Any, out_dir: Path, *, metadata: dict[str, Any]) -> Path:
+    """Write the trained model: converted-checkpoint format if it has HC, else ``save_pretrained``."""
+    if is_converted(model):
+        from hc_retrofit import persist
+
+        return Path(persist.save_converted(model, out_dir, tokenizer, overwrite=True, extra_metadata=metadata))
+    model.config.use_cache = True
+    model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir

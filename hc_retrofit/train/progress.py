@@ -1,0 +1,63 @@
+"""The progress display of a training run (rich): step bar with loss, tokens/s, ETA; eval lines.
+
+On a terminal it is a live bar; when output is not a terminal (CI, logs) rich prints nothing
+live, so each eval (and the end) is also printed as a plain line, which is what logs keep.
+"""
+
+from __future__ import annotations
+
+import math
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class TrainProgress:
+    """A context manager; a no-op when ``enabled`` is false (non-main processes, ``--no-progress``)."""
+
+    def __init__(self, total: int, start: int = 0, *, enabled: bool = True, hc: bool = True) -> None:
+        self.enabled = enabled
+        self.console = Console(stderr=True)
+        self.total = total
+        self._last = {"loss": math.nan, "tps": 0.0}
+        if not enabled:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.task = self.progress.add_task(
+            "train (HC)" if hc else "train (plain)", total=total, completed=start, loss=math.nan, tps=0.0
+        )
+
+    def __enter__(self) -> TrainProgress:
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        self._last = {"loss": loss, "tps": tokens_per_s}
+        if self.enabled:
+            self.progress.update(self.task, completed=step, loss=loss, tps=tokens_per_s)
+
+    def note_eval(self, step: int, eval_loss: float | None) -> None:
+        if not self.enabled or eval_loss is None:
+            return
+        ppl = math.exp(min(eval_loss, 50.0))
+        train = "" if math.isnan(self._last["loss"]) else f"  train loss {self._last['loss']:.4f}"
+        speed = f"  {self._last['tps']:,.0f} tok/s" if self._last["tps"] else ""
+        self.progress.console.print(
+            f"step {step:>6}/{self.total}{train}  eval loss {eval_loss:.4f} (ppl {ppl:.2f}){speed}"
+        )
