@@ -358,14 +358,11 @@ def _save_model(
 
 def _unsharded_copy(sharded: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """A CPU model with ``sharded``'s structure (incl. hyper-connections) holding ``state_dict``."""
-    from transformers import AutoModelForCausalLM
-
     from hc_retrofit.patch import convert
 
-    config = sharded.config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if hyper_connection_sites(sharded):
-        convert(model, sharded.hc_config)
+    model = type(sharded)._from_config(sharded.config, dtype=torch.float32)
+    if hyper_connection_sites(sharded) and not hyper_connection_sites(model):
+        convert(model, sharded.hc_config)  # converted on the fly: the class is the plain one
     model.load_state_dict(state_dict, strict=True)
     return model
 
