@@ -199,6 +199,19 @@ def _installed_classes(base_type: str, base_arch: str) -> tuple[type, type]:
     return config_cls, model_cls
 
 
+def _converted_classes(path: str | os.PathLike) -> tuple[type, type]:
+    data = read_config_dict(path)
+    if not isinstance(data.get(CONFIG_KEY), dict):
+        raise NotConvertedError(f"{path} is not a converted hc-retrofit checkpoint (no {CONFIG_KEY!r} in config.json)")
+    base_type = data.get(BASE_TYPE_KEY) or str(data.get("model_type", "")).removeprefix("hc_retrofit_")
+    base_arch = data.get(BASE_ARCH_KEY) or (data.get("architectures") or [""])[0].removeprefix("HCRetrofit")
+    return _installed_classes(base_type, base_arch)
+
+
+def _converted_config(path: str | os.PathLike) -> Any:
+    return _converted_classes(path)[0].from_pretrained(path)
+
+
 def check_load_report(info: dict[str, Any], path: str | os.PathLike) -> None:
     """Fail on missing/unexpected/mismatched keys: transformers leaves missing parameters uninitialised."""
     problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -219,13 +232,8 @@ def load_converted(
     ``dtype`` (default: the checkpoint's) applies to the base weights; HC parameters stay float32.
     Every tensor of the model must come from the checkpoint (else :class:`CheckpointError`).
     """
-    data = read_config_dict(path)
-    if not isinstance(data.get(CONFIG_KEY), dict):
-        raise NotConvertedError(f"{path} is not a converted hc-retrofit checkpoint (no {CONFIG_KEY!r} in config.json)")
-    base_type = data.get(BASE_TYPE_KEY) or str(data.get("model_type", "")).removeprefix("hc_retrofit_")
-    base_arch = data.get(BASE_ARCH_KEY) or (data.get("architectures") or [""])[0].removeprefix("HCRetrofit")
-    config_cls, model_cls = _installed_classes(base_type, base_arch)
-    config = config_cls.from_pretrained(path)
+    config = _converted_config(path)
+    _, model_cls = _converted_classes(path)
     model, info = model_cls.from_pretrained(path, config=config, dtype=parse_dtype(dtype), output_loading_info=True)
     check_load_report(info, path)
     if device is not None:
@@ -255,6 +263,13 @@ def load_base_config(model_id_or_dir: str, *, revision: str | None = None, trust
     except (OSError, ValueError) as err:
         if local.exists():
             raise CheckpointError(f"cannot read the config of {name}: {_one_line(err)}") from err
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise CheckpointError(
+                f"cannot load {name!r}: it is not a local directory, and it is not in the Hugging Face cache "
+                "(HF_HUB_OFFLINE=1 is set); pass a local checkpoint directory, or download the model first"
+            ) from err
         raise CheckpointError(
             f"cannot load {name!r}: it is not a local directory, and the Hugging Face Hub did not provide it "
             f"({_one_line(err)}); pass a local checkpoint directory, or set HF_HUB_OFFLINE=1 to use a model "
@@ -269,9 +284,13 @@ def load_tokenizer(model_id_or_dir: str, *, revision: str | None = None, trust_r
     """The tokenizer saved with a model, or ``None`` when it has none (tokenizers are optional here)."""
     from transformers import AutoTokenizer
 
-    name = str(Path(model_id_or_dir).expanduser()) if Path(model_id_or_dir).expanduser().exists() else model_id_or_dir
-    with contextlib.suppress(Exception):  # no or unreadable tokenizer files: convert the model anyway
-        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    local = Path(model_id_or_dir).expanduser()
+    name = str(local) if local.exists() else model_id_or_dir
+    extra: dict[str, Any] = {}
+    with contextlib.suppress(Exception):  # no or unreadable tokenizer files: go on without one
+        if is_converted_dir(local):  # give AutoTokenizer the config: it cannot read our model_type itself
+            extra["config"] = _converted_config(local)
+        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, **extra)
     return None
 
 

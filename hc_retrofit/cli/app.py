@@ -1,0 +1,75 @@
+"""The ``hc-retrofit`` Typer app and its entry point.
+
+Each command lives in its own module and registers itself on :data:`app` when imported;
+:mod:`hc_retrofit.cli.commands` imports them all. Errors the user can fix
+(:class:`~hc_retrofit.errors.HCRetrofitError`) and usage errors are printed as one line,
+``error: <message>``, on stderr with exit code 1 (2 for usage errors); Ctrl-C exits with 130.
+No traceback is shown for any of them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from hc_retrofit.errors import HCRetrofitError
+
+try:  # typer >= 0.2x vendors click as typer._click; older typer uses click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``error: message`` as one line on stderr and exit with ``code``."""
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    sys.exit(code)
+
+
+class _OneLineErrors(TyperGroup):
+    """Runs the commands and turns user errors into one line instead of a traceback or a panel."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, *a: Any, **kw: Any) -> Any:
+        standalone = kw.pop("standalone_mode", True)
+        try:
+            result = super().main(args, prog_name, *a, standalone_mode=False, **kw)
+        except HCRetrofitError as err:
+            fail(str(err), 1)
+        except click_exceptions.NoArgsIsHelpError:  # the help has been printed
+            sys.exit(2)
+        except click_exceptions.UsageError as err:
+            hint = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
+            fail(err.format_message() + hint, 2)
+        except (click_exceptions.Abort, KeyboardInterrupt):
+            fail("interrupted", 130)
+        except click_exceptions.ClickException as err:
+            fail(err.format_message(), err.exit_code)
+        code = result if isinstance(result, int) else 0
+        if standalone:
+            sys.exit(code)
+        return result
+
+
+app = typer.Typer(
+    name="hc-retrofit",
+    cls=_OneLineErrors,
+    help="Retrofit hyper-connections (HC, dynamic HC, mHC) into transformers causal LMs, exact at initialisation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (``hc-retrofit``, ``python -m hc_retrofit``)."""
+    import hc_retrofit.cli.commands  # noqa: F401  (registers the commands on `app`)
+
+    app(args=argv, prog_name="hc-retrofit")

@@ -1,0 +1,65 @@
+"""``hc-retrofit convert MODEL --out DIR``: retrofit a checkpoint and save it so that it loads anywhere."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from hc_retrofit.cli.app import app, console, err_console
+from hc_retrofit.config import VARIANTS, HCConfig
+from hc_retrofit.conversion import convert_checkpoint
+from hc_retrofit.persist import DTYPES, parse_dtype
+
+
+@app.command("convert")
+def convert_command(
+    model: str = typer.Argument(..., help="Base model: a local checkpoint directory or a Hub id (org/name)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the converted checkpoint to."),
+    streams: int = typer.Option(4, "--streams", "-n", help="Number of residual streams (>= 2)."),
+    variant: str = typer.Option("mhc", "--variant", help=f"Hyper-connection variant: {', '.join(VARIANTS)}."),
+    dtype: str = typer.Option("auto", "--dtype", help=f"Weights dtype: {', '.join(DTYPES)} (auto = the checkpoint's)."),
+    revision: str | None = typer.Option(None, "--revision", help="Hub branch, tag or commit of MODEL."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow MODEL's own modeling code."),
+) -> None:
+    """Add hyper-connections to MODEL and save the result to --out (atomically: all or nothing).
+
+    The converted model computes exactly the same function as MODEL; check it with
+    `hc-retrofit verify DIR`. The checkpoint loads with hc_retrofit.load_converted(DIR), or with
+    plain transformers via AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True).
+    """
+    settings = HCConfig(num_streams=streams, variant=variant)  # bad settings fail before any loading
+    parse_dtype(dtype)
+    start = time.perf_counter()
+    with err_console.status("converting", spinner="dots") as status:
+
+        def progress(message: str) -> None:
+            status.update(message)
+            err_console.print(f"[dim]{message}[/dim]")
+
+        summary = convert_checkpoint(
+            model,
+            out,
+            settings,
+            revision=revision,
+            dtype=dtype,
+            overwrite=overwrite,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+        )
+    table = Table(title="converted", show_header=False, box=None)
+    table.add_row("base model", summary.base_model)
+    table.add_row("family", f"{summary.model_type} ({summary.block_kind} blocks)")
+    table.add_row("layers patched", f"{summary.layers} ({summary.sites} hyper-connection sites)")
+    table.add_row("hyper-connections", f"{summary.variant}, {summary.num_streams} streams")
+    table.add_row(
+        "parameters added",
+        f"{summary.added_parameters:,} ({summary.added_percent:.3f}% of {summary.base_parameters:,})",
+    )
+    table.add_row("tokenizer", "saved" if summary.has_tokenizer else "none found (not saved)")
+    table.add_row("output", summary.out_dir)
+    table.add_row("time", f"{time.perf_counter() - start:.1f} s")
+    console.print(table)

@@ -1,0 +1,49 @@
+"""``hc-retrofit push DIR REPO_ID``: upload a converted checkpoint (with a generated model card) to the Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from hc_retrofit.cli.app import app, console, err_console
+from hc_retrofit.hub import push_checkpoint
+
+
+@app.command("push")
+def push_command(
+    directory: Path = typer.Argument(..., metavar="DIR", help="A converted checkpoint directory."),
+    repo_id: str = typer.Argument(..., help="Hub repository, OWNER/NAME (created if it does not exist)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    revision: str | None = typer.Option(None, "--revision", help="Branch to push to (created if needed)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Send nothing; print what would be uploaded."),
+) -> None:
+    """Upload DIR to the Hugging Face Hub (HF_ENDPOINT) with a generated README.md model card.
+
+    Needs a token with write access (`hf auth login` or HF_TOKEN). A README.md you wrote yourself is kept.
+    """
+    with err_console.status(f"uploading to {repo_id}", spinner="dots") if not dry_run else _nothing():
+        plan = push_checkpoint(directory, repo_id, private=private, revision=revision, dry_run=dry_run)
+    where = f"{plan.endpoint}/{plan.repo_id}" + (f" (branch {plan.revision})" if plan.revision else "")
+    card = "README.md model card: " + ("generated" if plan.card_generated else "yours, kept")
+    if dry_run:
+        console.print(f"dry run: would upload {len(plan.files)} files to {where}{' as private' if private else ''}")
+        for name in plan.files:
+            console.print(f"  {name}")
+        console.print(card)
+    else:
+        console.print(
+            f"uploaded {len(plan.files)} files to {plan.url or where}"
+            + (f" (commit {plan.commit})" if plan.commit else "")
+        )
+        console.print(card)
+    for note in plan.notes:
+        err_console.print(f"note: {note}")
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

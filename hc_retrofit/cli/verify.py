@@ -1,0 +1,48 @@
+"""``hc-retrofit verify DIR``: check that a converted checkpoint still computes its base model's function."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from hc_retrofit.cli.app import app, console, err_console
+from hc_retrofit.verify import KL_TOL, verify_checkpoint
+
+
+@app.command("verify")
+def verify_command(
+    directory: Path = typer.Argument(..., metavar="DIR", help="A converted checkpoint directory."),
+    base: str | None = typer.Option(None, "--base", help="Base model (default: the one recorded in DIR)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    trained: bool = typer.Option(False, "--trained", help="DIR was trained: report the difference, do not fail on it."),
+) -> None:
+    """Run DIR and its base model on a probe batch and compare logits, KL divergence and greedy generation.
+
+    Exit code 0 when they are equivalent within tolerance (or with --trained), 1 otherwise.
+    """
+    with err_console.status("loading both models and comparing", spinner="dots"):
+        report = verify_checkpoint(directory, base, trained=trained)
+    if as_json:
+        console.print_json(json.dumps(report.to_dict()))
+    else:
+        table = Table(title=f"verify {report.converted_dir}", show_header=False, box=None)
+        table.add_row("base model", report.base_model)
+        table.add_row("hyper-connections", f"{report.variant}, {report.num_streams} streams")
+        table.add_row("probe batch", f"{report.probe_shape[0]} x {report.probe_shape[1]} tokens")
+        table.add_row("max |logit diff|", f"{report.max_abs_logit_diff:.3e} (tolerance {report.logit_tolerance:.1e})")
+        table.add_row(
+            "KL(base || converted)", f"mean {report.mean_kl:.3e}, max {report.max_kl:.3e} (tolerance {KL_TOL:.0e})"
+        )
+        table.add_row("greedy generation", f"{100 * report.greedy_agreement:.1f}% of tokens agree")
+        console.print(table)
+        if report.equivalent:
+            console.print("[green]equivalent[/green]: the converted model computes the base model's function")
+        elif report.trained:
+            console.print("[yellow]trained[/yellow]: the model differs from its base, as expected after training")
+        else:
+            console.print("[red]NOT equivalent[/red] to the base model (pass --trained if DIR was trained)")
+    if not report.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,175 @@
+"""`inspect_model` / `inspect_checkpoint`: what the hyper-connections of a model have learned.
+
+Per site: the width weights ``a``, the stream-mixing matrix ``R`` and the depth weights ``b``
+(their input-independent part; dynamic variants add a per-token term, summarised by its scale and
+projection norm), ``R``'s distance from the identity and from the doubly stochastic matrices
+(mHC keeps it doubly stochastic up to Sinkhorn convergence). Per layer: the *stream divergence*
+on a probe batch, ``||H - mean_j H_j|| / (sqrt(n) ||mean_j H_j||)``, which is 0 at initialisation
+(every stream carries the same hidden state) and grows as training makes the streams differ.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hc_retrofit.connections import HyperConnection, sinkhorn
+from hc_retrofit.errors import NotConvertedError
+from hc_retrofit.patch import HCDecoderLayerMixin, is_converted
+from hc_retrofit.persist import is_converted_dir, load_converted, load_tokenizer, read_config_dict
+from hc_retrofit.probe import probe_batch
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """The coefficients of one hyper-connection site."""
+
+    layer: int
+    site: int
+    width: list[float]
+    residual: list[list[float]]
+    depth: list[float]
+    residual_identity_distance: float
+    residual_doubly_stochastic_distance: float
+    dynamic_scale: list[float] | None
+    dynamic_proj_norm: float | None
+
+
+@dataclass(frozen=True)
+class InspectionReport:
+    """Every site of a converted model plus the stream divergence per layer."""
+
+    variant: str
+    num_streams: int
+    sites: list[SiteReport]
+    stream_divergence: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def static_coefficients(site: HyperConnection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``a, R, b`` without the input-dependent term of the dynamic variants (float32, detached)."""
+    with torch.no_grad():
+        if site.ablate or not site.is_dynamic:
+            c = site.coefficients()
+            return c.a.float(), c.r.float(), c.b.float()
+        if site.variant == "mhc":
+            return (
+                torch.sigmoid(site.width_logits),
+                sinkhorn(site.residual_logits, site.config.sinkhorn_iters),
+                2 * torch.sigmoid(site.depth_logits),
+            )
+        return site.width.detach().clone(), site.residual.detach().clone(), site.depth.detach().clone()
+
+
+def site_report(layer: int, site: HyperConnection) -> SiteReport:
+    a, r, b = (t.detach().cpu().float() for t in static_coefficients(site))
+    n = r.shape[-1]
+    stochastic = max(
+        float((r.sum(-1) - 1).abs().max()), float((r.sum(-2) - 1).abs().max()), float((-r).clamp_min(0).max())
+    )
+    dynamic = site.is_dynamic
+    return SiteReport(
+        layer=layer,
+        site=site.site_index,
+        width=[round(float(v), 6) for v in a],
+        residual=[[round(float(v), 6) for v in row] for row in r],
+        depth=[round(float(v), 6) for v in b],
+        residual_identity_distance=float(torch.linalg.matrix_norm(r - torch.eye(n))),
+        residual_doubly_stochastic_distance=stochastic,
+        dynamic_scale=[float(v) for v in site.dynamic_scale.detach().cpu()] if dynamic else None,
+        dynamic_proj_norm=float(site.dynamic_proj.detach().float().norm()) if dynamic else None,
+    )
+
+
+def hc_layers(model: Any) -> list[torch.nn.Module]:
+    """The converted decoder layers of ``model``, in order."""
+    return [m for m in model.modules() if isinstance(m, HCDecoderLayerMixin)]
+
+
+@torch.no_grad()
+def stream_divergence(model: Any, input_ids: torch.Tensor) -> list[float]:
+    """Stream divergence after each layer that outputs streams (all but the last)."""
+    found: list[float] = []
+
+    def hook(_module: Any, _args: Any, output: Any) -> None:
+        h = output[0] if isinstance(output, tuple) else output
+        if h.dim() != input_ids.dim() + 2:  # the last layer has reduced its streams already
+            return
+        h = h.float()
+        mean = h.mean(dim=-2, keepdim=True)
+        spread = (h - mean).norm() / (math.sqrt(h.shape[-2]) * mean.norm().clamp_min(1e-30))
+        found.append(float(spread))
+
+    handles = [layer.register_forward_hook(hook) for layer in hc_layers(model)]
+    try:
+        model(input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def inspect_model(model: Any, tokenizer: Any = None) -> InspectionReport:
+    """Inspect a converted model in memory."""
+    if not is_converted(model):
+        raise NotConvertedError("the model has no hyper-connections to inspect")
+    sites = [site_report(i, site) for i, layer in enumerate(hc_layers(model)) for site in layer.hyper_connections]
+    device = next(model.parameters()).device
+    ids = probe_batch(tokenizer, model.config.vocab_size).to(device)
+    return InspectionReport(
+        variant=model.hc_config.variant,
+        num_streams=model.hc_config.num_streams,
+        sites=sites,
+        stream_divergence=stream_divergence(model, ids),
+    )
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> InspectionReport:
+    """Inspect a converted checkpoint directory."""
+    if not is_converted_dir(path):
+        read_config_dict(path)  # not a checkpoint at all: that error first
+        raise NotConvertedError(f"{path} is not a converted hc-retrofit checkpoint; run hc-retrofit convert first")
+    return inspect_model(load_converted(path, dtype=torch.float32), load_tokenizer(str(path)))
+
+
+def plot_report(report: InspectionReport, file: str | os.PathLike) -> Path:
+    """Heatmaps of ``a``, ``b`` and ``R - I`` per site, and the stream divergence per layer, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = report.num_streams
+    width = torch.tensor([s.width for s in report.sites])
+    depth = torch.tensor([s.depth for s in report.sites])
+    mix = torch.stack([torch.tensor(s.residual) - torch.eye(n) for s in report.sites]).flatten(1)
+    fig, axes = plt.subplots(1, 4, figsize=(16, max(3.0, 0.25 * len(report.sites) + 1.5)))
+    for ax, data, title, cmap in (
+        (axes[0], width, "width a (site x stream)", "viridis"),
+        (axes[1], depth, "depth b (site x stream)", "viridis"),
+        (axes[2], mix, "R - I (site x row-major entries)", "coolwarm"),
+    ):
+        limit = float(data.abs().max()) or 1.0
+        image = ax.imshow(
+            data, aspect="auto", cmap=cmap, **({"vmin": -limit, "vmax": limit} if cmap == "coolwarm" else {})
+        )
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("site")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    axes[3].bar(range(len(report.stream_divergence)), report.stream_divergence)
+    axes[3].set_title("stream divergence per layer", fontsize=9)
+    axes[3].set_xlabel("layer")
+    fig.suptitle(f"hyper-connections: {report.variant}, {n} streams")
+    fig.tight_layout()
+    out = Path(file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,141 @@
+"""`verify_checkpoint`: does a converted checkpoint still compute its base model's function?
+
+Runs the converted model and its base on the same probe batch (both in float32) and reports the
+largest absolute logit difference, the KL divergence of the next-token distributions and whether
+greedy generation (which goes through the KV cache) produces the same tokens. A freshly converted
+model must agree within tolerance; a trained one is expected to differ, and is only reported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from hc_retrofit.errors import CheckpointError, NotConvertedError
+from hc_retrofit.persist import (
+    BASE_KEY,
+    is_converted_dir,
+    load_base_model,
+    load_converted,
+    load_tokenizer,
+    read_config_dict,
+)
+from hc_retrofit.probe import probe_batch
+
+LOGIT_ATOL = 1e-4
+LOGIT_RTOL = 1e-4
+KL_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The comparison of a converted checkpoint with its base model on a probe batch."""
+
+    converted_dir: str
+    base_model: str
+    variant: str
+    num_streams: int
+    probe_shape: tuple[int, int]
+    max_abs_logit_diff: float
+    logit_tolerance: float
+    mean_kl: float
+    max_kl: float
+    greedy_agreement: float
+    greedy_identical: bool
+    trained: bool
+
+    @property
+    def equivalent(self) -> bool:
+        """Same function within tolerance: logits, distributions and greedy tokens."""
+        return self.max_abs_logit_diff <= self.logit_tolerance and self.max_kl <= KL_TOL and self.greedy_identical
+
+    @property
+    def ok(self) -> bool:
+        """What the exit code reports: equivalent, or a trained model (expected to differ)."""
+        return self.equivalent or self.trained
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "probe_shape": list(self.probe_shape), "equivalent": self.equivalent, "ok": self.ok}
+
+
+def _kl(base_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """KL(base || other) per position, in float64."""
+    p = torch.log_softmax(base_logits.double(), dim=-1)
+    q = torch.log_softmax(other_logits.double(), dim=-1)
+    return (p.exp() * (p - q)).sum(-1).clamp_min(0.0)
+
+
+@torch.no_grad()
+def _greedy(model: Any, prompt: torch.Tensor, new_tokens: int, pad_id: int) -> torch.Tensor:
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+    )
+    return out[:, prompt.shape[1] :]
+
+
+def base_model_of(converted_dir: str | os.PathLike) -> str:
+    """The base model id or path recorded in a converted checkpoint."""
+    base = read_config_dict(converted_dir).get(BASE_KEY)
+    if not base:
+        raise CheckpointError(f"{converted_dir} does not record its base model; pass it with --base")
+    return str(base)
+
+
+@torch.no_grad()
+def verify_checkpoint(
+    converted_dir: str | os.PathLike,
+    base: str | None = None,
+    *,
+    trained: bool = False,
+    new_tokens: int = 12,
+    revision: str | None = None,
+) -> VerifyReport:
+    """Compare ``converted_dir`` with ``base`` (default: the base model recorded in it)."""
+    if not is_converted_dir(converted_dir):
+        read_config_dict(converted_dir)  # not a checkpoint at all: that error first
+        raise NotConvertedError(
+            f"{converted_dir} is not a converted hc-retrofit checkpoint; run hc-retrofit convert first"
+        )
+    base = base or base_model_of(converted_dir)
+    converted = load_converted(converted_dir, dtype=torch.float32)
+    base_model, tokenizer = load_base_model(base, revision=revision, dtype=torch.float32)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(str(converted_dir))
+    vocab = min(converted.config.vocab_size, base_model.config.vocab_size)
+    ids = probe_batch(tokenizer, vocab)
+    ref = base_model(ids).logits.float()
+    got = converted(ids).logits.float()
+    if ref.shape != got.shape:
+        raise CheckpointError(
+            f"{base} is not the base of {converted_dir}: logits {tuple(ref.shape)} vs {tuple(got.shape)}"
+        )
+    kl = _kl(ref, got)
+    pad = base_model.generation_config.pad_token_id
+    pad = pad if isinstance(pad, int) else (base_model.config.eos_token_id or 0)
+    pad = pad[0] if isinstance(pad, list) else pad
+    prompt = ids[:, : max(2, ids.shape[1] // 2)]
+    gen_ref = _greedy(base_model, prompt, new_tokens, pad)
+    gen_got = _greedy(converted, prompt, new_tokens, pad)
+    settings = converted.hc_config
+    return VerifyReport(
+        converted_dir=str(converted_dir),
+        base_model=base,
+        variant=settings.variant,
+        num_streams=settings.num_streams,
+        probe_shape=(int(ids.shape[0]), int(ids.shape[1])),
+        max_abs_logit_diff=float((got - ref).abs().max()),
+        logit_tolerance=LOGIT_ATOL + LOGIT_RTOL * float(ref.abs().max()),
+        mean_kl=float(kl.mean()),
+        max_kl=float(kl.max()),
+        greedy_agreement=float((gen_ref == gen_got).float().mean()),
+        greedy_identical=bool(torch.equal(gen_ref, gen_got)),
+        trained=trained,
+    )
