@@ -48,7 +48,7 @@ class _OneLineErrors(TyperGroup):
         except click_exceptions.UsageError as err:
             hint = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
             fail(err.format_message() + hint, 2)
-        except (click_exceptions.Abort, KeyboardInterrupt):
+        except (typer.Abort, KeyboardInterrupt):
             fail("interrupted", 130)
         except click_exceptions.ClickException as err:
             fail(err.format_message(), err.exit_code)

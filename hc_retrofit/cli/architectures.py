@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -24,7 +25,7 @@ def describe_families() -> list[dict[str, str]]:
 
 @app.command("architectures")
 def architectures_command(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List the supported model families (config.model_type) and their block kind."""
     rows = describe_families()

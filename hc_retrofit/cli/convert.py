@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -16,14 +17,22 @@ from hc_retrofit.persist import DTYPES, parse_dtype
 
 @app.command("convert")
 def convert_command(
-    model: str = typer.Argument(..., help="Base model: a local checkpoint directory or a Hub id (org/name)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the converted checkpoint to."),
-    streams: int = typer.Option(4, "--streams", "-n", help="Number of residual streams (>= 2)."),
-    variant: str = typer.Option("mhc", "--variant", help=f"Hyper-connection variant: {', '.join(VARIANTS)}."),
-    dtype: str = typer.Option("auto", "--dtype", help=f"Weights dtype: {', '.join(DTYPES)} (auto = the checkpoint's)."),
-    revision: str | None = typer.Option(None, "--revision", help="Hub branch, tag or commit of MODEL."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow MODEL's own modeling code."),
+    model: Annotated[
+        str, typer.Argument(metavar="MODEL", help="Base model: a local checkpoint directory or a Hub id (org/name).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the converted checkpoint to.")],
+    streams: Annotated[int, typer.Option("--streams", "-n", help="Number of residual streams (>= 2).")] = 4,
+    variant: Annotated[
+        str, typer.Option("--variant", help=f"Hyper-connection variant: {', '.join(VARIANTS)}.")
+    ] = "mhc",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help=f"Weights dtype: {', '.join(DTYPES)} (auto = the checkpoint's).")
+    ] = "auto",
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit of MODEL.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow MODEL's own modeling code.")
+    ] = False,
 ) -> None:
     """Add hyper-connections to MODEL and save the result to --out (atomically: all or nothing).
 

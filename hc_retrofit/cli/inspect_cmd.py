@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -18,9 +19,11 @@ def _vector(values: list[float]) -> str:
 
 @app.command("inspect")
 def inspect_command(
-    directory: Path = typer.Argument(..., metavar="DIR", help="A converted checkpoint directory."),
-    plot: Path | None = typer.Option(None, "--plot", help="Also draw heatmaps of a, b, R - I to this PNG file."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A converted checkpoint directory.")],
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also draw heatmaps of a, b, R - I to this PNG file.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Show per site the width weights a, the mixing matrix R and the depth weights b, and per layer the stream divergence.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -12,11 +13,11 @@ from hc_retrofit.hub import push_checkpoint
 
 @app.command("push")
 def push_command(
-    directory: Path = typer.Argument(..., metavar="DIR", help="A converted checkpoint directory."),
-    repo_id: str = typer.Argument(..., help="Hub repository, OWNER/NAME (created if it does not exist)."),
-    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
-    revision: str | None = typer.Option(None, "--revision", help="Branch to push to (created if needed)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Send nothing; print what would be uploaded."),
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A converted checkpoint directory.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repository, OWNER/NAME (created if it does not exist).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to (created if needed).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Send nothing; print what would be uploaded.")] = False,
 ) -> None:
     """Upload DIR to the Hugging Face Hub (HF_ENDPOINT) with a generated README.md model card.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -14,10 +15,12 @@ from hc_retrofit.verify import KL_TOL, verify_checkpoint
 
 @app.command("verify")
 def verify_command(
-    directory: Path = typer.Argument(..., metavar="DIR", help="A converted checkpoint directory."),
-    base: str | None = typer.Option(None, "--base", help="Base model (default: the one recorded in DIR)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    trained: bool = typer.Option(False, "--trained", help="DIR was trained: report the difference, do not fail on it."),
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A converted checkpoint directory.")],
+    base: Annotated[str | None, typer.Option("--base", help="Base model (default: the one recorded in DIR).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    trained: Annotated[
+        bool, typer.Option("--trained", help="DIR was trained: report the difference, do not fail on it.")
+    ] = False,
 ) -> None:
     """Run DIR and its base model on a probe batch and compare logits, KL divergence and greedy generation.
 
