@@ -110,7 +110,7 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None) -> str:
         f"# {repo.split('/')[-1]}",
         "",
         f"`{base}` ({config.get(BASE_ARCH_KEY) or config.get(BASE_TYPE_KEY)}) with **hyper-connections** retrofitted by "
-        f"[hc-retrofit](https://github.com/) {config.get(VERSION_KEY, '')}: the residual stream is widened to "
+        f"hc-retrofit {config.get(VERSION_KEY, '')}: the residual stream is widened to "
         f"{hc.get('num_streams')} streams mixed by learned connections. At conversion it computed exactly the "
         "same function as the base model.",
         "",
@@ -145,7 +145,7 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None) -> str:
         "```python",
         "import hc_retrofit",
         "",
-        f'model = hc_retrofit.load_converted("{repo}")  # a local download of this repository',
+        f'model = hc_retrofit.load_converted("{repo}")  # or a local directory',
         "```",
         "",
         *_training_section(path, config),

@@ -41,6 +41,14 @@ from hc_retrofit.remote_model import (
 BASE_KEY = "hc_retrofit_base"
 VERSION_KEY = "hc_retrofit_version"
 METADATA_KEY = "hc_retrofit_metadata"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 DTYPES: dict[str, Any] = {
     "auto": "auto",
     "float32": torch.float32,
@@ -199,6 +207,23 @@ def _installed_classes(base_type: str, base_arch: str) -> tuple[type, type]:
     return config_cls, model_cls
 
 
+def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local directory for a checkpoint given as a directory or as a Hub id (downloaded, or from the cache)."""
+    local = Path(path_or_repo_id).expanduser()
+    name = str(path_or_repo_id)
+    if local.exists() or _looks_like_path(name):
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision))
+    except Exception as err:  # offline, unknown repo, no access: every one is the user's to fix
+        raise CheckpointError(
+            f"cannot load {name!r}: it is not a local directory, and it could not be downloaded from the Hugging Face "
+            f"Hub or found in its cache ({_one_line(err)})"
+        ) from err
+
+
 def _converted_classes(path: str | os.PathLike) -> tuple[type, type]:
     data = read_config_dict(path)
     if not isinstance(data.get(CONFIG_KEY), dict):
@@ -232,6 +257,7 @@ def load_converted(
     ``dtype`` (default: the checkpoint's) applies to the base weights; HC parameters stay float32.
     Every tensor of the model must come from the checkpoint (else :class:`CheckpointError`).
     """
+    path = resolve_checkpoint(path)
     config = _converted_config(path)
     _, model_cls = _converted_classes(path)
     model, info = model_cls.from_pretrained(path, config=config, dtype=parse_dtype(dtype), output_loading_info=True)
@@ -286,11 +312,15 @@ def load_tokenizer(model_id_or_dir: str, *, revision: str | None = None, trust_r
 
     local = Path(model_id_or_dir).expanduser()
     name = str(local) if local.exists() else model_id_or_dir
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        return None
     extra: dict[str, Any] = {}
     with contextlib.suppress(Exception):  # no or unreadable tokenizer files: go on without one
         if is_converted_dir(local):  # give AutoTokenizer the config: it cannot read our model_type itself
             extra["config"] = _converted_config(local)
-        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, **extra)
+        if (tokenizer.vocab_size or 0) > 0:  # some classes build an empty tokenizer when the files are missing
+            return tokenizer
     return None
 
 

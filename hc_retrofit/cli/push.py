@@ -14,7 +14,9 @@ from hc_retrofit.hub import push_checkpoint
 @app.command("push")
 def push_command(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="A converted checkpoint directory.")],
-    repo_id: Annotated[str, typer.Argument(help="Hub repository, OWNER/NAME (created if it does not exist).")],
+    repo_id: Annotated[
+        str, typer.Argument(metavar="REPO_ID", help="Hub repository, OWNER/NAME (created if it does not exist).")
+    ],
     private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to (created if needed).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Send nothing; print what would be uploaded.")] = False,

@@ -1,0 +1,285 @@
+"""Saving and loading converted checkpoints: exact round trips, dtypes, atomicity, base-model loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import HUB_OFFLINE_ENV, config_json, populate_hf_cache, save_base, train_a_few_steps, word_tokenizer
+from tiny import CASES, VOCAB, tiny_model
+from transformers import AutoModelForCausalLM
+
+import hc_retrofit
+from hc_retrofit import persist
+from hc_retrofit.errors import AlreadyConvertedError, CheckpointError, NotConvertedError, OutputExistsError
+
+VARIANTS = ("static", "dynamic", "mhc")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in HUB_OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(seed))
+
+
+def _converted(case: str, variant: str, *, perturb: bool = False) -> torch.nn.Module:
+    model = hc_retrofit.convert(tiny_model(case), hc_retrofit.HCConfig(num_streams=4, variant=variant))
+    if perturb:  # HC parameters away from their init, so that a dropped/reinitialised tensor would show
+        with torch.no_grad():
+            for p in hc_retrofit.hyper_connection_sites(model)[0].parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    return model
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    return model(_ids()).logits
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_round_trip_every_family_and_variant(case: str, tmp_path: Path) -> None:
+    for variant in VARIANTS:
+        model = _converted(case, variant, perturb=True)
+        before = _logits(model)
+        out = persist.save_converted(model, tmp_path / variant)
+        loaded = persist.load_converted(out)  # also asserts a clean load report
+        assert type(loaded).__name__.startswith("HCRetrofit")
+        assert loaded.hc_config == model.hc_config
+        torch.testing.assert_close(_logits(loaded), before, rtol=0, atol=0)
+
+
+def test_round_trip_after_training(tmp_path: Path) -> None:
+    model = train_a_few_steps(_converted("llama-gqa-untied", "mhc"))
+    site = hc_retrofit.hyper_connection_sites(model)[0]
+    init = hc_retrofit.HyperConnection(site.dim, model.hc_config, site.site_index)
+    assert not torch.equal(site.width_logits, init.width_logits), "training should move the HC parameters"
+    before = _logits(model)
+    loaded = persist.load_converted(persist.save_converted(model, tmp_path / "trained"))
+    torch.testing.assert_close(_logits(loaded), before, rtol=0, atol=0)
+    state = dict(loaded.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(state[name], p), name
+
+
+def test_hc_parameters_stay_float32_in_bfloat16(tmp_path: Path) -> None:
+    model = _converted("qwen2-tied", "dynamic", perturb=True)
+    out = persist.save_converted(model, tmp_path / "ckpt")
+    loaded = persist.load_converted(out, dtype=torch.bfloat16)
+    saved = dict(model.named_parameters())
+    hc = {n: p for n, p in loaded.named_parameters() if ".hyper_connections." in n}
+    assert hc and all(p.dtype == torch.float32 for p in hc.values())
+    assert all(torch.equal(p, saved[n]) for n, p in hc.items()), "HC values must not pass through bf16"
+    assert {p.dtype for n, p in loaded.named_parameters() if n not in hc} == {torch.bfloat16}
+
+
+def test_checkpoint_contents(tmp_path: Path) -> None:
+    model = _converted("llama-gqa-untied", "mhc")
+    model.config._name_or_path = "org/tiny-llama"
+    out = persist.save_converted(model, tmp_path / "ckpt", word_tokenizer(), extra_metadata={"note": "x"})
+    data = config_json(out)
+    assert data["model_type"] == "hc_retrofit_llama"
+    assert data["architectures"] == ["HCRetrofitLlamaForCausalLM"]
+    assert data["auto_map"]["AutoModelForCausalLM"] == "modeling_hc_retrofit.HCRetrofitLlamaForCausalLM"
+    assert data["hc_retrofit"] == model.hc_config.to_dict()
+    assert data["hc_retrofit_base"] == "org/tiny-llama"
+    assert data["hc_retrofit_metadata"] == {"note": "x"}
+    for name in (
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "modeling_hc_retrofit.py",
+        "patch.py",
+    ):
+        assert (out / name).is_file(), name
+    assert persist.is_converted_dir(out)
+    assert not list(tmp_path.glob(".*")), "no temporary directory may be left behind"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    expected = {n for n, _ in model.named_parameters() if ".hyper_connections." in n}
+    assert expected and expected <= keys
+
+
+def test_sharded_save_loads(tmp_path: Path) -> None:
+    model = _converted("gpt2", "static", perturb=True)
+    out = persist.save_converted(model, tmp_path / "ckpt", max_shard_size="20KB")
+    assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    torch.testing.assert_close(_logits(persist.load_converted(out)), _logits(model), rtol=0, atol=0)
+
+
+def test_resave_of_loaded_model_keeps_base(tmp_path: Path) -> None:
+    model = _converted("mixtral-moe", "mhc", perturb=True)
+    model.config._name_or_path = "org/base"
+    first = persist.load_converted(persist.save_converted(model, tmp_path / "a"))
+    second = persist.save_converted(first, tmp_path / "b")
+    assert config_json(second)["hc_retrofit_base"] == "org/base"
+    torch.testing.assert_close(_logits(persist.load_converted(second)), _logits(model), rtol=0, atol=0)
+
+
+def test_save_refuses_existing_dir_and_overwrites_on_request(tmp_path: Path) -> None:
+    model = _converted("llama-gqa-untied", "static")
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        persist.save_converted(model, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    persist.save_converted(model, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and persist.is_converted_dir(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _converted("llama-gqa-untied", "static")
+
+    def boom(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(persist, "write_remote_code", boom)
+    with pytest.raises(KeyboardInterrupt):
+        persist.save_converted(model, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_needs_a_converted_model(tmp_path: Path) -> None:
+    with pytest.raises(NotConvertedError):
+        persist.save_converted(tiny_model("gpt2"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_plain_transformers_refuses_without_trust_remote_code(tmp_path: Path) -> None:
+    out = persist.save_converted(_converted("llama-gqa-untied", "mhc"), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+
+
+def test_load_converted_rejects_plain_checkpoint(tmp_path: Path) -> None:
+    base = save_base("gpt2", tmp_path / "base", tokenizer=False)
+    assert not persist.is_converted_dir(base)
+    with pytest.raises(NotConvertedError):
+        persist.load_converted(base)
+
+
+def test_load_converted_rejects_incomplete_checkpoint(tmp_path: Path) -> None:
+    """A checkpoint without its HC tensors must fail, never load uninitialised memory."""
+    from safetensors.torch import load_file, save_file
+
+    out = persist.save_converted(_converted("llama-gqa-untied", "mhc"), tmp_path / "ckpt")
+    weights = load_file(out / "model.safetensors")
+    save_file(
+        {k: v for k, v in weights.items() if ".hyper_connections.0." not in k},
+        out / "model.safetensors",
+        {"format": "pt"},
+    )
+    with pytest.raises(CheckpointError, match="missing keys"):
+        persist.load_converted(out)
+
+
+# ----------------------------------------------------------------------------- trust_remote_code, no hc_retrofit
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["hc_retrofit"] = None  # as if hc-retrofit were not installed
+    try:
+        import hc_retrofit.patch
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("hc_retrofit is importable")
+    import json, torch
+    from transformers import AutoModelForCausalLM
+    results = {}
+    for directory in sys.argv[1:]:
+        model, info = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, output_loading_info=True)
+        expected = torch.load(directory + "/expected.pt")
+        with torch.no_grad():
+            got = model(expected["ids"]).logits
+        bf16 = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.bfloat16)
+        results[directory] = {
+            "class": type(model).__name__,
+            "module": type(model).__module__,
+            "report": {k: sorted(map(str, v)) for k, v in info.items()},
+            "max_diff": float((got - expected["logits"]).abs().max()),
+            "hc_dtypes": sorted({str(p.dtype) for n, p in bf16.named_parameters() if ".hyper_connections." in n}),
+        }
+    print(json.dumps(results))
+    """
+)
+
+
+def test_trust_remote_code_loads_without_hc_retrofit(tmp_path: Path) -> None:
+    cases = {"llama-gqa-untied": "mhc", "mixtral-moe": "dynamic", "gpt_neox-parallel": "static", "opt-post-ln": "mhc"}
+    dirs = []
+    for i, (case, variant) in enumerate(cases.items()):
+        model = _converted(case, variant, perturb=True)
+        if i == 0:
+            model = train_a_few_steps(model)
+        out = persist.save_converted(model, tmp_path / f"ckpt_{case.replace('-', '_')}")
+        torch.save({"ids": _ids(), "logits": _logits(model)}, out / "expected.pt")
+        dirs.append(str(out))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HUB_OFFLINE_ENV, HF_HOME=str(tmp_path / "hf_home"))
+    proc = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, *dirs], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for directory in dirs:
+        r = results[directory]
+        assert r["class"].startswith("HCRetrofit") and r["module"].startswith("transformers_modules."), r
+        assert r["report"]["missing_keys"] == [] and r["report"]["unexpected_keys"] == [], r["report"]
+        assert r["report"]["mismatched_keys"] == [], r["report"]
+        assert r["max_diff"] < 1e-5, r  # another process: kernels may pick another summation order
+        assert r["hc_dtypes"] == ["torch.float32"], r
+
+
+# ----------------------------------------------------------------------------- base models
+def test_load_base_model_from_directory(tmp_path: Path) -> None:
+    base = save_base("qwen2-tied", tmp_path / "base")
+    model, tokenizer = persist.load_base_model(str(base))
+    assert model.config.model_type == "qwen2" and not hc_retrofit.is_converted(model)
+    assert tokenizer is not None and tokenizer("Once upon a time")["input_ids"]
+    model, tokenizer = persist.load_base_model(str(save_base("gpt2", tmp_path / "notok", tokenizer=False)))
+    assert tokenizer is None
+
+
+def test_load_base_model_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
+        persist.load_base_model("no-such-org/no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        persist.load_base_model(str(tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match="no such directory"):
+        persist.load_base_model(str(tmp_path / "missing" / "dir"))
+    out = persist.save_converted(_converted("gpt2", "mhc"), tmp_path / "converted")
+    with pytest.raises(AlreadyConvertedError):
+        persist.load_base_model(str(out))
+
+
+def test_load_base_model_from_populated_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    populate_hf_cache(cache, "tiny-org/tiny-llama", save_base("llama-gqa-untied", tmp_path / "src"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    model, tokenizer = persist.load_base_model("tiny-org/tiny-llama")
+    reference = tiny_model("llama-gqa-untied")
+    torch.testing.assert_close(_logits(model), _logits(reference), rtol=0, atol=0)
+    assert tokenizer is not None
+    with pytest.raises(CheckpointError):
+        persist.load_base_model("tiny-org/not-in-cache")
