@@ -33,11 +33,13 @@ class HCConfig:
         sinkhorn_iters: Sinkhorn-Knopp iterations (log domain) for mHC.
         width_init_main: initial weight of the stream each site reads most, ``a_(site mod n)``; the
             other streams share ``1 - width_init_main`` equally, so ``sum a = 1`` (exact). ``None``
-            picks the default: 1.0 (one-hot, as in the HC paper) for static/dynamic, 0.7 for mHC
+            picks the default: 1.0 (one-hot, as in the HC paper) for static/dynamic, 0.9 for mHC
             (a sigmoid cannot reach one-hot).
         residual_init_main: diagonal of the initial stream-mixing matrix ``R`` for mHC (the rest of
-            each row is shared equally, which is already doubly stochastic). Static and dynamic HC
-            start from ``R = I``.
+            each row is shared equally, which is already doubly stochastic). Every site contracts
+            the spread between streams by ``diag - off-diagonal``, so a low value damps stream
+            divergence; 1.0 would need infinite Sinkhorn logits whose gradients vanish. 0.9
+            (logit 3.3) keeps both alive. Static and dynamic HC start from ``R = I``.
         dynamic_scale_init: initial value of the scales ``s`` (dynamic) and ``alpha`` (mHC).
         ablate: turn every site back into a plain residual (``h + f(h)`` over one stream). For
             ablations: same code path, no hyper-connections.
@@ -48,7 +50,7 @@ class HCConfig:
     mhc_dynamic: bool = True
     sinkhorn_iters: int = 20
     width_init_main: float | None = None
-    residual_init_main: float = 0.7
+    residual_init_main: float = 0.9
     dynamic_scale_init: float = 0.01
     ablate: bool = False
 
@@ -89,7 +91,7 @@ class HCConfig:
         """The effective ``width_init_main`` (default resolved per variant)."""
         if self.width_init_main is not None:
             return float(self.width_init_main)
-        return 0.7 if self.variant == "mhc" else 1.0
+        return 0.9 if self.variant == "mhc" else 1.0
 
     @property
     def is_dynamic(self) -> bool:
@@ -109,9 +111,7 @@ class HCConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(
-                f"unknown HCConfig key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}"
-            )
+            raise ConfigError(f"unknown HCConfig key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
         return cls(**data)
 
     @classmethod

@@ -62,17 +62,160 @@ def reduce_streams(streams: torch.Tensor) -> torch.Tensor:
 
 def width_connection(streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``x = sum_k a_k H_k``; ``a`` is ``(n,)`` (static) or ``(..., n)`` (per token)."""
-    return torch.einsum("...k,...kd->...d", a.to(streams.dtype), streams)
+    return _WidthConnection.apply(streams, a)
 
 
 def stream_mix(streams: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """``(R H)_j = sum_k R_jk H_k``; ``R`` is ``(n, n)`` or ``(..., n, n)``."""
-    return torch.einsum("...jk,...kd->...jd", r.to(streams.dtype), streams)
+    return _DepthConnection.apply(streams, r, None, None)
 
 
 def depth_connection(streams: torch.Tensor, r: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``H'_j = sum_k R_jk H_k + b_j y``."""
-    return stream_mix(streams, r).addcmul_(b.to(y.dtype).unsqueeze(-1), y.unsqueeze(-2))
+    """``H'_j = sum_k R_jk H_k + b_j y``; ``b`` is ``(n,)`` or ``(..., n)``, ``y`` is ``(..., D)``."""
+    return _DepthConnection.apply(streams, r, b, y)
+
+
+# ----------------------------------------------------------------------------- fast kernels
+# The stream operations are contractions over n (2-8) of large (tokens, n, D) tensors, so they are
+# memory bound. Autograd through einsum handles them poorly (e.g. the gradient of a static R goes
+# through a generic contraction over all tokens, ~10x the cost of a copy), so each is an
+# autograd.Function whose forward and backward are batched matmuls over the M tokens: one
+# (n x n) @ (n x D) product per token, static coefficients broadcast as a stride-0 batch (no copy).
+# They save only what is saved anyway (H, y and the small coefficients) and recompute the rest.
+# The plain formulas they implement are the docstrings above; tests/test_connections_fast.py
+# gradchecks them against einsum in float64. Layer 0 receives ``expand_streams(h)`` (n views of
+# one tensor, stride 0 over streams): there every product collapses to a scaling of ``h``.
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """``(..., n, D) -> (M, n, D)``, a view (also of a stride-0 expanded tensor)."""
+    return t.reshape(-1, t.shape[-2], t.shape[-1])
+
+
+def _is_expanded(h: torch.Tensor) -> bool:
+    """Whether the ``n`` streams of ``(M, n, D)`` are views of one tensor (stride 0 over streams)."""
+    return h.shape[1] > 1 and h.stride(1) == 0
+
+
+def _per_token(c: torch.Tensor, lead: torch.Size, base: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Coefficient ``c`` (``base`` or ``(..., *base)``) as an ``(M, *base)`` batch in ``dtype``."""
+    return c.to(dtype).expand(*lead, *base).reshape(-1, *base)
+
+
+def _grad_to(g: torch.Tensor, like: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """Per-token gradient ``(M, ...)`` summed back to the (possibly broadcast) shape of ``like``."""
+    return g.reshape(*lead, *g.shape[1:]).sum_to_size(like.shape).to(like.dtype)
+
+
+class _WidthConnection(torch.autograd.Function):
+    """``x = a . H``: forward ``bmm(a, H)``; backward ``dH = a (x) dx``, ``da_k = H_k . dx``."""
+
+    @staticmethod
+    def forward(ctx, streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
+        h = _tokens(streams)
+        a_t = _per_token(a, lead, (n,), streams.dtype).unsqueeze(1)  # (M, 1, n)
+        x = h[:, 0] * a_t.sum(-1) if _is_expanded(h) else torch.bmm(a_t, h).squeeze(1)
+        ctx.save_for_backward(streams, a)
+        return x.reshape(*lead, d)
+
+    @staticmethod
+    def backward(ctx, gx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        streams, a = ctx.saved_tensors
+        lead, n = streams.shape[:-2], streams.shape[-2]
+        g = gx.reshape(-1, 1, gx.shape[-1])  # (M, 1, D)
+        a_t = _per_token(a, lead, (n,), streams.dtype).unsqueeze(-1)  # (M, n, 1)
+        d_streams = (a_t * g).reshape(streams.shape) if ctx.needs_input_grad[0] else None
+        d_a = None
+        if ctx.needs_input_grad[1]:
+            h = _tokens(streams)
+            if _is_expanded(h):
+                dots = torch.bmm(g, h[:, :1].transpose(1, 2)).expand(-1, n, 1)
+            else:
+                dots = torch.bmm(h, g.transpose(1, 2))  # (M, n, 1): H_k . dx
+            d_a = _grad_to(dots.squeeze(-1), a, lead)
+        return d_streams, d_a
+
+
+class _DepthConnection(torch.autograd.Function):
+    """``H' = R H (+ b (x) y)``: forward ``bmm(R, H)`` then ``baddbmm_(b, y)``; backward
+    ``dH = R^T dH'``, ``dR = dH' H^T``, ``db_j = dH'_j . y``, ``dy = b^T dH'`` (all per token).
+    ``b`` and ``y`` may both be ``None`` (:func:`stream_mix`)."""
+
+    @staticmethod
+    def forward(ctx, streams, r, b, y):  # type: ignore[override]
+        lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
+        h = _tokens(streams)
+        r_t = _per_token(r, lead, (n, n), streams.dtype)
+        out = r_t.sum(-1, keepdim=True) * h[:, :1] if _is_expanded(h) else torch.bmm(r_t, h)
+        if y is not None:
+            b_t = _per_token(b, lead, (n,), streams.dtype).unsqueeze(-1)  # (M, n, 1)
+            y_t = y.to(streams.dtype).expand(*lead, d).reshape(-1, 1, d)
+            out = out.baddbmm_(b_t, y_t)
+        ctx.save_for_backward(streams, r, b, y)
+        return out.reshape(*lead, n, d)
+
+    @staticmethod
+    def backward(ctx, g_out):  # type: ignore[override]
+        streams, r, b, y = ctx.saved_tensors
+        lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
+        g = _tokens(g_out.to(streams.dtype))
+        d_streams = d_r = d_b = d_y = None
+        if ctx.needs_input_grad[0]:
+            r_t = _per_token(r, lead, (n, n), streams.dtype)
+            d_streams = torch.bmm(r_t.transpose(1, 2), g).reshape(streams.shape)
+        if ctx.needs_input_grad[1]:
+            h = _tokens(streams)
+            if _is_expanded(h):
+                dots = torch.bmm(g, h[:, :1].transpose(1, 2)).expand(-1, n, n)
+            else:
+                dots = torch.bmm(g, h.transpose(1, 2))  # (M, n, n): dH'_j . H_k
+            d_r = _grad_to(dots, r, lead)
+        if y is not None:
+            y_t = y.to(streams.dtype).expand(*lead, d).reshape(-1, 1, d)
+            if ctx.needs_input_grad[2]:
+                d_b = _grad_to(torch.bmm(g, y_t.transpose(1, 2)).squeeze(-1), b, lead)
+            if ctx.needs_input_grad[3]:
+                b_t = _per_token(b, lead, (n,), streams.dtype).unsqueeze(1)  # (M, 1, n)
+                d_y = _grad_to(torch.bmm(b_t, g).squeeze(1), y, lead)
+        return d_streams, d_r, d_b, d_y
+
+
+class _RMSProject(torch.autograd.Function):
+    """``RMSNorm(x) @ w`` (no norm weight) in float32, computed as ``(x @ w) * rsqrt(mean(x^2))``.
+
+    The normalisation is a per-row scalar, so it is applied after the (narrow) projection and
+    ``RMSNorm(x)`` is never materialised nor saved: backward recomputes from ``x`` (saved anyway
+    by the connections) and the small ``x @ w`` and ``rsqrt`` it keeps.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ct = torch.promote_types(x.dtype, torch.float32)  # at least float32
+        xf = x.to(ct)
+        p = xf @ w.to(ct)
+        inv = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1] + _EPS)
+        ctx.save_for_backward(x, w, p, inv)
+        return p * inv
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, w, p, inv = ctx.saved_tensors
+        xf, w_c = x.to(p.dtype), w.to(p.dtype)
+        g_p = g.to(p.dtype) * inv
+        d_x = d_w = None
+        if ctx.needs_input_grad[0]:
+            # d inv / d x = -inv^3 x / F, and d out / d inv = p.
+            coef = (g * p).sum(-1, keepdim=True) * inv.pow(3) * (-1.0 / x.shape[-1])
+            d_x = torch.addcmul(g_p @ w_c.T, xf, coef).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            d_w = (xf.reshape(-1, xf.shape[-1]).T @ g_p.reshape(-1, g_p.shape[-1])).to(w.dtype)
+        return d_x, d_w
+
+
+def rms_project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``RMSNorm(x) @ w`` over the last dim of ``x``, in (at least) float32: the dynamic coefficients' input."""
+    return _RMSProject.apply(x, w)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
@@ -82,7 +225,7 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     rows, so the result is exactly row-stochastic (what exactness needs) and doubly stochastic up
     to the convergence of ``iters`` iterations. Autograd differentiates through the iterations.
     """
-    log_p = logits.float()
+    log_p = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
     for _ in range(iters):
         log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)  # columns
         log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)  # rows
@@ -123,9 +266,10 @@ def initial_residual_logits(num_streams: int, diagonal: float) -> torch.Tensor:
     """Logits whose Sinkhorn projection is ``diagonal`` on the diagonal, the rest shared equally.
 
     A matrix with a constant diagonal and constant off-diagonal is already doubly stochastic, so
-    the projection is exact after any number of iterations. A moderate diagonal (0.7 by default)
-    keeps ``R`` close to identity while the exp/Sinkhorn gradients stay alive; identity-like logits
-    (diagonal ~ 1) saturate them and freeze the mixing (measured ~200x slower stream divergence).
+    the projection is exact after any number of iterations. A diagonal below 1 (0.9 by default)
+    keeps the exp/Sinkhorn gradients alive (identity needs infinite logits, whose gradients
+    vanish), while not too low a value keeps the off-diagonal mixing from averaging the streams
+    back together at every site (spread shrinks by ``diag - off`` per site).
     """
     off = (1.0 - diagonal) / (num_streams - 1)
     logits = torch.zeros(num_streams, num_streams, dtype=torch.float32)
@@ -196,24 +340,28 @@ class HyperConnection(nn.Module):
         if self.ablate:
             ref = next(self.parameters())
             return Coefficients(
-                torch.full((n,), 1.0 / n, device=ref.device), torch.eye(n, device=ref.device), torch.ones(n, device=ref.device)
+                torch.full((n,), 1.0 / n, device=ref.device),
+                torch.eye(n, device=ref.device),
+                torch.ones(n, device=ref.device),
             )
         if self.variant == "mhc":
             a_logit, r_logit, b_logit = self.width_logits, self.residual_logits, self.depth_logits
             if self.is_dynamic:
                 if streams is None:
                     raise ValueError("dynamic mHC coefficients need the streams")
-                proj = _rms_norm(streams.flatten(-2)) @ self.dynamic_proj  # (..., 2n + n^2)
+                proj = rms_project(streams.flatten(-2), self.dynamic_proj)  # (..., 2n + n^2)
                 s_a, s_r, s_b = self.dynamic_scale
                 a_logit = a_logit + s_a * proj[..., :n]
                 b_logit = b_logit + s_b * proj[..., n : 2 * n]
                 r_logit = r_logit + s_r * proj[..., 2 * n :].unflatten(-1, (n, n))
-            return Coefficients(torch.sigmoid(a_logit), sinkhorn(r_logit, self.config.sinkhorn_iters), 2 * torch.sigmoid(b_logit))
+            return Coefficients(
+                torch.sigmoid(a_logit), sinkhorn(r_logit, self.config.sinkhorn_iters), 2 * torch.sigmoid(b_logit)
+            )
         a, r, b = self.width, self.residual, self.depth
         if self.is_dynamic:
             if streams is None:
                 raise ValueError("dynamic HC coefficients need the streams")
-            proj = torch.tanh(_rms_norm(streams) @ self.dynamic_proj)  # (..., n_k, n + 2)
+            proj = torch.tanh(rms_project(streams, self.dynamic_proj))  # (..., n_k, n + 2)
             s_a, s_r, s_b = self.dynamic_scale
             a = a + s_a * proj[..., 0]
             r = r + s_r * proj[..., 1 : n + 1].transpose(-1, -2)  # column k comes from stream k

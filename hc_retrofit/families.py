@@ -103,7 +103,11 @@ def register_family(family: Family) -> Family:
 
 
 register_family(
-    Family(("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "starcoder2"), "model.layers", PRE_NORM)
+    Family(
+        ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "starcoder2"),
+        "model.layers",
+        PRE_NORM,
+    )
 )
 register_family(Family(("granite",), "model.layers", PRE_NORM, residual_multiplier="residual_multiplier"))
 register_family(Family(("gemma2", "gemma3_text"), "model.layers", SANDWICH))
@@ -132,14 +136,16 @@ register_family(
     Family(
         ("gpt_neox",),
         "gpt_neox.layers",
-        lambda c: _seq(
-            (("input_layernorm", "post_attention_layernorm"), ("post_attention_dropout", "post_mlp_dropout")),
-            kind="parallel",
-        )
-        if c.use_parallel_residual
-        else _seq(
-            (("input_layernorm",), ("post_attention_dropout",)),
-            (("post_attention_layernorm",), ("post_mlp_dropout",)),
+        lambda c: (
+            _seq(
+                (("input_layernorm", "post_attention_layernorm"), ("post_attention_dropout", "post_mlp_dropout")),
+                kind="parallel",
+            )
+            if c.use_parallel_residual
+            else _seq(
+                (("input_layernorm",), ("post_attention_dropout",)),
+                (("post_attention_layernorm",), ("post_mlp_dropout",)),
+            )
         ),
     )
 )
@@ -147,18 +153,22 @@ register_family(
     Family(
         ("stablelm",),
         "model.layers",
-        lambda c: _seq((("input_layernorm",), ("self_attn", "dropout")), kind="parallel")
-        if c.use_parallel_residual
-        else _seq((("input_layernorm",), ("self_attn",)), (("post_attention_layernorm",), ("dropout",))),
+        lambda c: (
+            _seq((("input_layernorm",), ("self_attn", "dropout")), kind="parallel")
+            if c.use_parallel_residual
+            else _seq((("input_layernorm",), ("self_attn",)), (("post_attention_layernorm",), ("dropout",)))
+        ),
     )
 )
 register_family(
     Family(
         ("falcon",),
         "transformer.h",
-        lambda c: _seq((("input_layernorm", "ln_attn", "ln_mlp"), ("self_attention", "mlp")), kind="parallel")
-        if c.new_decoder_architecture or c.parallel_attn
-        else _seq((("input_layernorm",), ("self_attention",)), (("post_attention_layernorm",), ("mlp",))),
+        lambda c: (
+            _seq((("input_layernorm", "ln_attn", "ln_mlp"), ("self_attention", "mlp")), kind="parallel")
+            if c.new_decoder_architecture or c.parallel_attn
+            else _seq((("input_layernorm",), ("self_attention",)), (("post_attention_layernorm",), ("mlp",)))
+        ),
     )
 )
 # OPT: post-LN when do_layer_norm_before is False, and the MLP path flattens (B, T, D) to (B*T, D)

@@ -31,6 +31,7 @@ from torch import nn
 from hc_retrofit.config import HCConfig
 from hc_retrofit.connections import (
     HyperConnection,
+    depth_connection,
     expand_streams,
     reduce_streams,
     stream_mix,
@@ -95,9 +96,8 @@ class HCDecoderLayerMixin:
                 new_args, new_kwargs = _with_hidden(args, kwargs, x)
                 out = super().forward(*new_args, **new_kwargs)
                 # F(x) = layer(x) - x, so H' = R H + b F(x) = (R H - b x) + b layer(x): exact at init.
-                new = stream_mix(streams, coeffs.r)
-                b = coeffs.b.to(new.dtype).unsqueeze(-1)
-                new = new.addcmul_(b, x.unsqueeze(-2), value=-1).addcmul_(b, _first(out).unsqueeze(-2))
+                # (R H - b x) first: with equal streams it is exactly 0 at init, so H' = layer(x) exactly.
+                new = depth_connection(streams, coeffs.r, -coeffs.b, x) + _outer(coeffs.b, _first(out))
             else:
                 first_site._hc_call = _Call(x, coeffs.r, coeffs.b, streams=None)
                 new_args, new_kwargs = _with_hidden(args, kwargs, stream_mix(streams, coeffs.r))
@@ -136,10 +136,9 @@ def _exit_hook(site: HyperConnection, multiplier: float):
         if call.streams is None:  # routed site: the layer adds R H itself
             return _replace_first(output, _outer(call.b, y))
         eye = torch.eye(site.num_streams, device=call.r.device, dtype=call.r.dtype)
-        delta = stream_mix(call.streams, call.r - eye)
-        if multiplier != 1.0:  # the layer computes H + m * exit
-            delta = delta / multiplier
-        return _replace_first(output, delta.addcmul_(call.b.to(y.dtype).unsqueeze(-1), y.unsqueeze(-2)))
+        # The layer computes H + m * exit, so exit = (R - I) H / m + b y: one fused call.
+        r = (call.r - eye) / multiplier if multiplier != 1.0 else call.r - eye
+        return _replace_first(output, depth_connection(call.streams, r, call.b, y))
 
     return hook
 

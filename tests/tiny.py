@@ -21,7 +21,9 @@ COMMON = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
-GPT_STYLE = dict(n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+GPT_STYLE = dict(
+    n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=1, eos_token_id=2, pad_token_id=0
+)
 
 # case id -> (model_type, overrides of COMMON)
 CASES: dict[str, tuple[str, dict]] = {
@@ -43,12 +45,21 @@ CASES: dict[str, tuple[str, dict]] = {
     "olmo2": ("olmo2", dict(num_key_value_heads=2)),
     "granite-multipliers": ("granite", dict(residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=2.0)),
     "mixtral-moe": ("mixtral", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
-    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)),
+    "qwen2_moe": (
+        "qwen2_moe",
+        dict(
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+        ),
+    ),
     "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8)),
     "opt-pre-ln": ("opt", dict(ffn_dim=64, word_embed_proj_dim=32, do_layer_norm_before=True)),
     "opt-post-ln": ("opt", dict(ffn_dim=64, word_embed_proj_dim=32, do_layer_norm_before=False)),
-    "stablelm-sequential": ("stablelm", dict(use_parallel_residual=False)),
-    "stablelm-parallel": ("stablelm", dict(use_parallel_residual=True)),
+    "stablelm-sequential": ("stablelm", dict(num_key_value_heads=4, use_parallel_residual=False)),
+    "stablelm-parallel": ("stablelm", dict(num_key_value_heads=2, use_parallel_residual=True)),
     "starcoder2": ("starcoder2", dict(num_key_value_heads=2)),
 }
 
