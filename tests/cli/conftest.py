@@ -1,0 +1,53 @@
+"""Fixtures for the CLI tests: offline Hub, a CLI runner, tiny base and converted checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from checkpoints import HUB_OFFLINE_ENV, save_base
+from typer.testing import CliRunner
+
+import hc_retrofit.cli.commands  # noqa: F401  (registers the commands)
+from hc_retrofit.cli.app import app
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    for key, value in HUB_OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+
+
+@pytest.fixture
+def cli() -> Callable[..., object]:
+    """``cli("convert", ...)`` runs the app like the console script and returns the click Result."""
+    runner = CliRunner()
+
+    def run(*args: str) -> object:
+        return runner.invoke(app, [str(a) for a in args], prog_name="hc-retrofit")
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plain tiny llama checkpoint with a word-level tokenizer."""
+    return save_base("llama-gqa-untied", tmp_path_factory.mktemp("base") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def converted_dir(tmp_path_factory: pytest.TempPathFactory, base_dir: Path) -> Path:
+    """``base_dir`` converted (mHC, 4 streams) through the Python API the CLI uses."""
+    from hc_retrofit.config import HCConfig
+    from hc_retrofit.conversion import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("converted") / "tiny-llama-mhc"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        convert_checkpoint(str(base_dir), out, HCConfig(num_streams=4, variant="mhc"))
+    return out
