@@ -17,6 +17,8 @@ are new keys ``<layer>.hyper_connections.<site>.*``).
 The HC work of a layer happens inside the layer's ``forward`` (we give each decoder layer a
 subclass of its own class), so transformers' gradient checkpointing, which wraps ``forward``,
 recomputes it too. Per-call state lives on the site module only for the duration of that call.
+Hooks are ``functools.partial`` objects bound to their site, so ``copy.deepcopy`` of a converted
+model gives a model whose hooks use the copy's own HC parameters.
 """
 
 from __future__ import annotations
@@ -117,30 +119,29 @@ def _hc_layer_class(cls: type) -> type:
     return type(f"HC{cls.__name__}", (HCDecoderLayerMixin, cls), {"__module__": cls.__module__})
 
 
-def _entry_hook(site: HyperConnection):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        call: _Call | None = site._hc_call
-        if call is None:  # first entry of a non-routed site: read H_s here
-            streams = _split_hidden(args, kwargs)
-            c = site.coefficients(streams)
-            call = site._hc_call = _Call(width_connection(streams, c.a), c.r, c.b, streams)
-        return _with_hidden(args, kwargs, call.x)
-
-    return hook
+def _entry_hook(site: HyperConnection, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook on an entry module: feed it ``x = a . H`` instead of the streams."""
+    call: _Call | None = site._hc_call
+    if call is None:  # first entry of a non-routed site: read H_s here
+        streams = _split_hidden(args, kwargs)
+        c = site.coefficients(streams)
+        call = site._hc_call = _Call(width_connection(streams, c.a), c.r, c.b, streams)
+    return _with_hidden(args, kwargs, call.x)
 
 
-def _exit_hook(site: HyperConnection, multiplier: float):
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        call: _Call = site._hc_call
-        y = _first(output)
-        if call.streams is None:  # routed site: the layer adds R H itself
-            return _replace_first(output, _outer(call.b, y))
-        eye = torch.eye(site.num_streams, device=call.r.device, dtype=call.r.dtype)
-        # The layer computes H + m * exit, so exit = (R - I) H / m + b y: one fused call.
-        r = (call.r - eye) / multiplier if multiplier != 1.0 else call.r - eye
-        return _replace_first(output, depth_connection(call.streams, r, call.b, y))
-
-    return hook
+def _exit_hook(
+    site: HyperConnection, multiplier: float, module: nn.Module, args: tuple, kwargs: dict, output: Any
+) -> Any:
+    """Forward hook on an exit module: turn the branch output ``y`` into what the layer must add."""
+    call: _Call = site._hc_call
+    y = _first(output)
+    if call.streams is None:  # routed site: the layer adds R H itself
+        return _replace_first(output, _outer(call.b, y))
+    eye = torch.eye(site.num_streams, device=call.r.device, dtype=call.r.dtype)
+    delta = stream_mix(call.streams, call.r - eye)
+    if multiplier != 1.0:  # the layer computes H + m * exit
+        delta = delta / multiplier
+    return _replace_first(output, delta.addcmul_(call.b.to(y.dtype).unsqueeze(-1), y.unsqueeze(-2)))
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -216,9 +217,9 @@ def convert(model: nn.Module, config: HCConfig | None = None) -> nn.Module:
                 )
             for module in entries:
                 if isinstance(module, nn.Module):
-                    module.register_forward_pre_hook(_entry_hook(site), with_kwargs=True)
+                    module.register_forward_pre_hook(functools.partial(_entry_hook, site), with_kwargs=True)
             for module in exits:
-                module.register_forward_hook(_exit_hook(site, multiplier), with_kwargs=True)
+                module.register_forward_hook(functools.partial(_exit_hook, site, multiplier), with_kwargs=True)
         for site in sites:
             site._hc_call = None
     model.hc_config = config

@@ -246,3 +246,24 @@ def test_records_settings_and_adds_one_site_per_branch():
     assert [s.site_index for s in sites] == list(range(len(sites)))
     _, opt = converted("opt-post-ln", "static")
     assert len(hc_retrofit.hyper_connection_sites(opt)) == opt.config.num_hidden_layers
+
+
+def test_deepcopy_of_a_converted_model_uses_its_own_hc_parameters():
+    base, model = converted("llama-gqa-untied", "static")
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for site in hc_retrofit.hyper_connection_sites(clone):
+            site.depth.mul_(3.0)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad():
+        assert (model(ids).logits - base(ids).logits).abs().max() < 1e-5
+        assert (clone(ids).logits - base(ids).logits).abs().max() > 1e-3
+
+
+def test_output_hidden_states_still_works():
+    base, model = converted("llama-gqa-untied", "mhc")
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        ref = base(ids, output_hidden_states=True)
+    torch.testing.assert_close(out.hidden_states[-1], ref.hidden_states[-1], atol=1e-5, rtol=1e-5)
