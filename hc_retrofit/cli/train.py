@@ -80,6 +80,10 @@ def train_command(
     flags["progress"] = False if no_progress else None
     cfg = merge(config, **flags)
     result = train(cfg)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch, one report
+        return
     console = Console()
     if result.final_eval_loss is not None and result.initial_eval_loss is not None:
         console.print(

@@ -217,7 +217,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = 
         return value
 
     model.train()
-    progress = TrainProgress(cfg.max_steps, start_step, enabled=main and cfg.progress, hc=hc)
+    progress = TrainProgress(cfg.max_steps, start_step, enabled=main and cfg.progress, lines=main, hc=hc)
     with progress:
         for step in range(start_step, cfg.max_steps):
             if cfg.eval_every and step % cfg.eval_every == 0:

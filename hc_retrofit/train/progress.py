@@ -14,10 +14,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class TrainProgress:
-    """A context manager; a no-op when ``enabled`` is false (non-main processes, ``--no-progress``)."""
+    """A context manager. ``enabled``: live bar (main process, unless ``--no-progress``); ``lines``:
+    print the eval lines (main process only)."""
 
-    def __init__(self, total: int, start: int = 0, *, enabled: bool = True, hc: bool = True) -> None:
+    def __init__(
+        self, total: int, start: int = 0, *, enabled: bool = True, lines: bool = True, hc: bool = True
+    ) -> None:
         self.enabled = enabled
+        self.lines = lines
         self.console = Console(stderr=True)
         self.total = total
         self._last = {"loss": math.nan, "tps": 0.0}
@@ -53,11 +57,11 @@ class TrainProgress:
             self.progress.update(self.task, completed=step, loss=loss, tps=tokens_per_s)
 
     def note_eval(self, step: int, eval_loss: float | None) -> None:
-        if not self.enabled or eval_loss is None:
+        if not self.lines or eval_loss is None:
             return
         ppl = math.exp(min(eval_loss, 50.0))
         train = "" if math.isnan(self._last["loss"]) else f"  train loss {self._last['loss']:.4f}"
         speed = f"  {self._last['tps']:,.0f} tok/s" if self._last["tps"] else ""
-        self.progress.console.print(
+        (self.progress.console if self.enabled else self.console).print(
             f"step {step:>6}/{self.total}{train}  eval loss {eval_loss:.4f} (ppl {ppl:.2f}){speed}"
         )

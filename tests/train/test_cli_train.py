@@ -1,0 +1,87 @@
+"""`hc-retrofit train` and `hc-retrofit demo` through the CLI entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hc_retrofit.cli.app import main
+from hc_retrofit.train.metrics import read_metrics
+
+from .conftest import tiny_lm
+
+
+def run_cli(*args: str) -> int:
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.fixture
+def plain_dir(tmp_path, tokenizer):
+    path = tmp_path / "plain-model"
+    tiny_lm(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_train_plain_dir_with_recipe_then_continue_from_the_converted_output(plain_dir, corpus, cache_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"block_size: 32\nbatch_size: 2\nmax_steps: 50\nlr: 3e-3\nwarmup_steps: 1\neval_every: 2\n"
+        f"eval_batches: 2\nsave_every: 0\ncache_dir: {cache_dir}\nvariant: static\nstreams: 2\n"
+    )
+    out = tmp_path / "run1"
+    code = run_cli(
+        "train", plain_dir, "--data", corpus, "--out", out, "--config", recipe,
+        "--max-steps", "3", "--report-to", "tensorboard", "--no-progress",
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["hc"] and summary["steps"] == 3  # the flag beat the recipe's max_steps: 50
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["hc_retrofit"]["variant"] == "static" and config["hc_retrofit"]["num_streams"] == 2
+    assert list((out / "logs").rglob("events.out.tfevents*")), "tensorboard tracker should write events"
+
+    # a converted dir is trained as is; its step-0 eval equals the first run's final eval (same weights, data)
+    out2 = tmp_path / "run2"
+    assert (
+        run_cli(
+            "train",
+            out / "final",
+            "--data",
+            corpus,
+            "--out",
+            out2,
+            "--config",
+            recipe,
+            "--max-steps",
+            "1",
+            "--no-progress",
+        )
+        == 0
+    )
+    first_eval = next(r for r in read_metrics(out2) if "eval_loss" in r)
+    assert first_eval["step"] == 0
+    assert first_eval["eval_loss"] == pytest.approx(summary["final_eval_loss"], abs=1e-5)
+
+
+def test_user_errors_are_one_line(plain_dir, tmp_path, capsys):
+    assert run_cli("train", plain_dir, "--out", tmp_path / "o") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no data given") and "\n" not in err
+
+
+def test_demo_quick(tmp_path):
+    out = tmp_path / "demo"
+    assert run_cli("demo", "--quick", "--steps", "3", "--out", out, "--no-progress") == 0
+    report = json.loads((out / "demo.json").read_text())
+    assert report["retrofit_max_abs_diff"] < 1e-4
+    plain, hc = report["table"]
+    assert plain["run"] == "plain" and hc["run"] == "mhc n=4"
+    assert plain["step-0 loss"] == pytest.approx(hc["step-0 loss"], abs=1e-5)
+    assert hc["params"] > plain["params"]
+    assert (out / "comparison.png").stat().st_size > 1000
