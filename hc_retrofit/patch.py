@@ -115,8 +115,14 @@ class HCDecoderLayerMixin:
 
 @functools.cache
 def _hc_layer_class(cls: type) -> type:
-    """``cls`` with :class:`HCDecoderLayerMixin` in front (one class per original class)."""
-    return type(f"HC{cls.__name__}", (HCDecoderLayerMixin, cls), {"__module__": cls.__module__})
+    """``cls`` with :class:`HCDecoderLayerMixin` in front (one class per original class).
+
+    It keeps the original class *name*: accelerate/FSDP auto-wrap policies and transformers'
+    ``_no_split_modules`` (``device_map="auto"``) find decoder layers by class name.
+    """
+    return type(
+        cls.__name__, (HCDecoderLayerMixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    )
 
 
 def _entry_hook(site: HyperConnection, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

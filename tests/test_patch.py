@@ -267,3 +267,11 @@ def test_output_hidden_states_still_works():
         out = model(ids, output_hidden_states=True)
         ref = base(ids, output_hidden_states=True)
     torch.testing.assert_close(out.hidden_states[-1], ref.hidden_states[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_layer_class_names_are_kept_for_fsdp_and_device_map():
+    base = tiny_model("llama-gqa-untied")
+    names = {type(layer).__name__ for layer in decoder_layers(base)}
+    model = hc_retrofit.convert(base, HCConfig())
+    assert {type(layer).__name__ for layer in decoder_layers(model)} == names
+    assert set(model._no_split_modules) >= names
