@@ -229,7 +229,8 @@ def _upload(plan: PushPlan, token: str) -> PushPlan:
 
     api = HfApi(token=token)
     try:
-        url = api.create_repo(plan.repo_id, private=plan.private, exist_ok=True, repo_type="model")
+        # private=None keeps the owner's default visibility (an organisation may default to private)
+        url = api.create_repo(plan.repo_id, private=True if plan.private else None, exist_ok=True, repo_type="model")
         if plan.revision:
             api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True)
         info = api.upload_folder(

@@ -51,3 +51,20 @@ def converted_dir(tmp_path_factory: pytest.TempPathFactory, base_dir: Path) -> P
         mp.setenv("HF_HUB_OFFLINE", "1")
         convert_checkpoint(str(base_dir), out, HCConfig(num_streams=4, variant="mhc"))
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory: pytest.TempPathFactory, converted_dir: Path) -> Path:
+    """``converted_dir`` after a few optimiser steps, saved with a training summary beside it."""
+    import json
+
+    from checkpoints import train_a_few_steps
+
+    from hc_retrofit import persist
+
+    run = tmp_path_factory.mktemp("run")
+    model = train_a_few_steps(persist.load_converted(converted_dir), steps=20, lr=3e-2)
+    out = persist.save_converted(model, run / "final", extra_metadata={"training": {"lr": 3e-2, "steps": 20}})
+    (run / "summary.json").write_text(json.dumps({"steps": 20, "initial_eval_loss": 4.6, "final_eval_loss": 3.9}))
+    (run / "metrics.jsonl").write_text('{"step": 10, "loss": 4.1}\n{"step": 20, "loss": 3.9}\n')
+    return out

@@ -1,0 +1,100 @@
+"""The app itself: help everywhere, `architectures`, and real processes (`python -m hc_retrofit`, console script)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from checkpoints import HUB_OFFLINE_ENV, populate_hf_cache, save_base
+
+from hc_retrofit.families import supported_model_types
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("command", ["convert", "verify", "inspect", "push", "architectures"])
+def test_help(cli, command: str) -> None:
+    result = cli(command, "--help")
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_main_help_and_unknown_command(cli) -> None:
+    result = cli("--help")
+    assert result.exit_code == 0
+    for command in ("convert", "verify", "inspect", "push", "architectures"):
+        assert command in result.output
+    result = cli("frobnicate")
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "frobnicate" in result.output
+
+
+def test_architectures(cli) -> None:
+    rows = json.loads(cli("architectures", "--json").stdout)
+    assert [r["model_type"] for r in rows] == supported_model_types()
+    kinds = {r["model_type"]: r["block"] for r in rows}
+    assert kinds["llama"] == "sequential" and kinds["gemma2"] == "sandwich" and kinds["opt"] == "layer"
+    assert "llama" in cli("architectures").output
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(HUB_OFFLINE_ENV, HF_HOME=str(tmp_path / "hf_home"), MPLBACKEND="Agg", **extra)
+    return env
+
+
+def test_python_m_through_a_populated_hf_cache(cli, tmp_path: Path) -> None:
+    """A real process converts a Hub id from the (offline) cache and fails cleanly on bad input; verify finds the base."""
+    cache = tmp_path / "hub-cache"
+    populate_hf_cache(cache, "tiny-org/tiny-llama", save_base("llama-gqa-untied", tmp_path / "src"))
+    env = _env(tmp_path, HF_HUB_CACHE=str(cache))
+    run = [sys.executable, "-m", "hc_retrofit"]
+    out = tmp_path / "converted"
+    done = subprocess.run(
+        [*run, "convert", "tiny-org/tiny-llama", "--out", out, "--variant", "static"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["hc_retrofit_base"] == "tiny-org/tiny-llama"
+    import huggingface_hub.constants
+
+    with pytest.MonkeyPatch.context() as mp:  # verify resolves the recorded Hub id through the same cache
+        mp.setenv("HF_HUB_CACHE", str(cache))
+        mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+        result = cli("verify", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["equivalent"] is True
+    done = subprocess.run(
+        [*run, "convert", "tiny-org/absent", "--out", tmp_path / "x"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("error: ")] == [
+        done.stderr.strip().splitlines()[-1]
+    ]
+    assert not (tmp_path / "x").exists()
+
+
+def test_console_script(tmp_path: Path) -> None:
+    script = shutil.which("hc-retrofit")
+    if script is None:
+        pytest.skip("the hc-retrofit console script is not installed (pip install -e .)")
+    done = subprocess.run(
+        [script, "convert", "x", "--out", tmp_path / "o", "--streams", "0"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: num_streams must be >= 2 (hyper-connections need several streams), got 0"

@@ -1,0 +1,48 @@
+"""`hc-retrofit verify`: equivalence of a fresh conversion, trained models, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from checkpoints import save_base
+
+
+def test_verify_fresh_conversion_passes(cli, converted_dir: Path) -> None:
+    result = cli("verify", converted_dir)
+    assert result.exit_code == 0, result.output
+    assert "equivalent" in result.output and "100.0% of tokens agree" in result.output
+
+
+def test_verify_json(cli, converted_dir: Path, base_dir: Path) -> None:
+    result = cli("verify", converted_dir, "--json", "--base", base_dir)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["equivalent"] and report["ok"] and report["greedy_identical"]
+    assert report["max_abs_logit_diff"] <= report["logit_tolerance"] and report["max_kl"] < 1e-6
+    assert report["variant"] == "mhc" and report["num_streams"] == 4
+
+
+def test_verify_trained_model_fails_unless_trained_flag(cli, trained_dir: Path) -> None:
+    result = cli("verify", trained_dir, "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert not report["equivalent"] and report["max_abs_logit_diff"] > 1e-3
+    result = cli("verify", trained_dir, "--trained")
+    assert result.exit_code == 0, result.output
+    assert "trained" in result.output
+
+
+def test_verify_against_the_wrong_base_fails(cli, converted_dir: Path, tmp_path: Path) -> None:
+    other = save_base("llama-gqa-untied", tmp_path / "other", seed=7)
+    result = cli("verify", converted_dir, "--base", other)
+    assert result.exit_code == 1 and "NOT equivalent" in result.output
+
+
+def test_verify_bad_input(cli, base_dir: Path, tmp_path: Path) -> None:
+    result = cli("verify", base_dir)
+    assert result.exit_code == 1 and result.output.startswith("error: ") and "not a converted" in result.output
+    (tmp_path / "empty").mkdir()
+    result = cli("verify", tmp_path / "empty")
+    assert result.exit_code == 1 and "no config.json" in result.output
+    assert "Traceback" not in result.output
