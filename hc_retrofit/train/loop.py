@@ -99,6 +99,21 @@ def resolve_mixed_precision(name: str, *, cpu: bool = False) -> str | None:
     return "no"
 
 
+def _check_fsdp_dtype(cfg: TrainConfig, accelerator: Any) -> None:
+    """FSDP shards parameters in units of one dtype; HC parameters are float32, so the rest must be too.
+
+    With float32 master weights the FSDP mixed-precision policy (``mixed_precision: bf16``) still
+    computes in bf16, so nothing is lost; a bf16-loaded model would mix dtypes inside a unit.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and cfg.model_dtype not in ("float32", "fp32"):
+        raise TrainingError(
+            "under FSDP load the model in float32 (model_dtype: float32): HC parameters are float32 and an FSDP "
+            "unit holds one dtype; FSDP's mixed precision (mixed_precision: bf16) still computes in bf16"
+        )
+
+
 def _prepare_out_dir(cfg: TrainConfig, out: Path, accelerator: Any) -> None:
     exists = out.exists() and any(out.iterdir())
     if exists and not (cfg.resume or cfg.overwrite):
@@ -146,6 +161,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = 
     cfg.validate()
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg, out)
+    _check_fsdp_dtype(cfg, accelerator)
     _prepare_out_dir(cfg, out, accelerator)
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -349,7 +365,7 @@ def _save_model(
     final = out / FINAL_DIR
     if accelerator.is_main_process:
         if cfg.grad_checkpointing:
-            unwrapped.gradient_checkpointing_disable()
+            getattr(unwrapped, "activation_checkpointing_disable", unwrapped.gradient_checkpointing_disable)()
         unwrapped.config.use_cache = True
         save_final(unwrapped, tokenizer, final, metadata=metadata)
     accelerator.wait_for_everyone()

@@ -66,7 +66,11 @@ def prepare_model(cfg: TrainConfig, model: nn.Module, tokenizer: Any) -> nn.Modu
     if not cfg.no_hc and not is_converted(model):
         convert(model, HCConfig(num_streams=cfg.streams, variant=cfg.variant))
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # pragma: no cover - older 5.x
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # no KV cache while training (and it conflicts with checkpointing)
     return model.train()
