@@ -156,6 +156,8 @@ def save_converted(
     out = check_output_dir(Path(out_dir), overwrite=overwrite)
     config = model.config
     base = base_model or getattr(config, BASE_KEY, None) or getattr(config, "_name_or_path", None) or None
+    if base and Path(base).expanduser().is_dir():  # a local base: absolute, so verify works from any cwd
+        base = str(Path(base).expanduser().resolve())
     metadata = {**(getattr(config, METADATA_KEY, None) or {}), **(extra_metadata or {})}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

@@ -46,3 +46,15 @@ def test_verify_bad_input(cli, base_dir: Path, tmp_path: Path) -> None:
     result = cli("verify", tmp_path / "empty")
     assert result.exit_code == 1 and "no config.json" in result.output
     assert "Traceback" not in result.output
+
+
+def test_verify_needs_a_base_when_none_is_recorded(cli, converted_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    copy = Path(shutil.copytree(converted_dir, tmp_path / "ckpt"))
+    data = json.loads((copy / "config.json").read_text())
+    data.pop("hc_retrofit_base")
+    (copy / "config.json").write_text(json.dumps(data))
+    result = cli("verify", copy)
+    assert result.exit_code == 1 and "--base" in result.output and result.output.startswith("error: ")
