@@ -115,9 +115,14 @@ class _WidthConnection(torch.autograd.Function):
         lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
         h = _tokens(streams)
         a_t = _per_token(a, lead, (n,), streams.dtype).unsqueeze(1)  # (M, 1, n)
-        x = h[:, 0] * a_t.sum(-1) if _is_expanded(h) else torch.bmm(a_t, h).squeeze(1)
+        # Write into the final shape: an output that is a view would forbid in-place use later.
+        x = streams.new_empty(*lead, d)
+        if _is_expanded(h):
+            torch.mul(h[:, 0], a_t.sum(-1), out=x.view(-1, d))
+        else:
+            torch.bmm(a_t, h, out=x.view(-1, 1, d))
         ctx.save_for_backward(streams, a)
-        return x.reshape(*lead, d)
+        return x
 
     @staticmethod
     def backward(ctx, gx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -147,13 +152,18 @@ class _DepthConnection(torch.autograd.Function):
         lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
         h = _tokens(streams)
         r_t = _per_token(r, lead, (n, n), streams.dtype)
-        out = r_t.sum(-1, keepdim=True) * h[:, :1] if _is_expanded(h) else torch.bmm(r_t, h)
+        result = streams.new_empty(*lead, n, d)  # not a view: see _WidthConnection
+        out = result.view(-1, n, d)
+        if _is_expanded(h):
+            torch.mul(r_t.sum(-1, keepdim=True), h[:, :1], out=out)
+        else:
+            torch.bmm(r_t, h, out=out)
         if y is not None:
             b_t = _per_token(b, lead, (n,), streams.dtype).unsqueeze(-1)  # (M, n, 1)
             y_t = y.to(streams.dtype).expand(*lead, d).reshape(-1, 1, d)
-            out = out.baddbmm_(b_t, y_t)
+            out.baddbmm_(b_t, y_t)
         ctx.save_for_backward(streams, r, b, y)
-        return out.reshape(*lead, n, d)
+        return result
 
     @staticmethod
     def backward(ctx, g_out):  # type: ignore[override]

@@ -1,0 +1,139 @@
+"""Training-step cost of a converted model vs the original: forward+backward time and memory.
+
+    python bench/train_step.py            # llama-style, hidden 512, 6 layers, seq 256, batch 4
+    python bench/train_step.py --quick    # smoke run (small model, few repeats)
+    python bench/train_step.py --device cuda
+
+For every variant (static, dynamic, mHC) and stream count n (2, 4, 8) the script converts a deep
+copy of one random llama-style model and measures, in the same run and on the same inputs:
+
+* ``time``: median wall time of ``loss = model(ids, labels=ids).loss; loss.backward()`` divided by
+  the original's median; the two models alternate step by step after a warm-up.
+* ``act``: bytes of the tensors autograd saves for backward in one forward (each storage once,
+  parameters excluded; see ``_common.saved_activation_bytes``), divided by the original's. This
+  is the activation memory of a step: deterministic and device independent.
+* ``peak``: (parameters + gradients + saved activations) of the converted model divided by the
+  same for the original: the memory a training step needs at its peak (end of the forward pass),
+  optimizer state excluded. On CUDA ``cuda_peak`` adds ``torch.cuda.max_memory_allocated``.
+* ``max|dlogit|``: the exactness check (fp32 logits, converted vs original).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import _common as C
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--streams", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument(
+        "--variants", nargs="+", default=["static", "dynamic", "mhc"], help="static, dynamic, mhc, mhc-static"
+    )
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--quick", action="store_true", help="small model, few repeats (smoke test)")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/train_step.json)")
+    C.add_timing_args(parser)
+    args = parser.parse_args()
+    C.apply_timing_args(args)
+    if args.quick:
+        args.hidden, args.layers, args.vocab, args.seq, args.batch = 128, 2, 1000, 64, 2
+        args.repeats, args.warmup, args.streams = 3, 1, [4]
+
+    device = args.device
+    config = C.llama_config(args.hidden, args.layers, args.vocab)
+    original = C.random_model(config, device=device).train()
+    ids = torch.randint(3, args.vocab, (args.batch, args.seq), device=device)
+
+    def step_fn(model):
+        fwd = torch.compile(model) if args.compile else model
+
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            fwd(input_ids=ids, labels=ids).loss.backward()
+
+        return step
+
+    def memory(model) -> dict[str, float]:
+        model.zero_grad(set_to_none=True)
+        params = list(model.parameters())
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with C.saved_activation_bytes(exclude=params) as saved:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        out = {"act": saved["bytes"], "peak": saved["bytes"] + 2 * C.param_bytes(model)}
+        if torch.device(device).type == "cuda":
+            out["cuda_peak"] = torch.cuda.max_memory_allocated()
+        model.zero_grad(set_to_none=True)
+        return out
+
+    base_mem = memory(original)
+    base_step = step_fn(original)
+    rows = []
+    print(
+        f"llama hidden={args.hidden} layers={args.layers} vocab={args.vocab} seq={args.seq} batch={args.batch} "
+        f"device={device} threads={torch.get_num_threads()} clock={args.clock}"
+    )
+    for variant in args.variants:
+        for n in args.streams:
+            kwargs = {"num_streams": n, "variant": "mhc" if variant.startswith("mhc") else variant}
+            if variant == "mhc-static":
+                kwargs["mhc_dynamic"] = False
+            model = C.converted_copy(original, **kwargs).train()
+            with torch.no_grad():
+                diff = (model(input_ids=ids).logits - original(input_ids=ids).logits).abs().max().item()
+            mem = memory(model)
+            times = C.interleaved(
+                {"original": base_step, "converted": step_fn(model)}, device, args.repeats, args.warmup, args.clock
+            )
+            t0, t1 = C.median(times["original"]), C.median(times["converted"])
+            row = {
+                "variant": variant,
+                "n": n,
+                "orig_s": t0,
+                "hc_s": t1,
+                "time": t1 / t0,
+                "act": mem["act"] / base_mem["act"],
+                "peak": mem["peak"] / base_mem["peak"],
+                "act_MB": mem["act"] / 2**20,
+                "max|dlogit|": f"{diff:.1e}",
+            }
+            if "cuda_peak" in mem:
+                row["cuda_peak"] = mem["cuda_peak"] / base_mem["cuda_peak"]
+            rows.append(row)
+            C.print_table([row], list(row))
+            del model
+            gc.collect()
+    print()
+    columns = ["variant", "n", "orig_s", "hc_s", "time", "act", "peak", "act_MB", "max|dlogit|"]
+    if rows and "cuda_peak" in rows[0]:
+        columns.append("cuda_peak")
+    C.print_table(rows, columns)
+    print(
+        f"original: saved activations {base_mem['act'] / 2**20:.1f} MB, params {C.param_bytes(original) / 2**20:.1f} MB"
+    )
+    C.write_json(
+        "train_step" + ("_quick" if args.quick else ""),
+        {
+            "settings": vars(args),
+            "original": {"act_bytes": base_mem["act"], "param_bytes": C.param_bytes(original)},
+            "rows": rows,
+        },
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()

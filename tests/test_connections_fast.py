@@ -1,0 +1,141 @@
+"""The custom autograd Functions of connections.py against the plain einsum formulas (float64).
+
+Each fast path (static and per-token coefficients, contiguous and stride-0 "expanded" streams,
+broadcast ``y``) must give the same values as the textbook formula and pass ``gradcheck``.
+"""
+
+import pytest
+import torch
+
+from hc_retrofit import HCConfig, HyperConnection, depth_connection, expand_streams, stream_mix, width_connection
+from hc_retrofit.connections import rms_project
+
+F64 = {"dtype": torch.float64}
+
+
+def ref_width(h, a):
+    return torch.einsum("...k,...kd->...d", a, h)
+
+
+def ref_mix(h, r):
+    return torch.einsum("...jk,...kd->...jd", r, h)
+
+
+def ref_depth(h, r, b, y):
+    return ref_mix(h, r) + b.unsqueeze(-1) * y.unsqueeze(-2)
+
+
+def ref_rms_project(x, w):
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)) @ w
+
+
+def streams_of(kind: str, lead=(2, 3), n=3, d=5):
+    """Contiguous streams, or n stride-0 views of one tensor (what layer 0 receives)."""
+    if kind == "expanded":
+        return expand_streams(torch.randn(*lead, d, **F64), n).requires_grad_(False)
+    return torch.randn(*lead, n, d, **F64)
+
+
+def leaf(t):
+    return t.detach().requires_grad_(True) if t.stride(-2) != 0 else t
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "expanded"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_width_connection_matches_einsum_and_gradchecks(kind, per_token):
+    torch.manual_seed(0)
+    h = streams_of(kind)
+    a = torch.randn(*((2, 3) if per_token else ()), 3, **F64, requires_grad=True)
+    if kind == "expanded":  # differentiate through the expand, as layer 0 does
+        base = torch.randn(2, 3, 5, **F64, requires_grad=True)
+        torch.testing.assert_close(width_connection(expand_streams(base, 3), a), ref_width(expand_streams(base, 3), a))
+        assert torch.autograd.gradcheck(lambda t, c: width_connection(expand_streams(t, 3), c), (base, a))
+    else:
+        h.requires_grad_(True)
+        torch.testing.assert_close(width_connection(h, a), ref_width(h, a))
+        assert torch.autograd.gradcheck(width_connection, (h, a))
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "expanded"])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("with_y", [False, True])
+def test_depth_connection_and_stream_mix_match_einsum_and_gradcheck(kind, per_token, with_y):
+    torch.manual_seed(1)
+    lead = (2, 3) if per_token else ()
+    r = torch.randn(*lead, 3, 3, **F64, requires_grad=True)
+    b = torch.randn(*lead, 3, **F64, requires_grad=True)
+    y = torch.randn(2, 3, 5, **F64, requires_grad=True)
+    base = torch.randn(2, 3, 5, **F64, requires_grad=True)
+    full = torch.randn(2, 3, 3, 5, **F64, requires_grad=True)
+
+    def streams(t):
+        return expand_streams(t, 3) if kind == "expanded" else t
+
+    src = base if kind == "expanded" else full
+    if with_y:
+        torch.testing.assert_close(depth_connection(streams(src), r, b, y), ref_depth(streams(src), r, b, y))
+        fn = lambda s, r_, b_, y_: depth_connection(streams(s), r_, b_, y_)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (src, r, b, y))
+    else:
+        torch.testing.assert_close(stream_mix(streams(src), r), ref_mix(streams(src), r))
+        assert torch.autograd.gradcheck(lambda s, r_: stream_mix(streams(s), r_), (src, r))
+
+
+def test_broadcast_y_and_unbatched_streams():
+    torch.manual_seed(2)
+    h = torch.randn(3, 4, **F64, requires_grad=True)  # (n, D): no token dims
+    r = torch.randn(3, 3, **F64, requires_grad=True)
+    b = torch.randn(3, **F64, requires_grad=True)
+    y = torch.randn(4, **F64, requires_grad=True)
+    torch.testing.assert_close(depth_connection(h, r, b, y), ref_depth(h, r, b, y))
+    assert torch.autograd.gradcheck(depth_connection, (h, r, b, y))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6), (5, 7)])
+def test_rms_project_matches_norm_then_matmul_and_gradchecks(shape):
+    torch.manual_seed(3)
+    x = torch.randn(*shape, **F64, requires_grad=True)
+    w = torch.randn(shape[-1], 5, **F64, requires_grad=True)
+    torch.testing.assert_close(rms_project(x, w), ref_rms_project(x, w))
+    assert torch.autograd.gradcheck(rms_project, (x, w))
+    # float32 (what the module runs) agrees with the float64 reference
+    x32, w32 = x.detach().float(), w.detach().float()
+    torch.testing.assert_close(rms_project(x32, w32), ref_rms_project(x, w).float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["static", "dynamic", "mhc"])
+def test_block_gradients_match_einsum_reference(variant):
+    """A whole HC block: the fast Functions give the same gradients as the einsum formulation."""
+    torch.manual_seed(4)
+    hc = HyperConnection(8, HCConfig(num_streams=4, variant=variant, dynamic_scale_init=0.5), site_index=1)
+    with torch.no_grad():
+        for p in hc.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    branch = torch.nn.Linear(8, 8)
+    h = torch.randn(2, 3, 4, 8, requires_grad=True)
+
+    def run(fast: bool):
+        c = hc.coefficients(h)
+        if fast:
+            return depth_connection(h, c.r, c.b, branch(width_connection(h, c.a)))
+        return ref_depth(h, c.r, c.b, branch(ref_width(h, c.a)))
+
+    params = [h, *hc.parameters(), *branch.parameters()]
+    fast = torch.autograd.grad(run(True).square().sum(), params)
+    ref = torch.autograd.grad(run(False).square().sum(), params)
+    for f, r in zip(fast, ref, strict=True):
+        torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_streams_keep_float32_coefficient_grads():
+    torch.manual_seed(5)
+    h = torch.randn(2, 3, 4, 8, dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(4, 4, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    a = torch.randn(4, requires_grad=True)
+    y = torch.randn(2, 3, 8, dtype=torch.bfloat16, requires_grad=True)
+    out = depth_connection(h, r, b, y) + width_connection(h, a).unsqueeze(-2)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert r.grad.dtype == b.grad.dtype == a.grad.dtype == torch.float32
+    assert h.grad.dtype == y.grad.dtype == torch.bfloat16
