@@ -12,14 +12,28 @@ from hc_retrofit.cli.app import app, console
 from hc_retrofit.families import FAMILIES, supported_model_types
 
 
+class _EveryFlag:
+    """A stand-in config whose every attribute is ``value``: shows the blocks a config-dependent family picks."""
+
+    def __init__(self, value: bool) -> None:
+        self._value = value
+
+    def __getattr__(self, name: str) -> bool:
+        return self._value
+
+
 def describe_families() -> list[dict[str, str]]:
-    """One row per supported ``model_type``: its layer list and block kind(s)."""
+    """One row per supported ``model_type``: its layer list, block kind(s) and sites per layer."""
     rows = []
     for model_type in supported_model_types():
         family = FAMILIES[model_type]
-        kind = family.block.kind if not callable(family.block) else "depends on config (parallel or sequential)"
-        sites = "" if callable(family.block) else str(len(family.block.sites) or 1)
-        rows.append({"model_type": model_type, "layers": family.layers, "block": kind, "sites_per_layer": sites})
+        blocks = [family.block] if not callable(family.block) else [family.block(_EveryFlag(v)) for v in (True, False)]
+        kinds = dict.fromkeys(b.kind for b in blocks)
+        sites = dict.fromkeys(str(len(b.sites) or 1) for b in blocks)
+        kind = " | ".join(kinds) + (" (by config)" if len(kinds) > 1 else "")
+        rows.append(
+            {"model_type": model_type, "layers": family.layers, "block": kind, "sites_per_layer": " | ".join(sites)}
+        )
     return rows
 
 
