@@ -14,7 +14,7 @@ from hc_retrofit.inspection import inspect_checkpoint, plot_report
 
 
 def _vector(values: list[float]) -> str:
-    return "[" + " ".join(f"{v:.3f}" for v in values) + "]"
+    return "[" + " ".join(f"{v:.2f}" for v in values) + "]"
 
 
 @app.command("inspect")
@@ -36,8 +36,8 @@ def inspect_command(
         console.print_json(json.dumps(report.to_dict()))
     else:
         table = Table(title=f"hyper-connections of {directory} ({report.variant}, {report.num_streams} streams)")
-        for column in ("layer", "site", "width a", "depth b", "|R - I|", "R: dist. doubly stoch."):
-            table.add_column(column, justify="right" if column in ("layer", "site") else "left")
+        for column in ("layer", "site", "width a", "depth b", "|R - I|", "R to doubly stoch."):
+            table.add_column(column, justify="right" if column in ("layer", "site") else "left", no_wrap=True)
         for s in report.sites:
             table.add_row(
                 str(s.layer),
