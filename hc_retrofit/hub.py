@@ -135,7 +135,7 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None) -> str:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)  # reads the config too',
         "```",
         "",
         "Without `trust_remote_code=True` loading fails on purpose (model type "
