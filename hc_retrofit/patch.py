@@ -35,6 +35,7 @@ from hc_retrofit.connections import (
     HyperConnection,
     depth_connection,
     expand_streams,
+    outer_streams,
     reduce_streams,
     stream_mix,
     width_connection,
@@ -75,7 +76,7 @@ def _with_hidden(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple,
 
 def _outer(b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``b_j y`` for every stream j: ``(..., n) x (..., D) -> (..., n, D)``."""
-    return y.unsqueeze(-2) * b.to(y.dtype).unsqueeze(-1)
+    return outer_streams(b, y)
 
 
 class HCDecoderLayerMixin:

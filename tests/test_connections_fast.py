@@ -7,8 +7,16 @@ broadcast ``y``) must give the same values as the textbook formula and pass ``gr
 import pytest
 import torch
 
-from hc_retrofit import HCConfig, HyperConnection, depth_connection, expand_streams, stream_mix, width_connection
-from hc_retrofit.connections import rms_project
+from hc_retrofit import (
+    HCConfig,
+    HyperConnection,
+    depth_connection,
+    expand_streams,
+    sinkhorn,
+    stream_mix,
+    width_connection,
+)
+from hc_retrofit.connections import outer_streams, rms_project
 
 F64 = {"dtype": torch.float64}
 
@@ -139,3 +147,32 @@ def test_bf16_streams_keep_float32_coefficient_grads():
     out.float().sum().backward()
     assert r.grad.dtype == b.grad.dtype == a.grad.dtype == torch.float32
     assert h.grad.dtype == y.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_outer_streams_matches_broadcast_and_gradchecks(per_token):
+    torch.manual_seed(6)
+    b = torch.randn(*((2, 3) if per_token else ()), 4, **F64, requires_grad=True)
+    y = torch.randn(2, 3, 5, **F64, requires_grad=True)
+    torch.testing.assert_close(outer_streams(b, y), b.unsqueeze(-1) * y.unsqueeze(-2))
+    assert torch.autograd.gradcheck(outer_streams, (b, y))
+
+
+@pytest.mark.parametrize("iters", [1, 3, 20])
+def test_sinkhorn_matches_log_domain_reference_and_its_gradient(iters):
+    def reference(logits):
+        log_p = logits
+        for _ in range(iters):
+            log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)
+            log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+        return log_p.exp()
+
+    torch.manual_seed(7)
+    logits = (torch.randn(2, 3, 4, 4, **F64) * 3).requires_grad_(True)
+    torch.testing.assert_close(sinkhorn(logits, iters), reference(logits))
+    g = torch.randn(2, 3, 4, 4, **F64)
+    torch.testing.assert_close(
+        torch.autograd.grad(sinkhorn(logits, iters), logits, g)[0],
+        torch.autograd.grad(reference(logits), logits, g)[0],
+    )
+    assert torch.autograd.gradcheck(lambda t: sinkhorn(t, iters), (logits,))
