@@ -64,11 +64,11 @@ def main() -> None:
                     theirs = HyperConnections(n, dim=d, layer_index=1)
                 theirs = theirs.to(device)
 
-                def run_ours(ours=ours) -> None:
+                def run_ours(ours=ours, ours_in=ours_in) -> None:
                     ours_in.grad = None
                     ours(ours_in, torch.tanh).sum().backward()
 
-                def run_theirs(theirs=theirs) -> None:
+                def run_theirs(theirs=theirs, theirs_in=theirs_in) -> None:
                     theirs_in.grad = None
                     x, add_residual = theirs(theirs_in)
                     add_residual(torch.tanh(x)).sum().backward()
