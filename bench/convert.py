@@ -1,0 +1,109 @@
+"""Conversion cost: ``hc-retrofit convert`` vs plain ``from_pretrained`` + ``save_pretrained``.
+
+    python bench/convert.py            # builds a ~420 MB random llama checkpoint first (cached)
+    python bench/convert.py --quick
+
+Each side runs in a fresh subprocess (so peak RSS is its own), alternately, ``--repeats`` times:
+
+* ``plain``: ``AutoModelForCausalLM.from_pretrained(ckpt)`` then ``save_pretrained(out)``;
+* ``convert``: the CLI, ``hc-retrofit convert ckpt --out out --overwrite`` (load, retrofit, save
+  with the remote-code files), run in-process through ``hc_retrofit.cli.app.main``.
+
+Reported: median wall time, and peak RSS (``ru_maxrss``) minus the RSS after the imports, i.e.
+the memory the work itself needed, as a multiple of the checkpoint's size on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import _common as C
+
+CHILD = r"""
+import json, resource, sys, time
+import psutil, torch, transformers, hc_retrofit, hc_retrofit.cli.app
+from transformers import AutoModelForCausalLM
+base_rss = psutil.Process().memory_info().rss
+side, ckpt, out = sys.argv[1:4]
+start = time.perf_counter()
+if side == "plain":
+    AutoModelForCausalLM.from_pretrained(ckpt).save_pretrained(out)
+else:
+    sys.argv = ["hc-retrofit", "convert", ckpt, "--out", out, "--overwrite", "--variant", "mhc", "--streams", "4"]
+    try:
+        hc_retrofit.cli.app.main()
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+elapsed = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print("RESULT", json.dumps({"seconds": elapsed, "peak_rss": peak, "base_rss": base_rss}))
+"""
+
+
+def build_checkpoint(path: Path, hidden: int, layers: int, vocab: int) -> int:
+    """A random llama checkpoint at ``path`` (reused if present); returns its weight bytes."""
+    if not (path / "config.json").exists():
+        model = C.random_model(C.llama_config(hidden, layers, vocab))
+        model.save_pretrained(path)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def run_side(side: str, ckpt: Path, out: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, side, str(ckpt), str(out)], capture_output=True, text=True, check=False
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{side} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "hc_bench_convert"))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.vocab, args.repeats = 128, 2, 1000, 1
+    work = Path(args.workdir)
+    ckpt = work / f"llama-h{args.hidden}-l{args.layers}-v{args.vocab}"
+    size = build_checkpoint(ckpt, args.hidden, args.layers, args.vocab)
+    print(f"checkpoint {ckpt}: {size / 2**20:.0f} MB of weights")
+    results: dict[str, list[dict]] = {"plain": [], "convert": []}
+    for r in range(args.repeats):
+        for side in ("plain", "convert") if r % 2 == 0 else ("convert", "plain"):
+            res = run_side(side, ckpt, work / f"out-{side}")
+            results[side].append(res)
+            print(side, {k: round(v, 2) if k == "seconds" else v // 2**20 for k, v in res.items()})
+    summary = {}
+    for side, runs in results.items():
+        summary[side] = {
+            "seconds": C.median([x["seconds"] for x in runs]),
+            "work_rss_mb": max(x["peak_rss"] - x["base_rss"] for x in runs) / 2**20,
+        }
+        summary[side]["work_rss_x_model"] = summary[side]["work_rss_mb"] * 2**20 / size
+    rows = [
+        {"side": side, **s, "time_ratio": s["seconds"] / summary["plain"]["seconds"]} for side, s in summary.items()
+    ]
+    print()
+    C.print_table(rows, ["side", "seconds", "time_ratio", "work_rss_mb", "work_rss_x_model"])
+    C.write_json(
+        "convert" + ("_quick" if args.quick else ""),
+        {"settings": vars(args), "checkpoint_bytes": size, "rows": rows, "runs": results},
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()
