@@ -280,7 +280,9 @@ def _sinkhorn_steps(logits: torch.Tensor, iters: int) -> list[torch.Tensor]:
     normalised in turn: two small kernels per step instead of ``logsumexp``'s six.
     """
     lp = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
-    steps = [(lp - lp.amax(dim=0, keepdim=True)).exp()]
+    # Clamp to exp(-80) > float32's smallest normal: a row of exact zeros would give 0 / 0 = NaN
+    # where the log-domain iteration stays finite (entries this small get ~0 gradient either way).
+    steps = [(lp - lp.amax(dim=0, keepdim=True)).clamp_min(-80.0).exp()]
     for _ in range(iters):
         for dim in (0, 1):  # columns (sum over rows j), then rows (sum over columns k)
             steps.append(steps[-1] / steps[-1].sum(dim, keepdim=True))

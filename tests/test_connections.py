@@ -123,3 +123,12 @@ def test_every_parameter_trains(variant):
                 continue  # s * tanh(norm(H) W) with W = 0: d/ds = 0 at the first step, by construction
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         opt.step()
+
+
+def test_sinkhorn_stays_finite_and_row_stochastic_on_extreme_logits():
+    logits = torch.tensor([[200.0, -200.0, 0.0], [-200.0, 0.0, 200.0], [0.0, -300.0, -300.0]], requires_grad=True)
+    p = sinkhorn(logits, 20)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.sum(-1), torch.ones(3), atol=1e-5, rtol=0)
+    p[:, 0].sum().backward()
+    assert torch.isfinite(logits.grad).all()
