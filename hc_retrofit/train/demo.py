@@ -37,7 +37,7 @@ VOCAB_SIZE = 1024
 #: model sizes: "default" for the demo, "tiny" for tests and --quick
 SIZES: dict[str, dict[str, int]] = {
     "default": dict(
-        hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+        hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2
     ),
     "tiny": dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
@@ -151,13 +151,13 @@ def run_demo(
     common = dict(
         data=str(corpus_path()),
         block_size=64 if quick else 128,
-        batch_size=4 if quick else 16,
+        batch_size=4 if quick else 8,
         max_steps=steps,
         lr=2e-3,
         warmup_steps=max(1, steps // 10),
         eval_fraction=0.1,
         eval_every=max(1, steps // 6),
-        eval_batches=4 if quick else 12,
+        eval_batches=4 if quick else 8,
         save_every=0,
         seed=seed,
         overwrite=overwrite,

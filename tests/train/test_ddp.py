@@ -42,7 +42,7 @@ def test_two_process_cpu_ddp_matches_one_process_with_the_global_batch(tokenizer
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hc_retrofit",
         "train", str(model_dir), "--data", str(corpus), "--out", str(out), "--block-size", "32",
         "--batch-size", "2", "--max-steps", "3", "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "2",
-        "--eval-batches", "2", "--save-every", "2", "--cache-dir", cache_dir, "--no-progress",
+        "--eval-batches", "2", "--eval-fraction", "0.1", "--save-every", "2", "--cache-dir", cache_dir, "--no-progress",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -56,10 +56,11 @@ def test_two_process_cpu_ddp_matches_one_process_with_the_global_batch(tokenizer
     assert steps == [0, 1, 2]  # written once: only the main process writes
     assert proc.stdout.count("model: ") == 1
 
-    # DDP averages gradients, so 2 processes x batch 2 == 1 process x batch 4 (same samples per step)
+    # DDP averages gradients, so 2 processes x batch 2 == 1 process x batch 4 (same samples per step;
+    # eval: 2 batches x 2 x 2 processes == 2 batches x 4 on one)
     single = tmp_path / "single"
     train(
-        tiny_config(single, corpus, cache_dir, batch_size=4, max_steps=3, eval_every=2, eval_batches=1),
+        tiny_config(single, corpus, cache_dir, batch_size=4, max_steps=3, eval_every=2, eval_batches=2),
         model=tiny_lm(tokenizer),
         tokenizer=tokenizer,
     )
