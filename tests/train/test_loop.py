@@ -176,3 +176,21 @@ def test_grad_accum_and_checkpointing_match_one_big_batch(tokenizer, corpus, cac
     for a, b in zip(_train_rows(tmp_path / "big"), _train_rows(tmp_path / "acc"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     assert acc.final_eval_loss == pytest.approx(big.final_eval_loss, abs=1e-4)
+
+
+def test_real_checkpoint_on_real_text_starts_at_the_base_loss(shared_dir, cache_dir, tmp_path):
+    """stories260K (a trained llama) converted on the fly, 2 steps on Shakespeare: step 0 is the base."""
+    text = (shared_dir / "data" / "tinyshakespeare.txt").read_text()[:30_000]
+    data_file = tmp_path / "shakespeare.txt"
+    data_file.write_text(text)
+    model_dir = str(shared_dir / "models" / "stories260K")
+    cfg = tiny_config(tmp_path / "real", data_file, cache_dir, model=model_dir, block_size=64, max_steps=2, lr=1e-3)
+    result = train(cfg)
+    from hc_retrofit.persist import load_base_model
+
+    base, tok = load_base_model(model_dir, dtype=torch.float32)
+    data = build_data(data_file, tok, 64, eval_fraction=0.1, cache_dir=cache_dir)
+    x = data.train[BatchSchedule(len(data.train), 2, seed=0).indices(0)]["input_ids"]
+    with torch.no_grad():
+        assert result.step0_loss == pytest.approx(base(input_ids=x, labels=x).loss.item(), abs=1e-5)
+    assert result.hc and 2.0 < result.step0_loss < 8.0  # a trained model, off-domain
