@@ -62,17 +62,53 @@ def reduce_streams(streams: torch.Tensor) -> torch.Tensor:
 
 def width_connection(streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``x = sum_k a_k H_k``; ``a`` is ``(n,)`` (static) or ``(..., n)`` (per token)."""
+    if not torch.is_grad_enabled():
+        return _width_no_grad(streams, a)
     return _WidthConnection.apply(streams, a)
 
 
 def stream_mix(streams: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """``(R H)_j = sum_k R_jk H_k``; ``R`` is ``(n, n)`` or ``(..., n, n)``."""
+    if not torch.is_grad_enabled():
+        return _mix_no_grad(streams, r)
     return _DepthConnection.apply(streams, r, None, None)
 
 
 def depth_connection(streams: torch.Tensor, r: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``H'_j = sum_k R_jk H_k + b_j y``; ``b`` is ``(n,)`` or ``(..., n)``, ``y`` is ``(..., D)``."""
+    if not torch.is_grad_enabled():
+        b, y = _cast(b, streams.dtype), _cast(y, streams.dtype)
+        return _mix_no_grad(streams, r).addcmul_(b.unsqueeze(-1), y.unsqueeze(-2))
     return _DepthConnection.apply(streams, r, b, y)
+
+
+# ----------------------------------------------------------------------------- no-grad path
+# Without autograd (``torch.no_grad`` / ``inference_mode``: evaluation, ``generate()``) the
+# Functions below buy nothing, and at decode (batch 1, one token: tensors of n x D) their per-call
+# overhead is most of the HC cost. There the formulas above run as one or two plain torch ops.
+def _cast(c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return c if c.dtype == dtype else c.to(dtype)
+
+
+def _expanded_streams(streams: torch.Tensor) -> bool:
+    """Whether the ``n`` streams of ``(..., n, D)`` are views of one tensor (layer 0's input)."""
+    return streams.shape[-2] > 1 and streams.stride(-2) == 0
+
+
+def _width_no_grad(streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    a = _cast(a, streams.dtype)
+    if _expanded_streams(streams):
+        return streams[..., 0, :] * a.sum(-1, keepdim=True)
+    if a.dim() == 1:
+        return torch.matmul(a, streams)
+    return torch.matmul(a.unsqueeze(-2), streams).squeeze(-2)
+
+
+def _mix_no_grad(streams: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    r = _cast(r, streams.dtype)
+    if _expanded_streams(streams):
+        return r.sum(-1, keepdim=True) * streams[..., :1, :]
+    return torch.matmul(r, streams)
 
 
 # ----------------------------------------------------------------------------- fast kernels
@@ -219,6 +255,8 @@ class _Outer(torch.autograd.Function):
 
 def outer_streams(b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``b_j y`` for every stream j: ``(n,)`` or ``(..., n)`` with ``(..., D)`` -> ``(..., n, D)``."""
+    if not torch.is_grad_enabled():
+        return _cast(b, y.dtype).unsqueeze(-1) * y.unsqueeze(-2)
     return _Outer.apply(b, y)
 
 
@@ -232,10 +270,7 @@ class _RMSProject(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        ct = torch.promote_types(x.dtype, torch.float32)  # at least float32
-        xf = x.to(ct)
-        p = xf @ w.to(ct)
-        inv = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1] + _EPS)
+        p, inv = _rms_project_parts(x, w)
         ctx.save_for_backward(x, w, p, inv)
         return p * inv
 
@@ -254,8 +289,19 @@ class _RMSProject(torch.autograd.Function):
         return d_x, d_w
 
 
+def _rms_project_parts(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x @ w`` and ``rsqrt(mean(x^2) + eps)``, in (at least) float32."""
+    ct = torch.promote_types(x.dtype, torch.float32)  # at least float32
+    xf = _cast(x, ct)
+    inv = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(_EPS).rsqrt_()
+    return xf @ _cast(w, ct), inv
+
+
 def rms_project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``RMSNorm(x) @ w`` over the last dim of ``x``, in (at least) float32: the dynamic coefficients' input."""
+    if not torch.is_grad_enabled():
+        p, inv = _rms_project_parts(x, w)
+        return p.mul_(inv)
     return _RMSProject.apply(x, w)
 
 
@@ -267,7 +313,24 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     to the convergence of ``iters`` iterations. The gradient is that of the iterations (not of the
     limit); see :class:`_Sinkhorn`.
     """
+    if not torch.is_grad_enabled() and logits.numel() <= _SMALL_BATCH * logits.shape[-1] * logits.shape[-2]:
+        return _sinkhorn_log_domain(logits, iters)
     return _Sinkhorn.apply(logits, iters)
+
+
+# Below this many matrices (decode: one per sequence) the cost is the number of kernel calls, and
+# the log-domain iteration needs half as many (one fused ``log_softmax`` per normalisation, where
+# the exp domain needs a sum and a division); above it the exp domain's cheaper arithmetic wins.
+_SMALL_BATCH = 64
+
+
+def _sinkhorn_log_domain(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """The same iterations as :func:`_sinkhorn_steps` in the log domain (no autograd needed)."""
+    log_p = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    for _ in range(iters):
+        log_p = torch.log_softmax(log_p, dim=-2)  # columns (sum over rows j)
+        log_p = torch.log_softmax(log_p, dim=-1)  # rows (sum over columns k)
+    return log_p.exp_()
 
 
 def _sinkhorn_steps(logits: torch.Tensor, iters: int) -> list[torch.Tensor]:
@@ -341,6 +404,38 @@ class Coefficients:
     a: torch.Tensor
     r: torch.Tensor
     b: torch.Tensor
+
+    def to(self, dtype: torch.dtype) -> Coefficients:
+        return Coefficients(_cast(self.a, dtype), _cast(self.r, dtype), _cast(self.b, dtype))
+
+
+@dataclass
+class _StaticParts:
+    """What :meth:`HyperConnection.coefficients` computes without ``H``, cached for the no-grad path.
+
+    ``coefficients``: ``a, R, b`` of a static site (for a dynamic site, its input-independent
+    part); ``eye``: ``I``. Dynamic sites: the coefficients (or logits) are ``base + scale * proj``,
+    one ``addcmul`` in the layout of the projection ``proj``. ``casts`` holds ``(a, R, b)`` and
+    ``R - I`` per stream dtype.
+    """
+
+    key: tuple
+    pinned: tuple  # the parameters and their storages of ``key``: ids and addresses stay unique
+    coefficients: Coefficients
+    eye: torch.Tensor
+    base: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    casts: dict | None = None
+
+    def cast(self, dtype: torch.dtype, minus_identity: bool) -> Coefficients:
+        """``(a, R, b)`` or ``(a, R - I, b)`` in ``dtype``."""
+        if self.casts is None:
+            self.casts = {}
+        key = (dtype, minus_identity)
+        if key not in self.casts:
+            c = self.coefficients.to(dtype)
+            self.casts[key] = Coefficients(c.a, c.r - _cast(self.eye, dtype), c.b) if minus_identity else c
+        return self.casts[key]
 
 
 def initial_width(num_streams: int, main: float, site_index: int) -> torch.Tensor:
@@ -429,6 +524,8 @@ class HyperConnection(nn.Module):
 
     def coefficients(self, streams: torch.Tensor | None = None) -> Coefficients:
         """``a, R, b`` for ``streams`` ``(..., n, D)`` (needed only by dynamic variants)."""
+        if not torch.is_grad_enabled():
+            return self._no_grad_coefficients(streams, torch.float32)
         n = self.num_streams
         if self.ablate:
             ref = next(self.parameters())
@@ -461,10 +558,85 @@ class HyperConnection(nn.Module):
             b = b + s_b * proj[..., n + 1]
         return Coefficients(a, r, b)
 
+    # -- coefficients without autograd (evaluation, generate()) ----------------------------------
+    def _static_parts(self) -> _StaticParts:
+        """The input-independent part of the coefficients, recomputed only when a parameter changes.
+
+        No-grad only (it holds no graph). The cache key is every parameter's version counter, which
+        every in-place update bumps (optimizer steps, ``load_state_dict``, ``p.copy_()`` under
+        ``no_grad``), and its storage (``.to()``, ``p.data = t``). Writes *through* ``p.data``
+        (``p.data.add_()``) bypass the version counter: after those, call :meth:`clear_cache`.
+        Parameters created under ``inference_mode`` have no version counter: nothing is cached.
+        """
+        params = self._parameters.values()
+        try:
+            key = (self.ablate, self.config.sinkhorn_iters, *((id(p), p._version, p.data_ptr()) for p in params))
+        except RuntimeError:  # inference tensors do not track versions
+            key = None
+        cached: _StaticParts | None = self.__dict__.get("_static_cache")
+        if key is not None and cached is not None and cached.key == key:
+            return cached
+        pinned = tuple((p, p.detach()) for p in params)
+        n, ref = self.num_streams, next(iter(params))
+        eye = torch.eye(n, device=ref.device)
+        base = scale = None
+        if self.ablate:
+            c = Coefficients(torch.full((n,), 1.0 / n, device=ref.device), eye, torch.ones(n, device=ref.device))
+        elif self.variant == "mhc":
+            c = Coefficients(
+                torch.sigmoid(self.width_logits),
+                sinkhorn(self.residual_logits, self.config.sinkhorn_iters),
+                2 * torch.sigmoid(self.depth_logits),
+            )
+            if self.is_dynamic:  # logits [a (n), b (n), R (n*n)] = base + scale * proj
+                s_a, s_r, s_b = self.dynamic_scale.unsqueeze(-1)
+                base = torch.cat([self.width_logits, self.depth_logits, self.residual_logits.flatten()])
+                scale = torch.cat([s_a.expand(n), s_b.expand(n), s_r.expand(n * n)])
+        else:
+            c = Coefficients(self.width.detach(), self.residual.detach(), self.depth.detach())
+            if self.is_dynamic:  # row k, [a_k, R_.k (n), b_k] = base + scale * proj[k]
+                s_a, s_r, s_b = self.dynamic_scale.unsqueeze(-1)
+                base = torch.cat([self.width.unsqueeze(-1), self.residual.T, self.depth.unsqueeze(-1)], dim=-1)
+                scale = torch.cat([s_a, s_r.expand(n), s_b])
+        parts = _StaticParts(key, pinned, c, eye, base, scale)
+        self._static_cache = parts if key is not None else None
+        return parts
+
+    def clear_cache(self) -> None:
+        """Drop the no-grad coefficient cache (needed only after writes through ``p.data``)."""
+        self._static_cache = None
+
+    def _no_grad_coefficients(
+        self, streams: torch.Tensor | None, dtype: torch.dtype, minus_identity: bool = False
+    ) -> Coefficients:
+        """:meth:`coefficients` without autograd, in ``dtype`` (with ``R - I`` in place of ``R`` if
+        ``minus_identity``): the same values, the static part cached, the dynamic part in few ops."""
+        parts = self._static_parts()
+        if not self.is_dynamic:
+            return parts.cast(dtype, minus_identity)
+        if streams is None:
+            raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
+        n = self.num_streams
+        if self.variant == "mhc":
+            logits = torch.addcmul(parts.base, parts.scale, rms_project(streams.flatten(-2), self.dynamic_proj))
+            a_b = torch.sigmoid(logits[..., : 2 * n])
+            r = sinkhorn(logits[..., 2 * n :].unflatten(-1, (n, n)), self.config.sinkhorn_iters)
+            c = Coefficients(a_b[..., :n], r, 2 * a_b[..., n:]).to(dtype)
+        else:
+            coef = torch.addcmul(parts.base, parts.scale, torch.tanh(rms_project(streams, self.dynamic_proj)))
+            c = Coefficients(coef[..., 0], coef[..., 1 : n + 1].transpose(-1, -2), coef[..., n + 1]).to(dtype)
+        if minus_identity:
+            c.r = c.r - _cast(parts.eye, dtype)
+        return c
+
     # -- application -----------------------------------------------------------------------------
     def forward(self, streams: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``H -> R H + b f(a . H)``: one residual block over ``n`` streams ``(..., n, D)``."""
-        c = self.coefficients(streams)
+        c = (
+            self.coefficients(streams)
+            if torch.is_grad_enabled()
+            else self._no_grad_coefficients(streams, streams.dtype)
+        )
         y = branch(width_connection(streams, c.a))
         return depth_connection(streams, c.r, c.b, y)
 

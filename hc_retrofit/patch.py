@@ -32,6 +32,7 @@ from torch import nn
 
 from hc_retrofit.config import HCConfig
 from hc_retrofit.connections import (
+    Coefficients,
     HyperConnection,
     depth_connection,
     expand_streams,
@@ -51,9 +52,14 @@ class _Call:
     """What one site remembers between its entry and its exit during one layer call."""
 
     x: torch.Tensor
-    r: torch.Tensor
+    r: torch.Tensor  # R for the routed site; R - I for the others, which add (R - I) H at the exit
     b: torch.Tensor
-    streams: torch.Tensor | None  # only for non-routed sites, which add (R - I) H at the exit
+    streams: torch.Tensor | None  # only for non-routed sites
+
+
+def _set_call(site: HyperConnection, call: _Call | None) -> None:
+    # Straight into __dict__: nn.Module.__setattr__ costs more than the HC maths at decode.
+    site.__dict__["_hc_call"] = call
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -79,6 +85,18 @@ def _outer(b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return outer_streams(b, y)
 
 
+def _coefficients(site: HyperConnection, streams: torch.Tensor, minus_identity: bool = False) -> Coefficients:
+    """The site's coefficients for ``streams`` (``R - I`` in place of ``R`` if ``minus_identity``):
+    float32 with autograd; without it (evaluation, ``generate()``) from the site's cache where they
+    do not depend on ``streams``, already in the streams' dtype."""
+    if not torch.is_grad_enabled():
+        return site._no_grad_coefficients(streams, streams.dtype, minus_identity)
+    c = site.coefficients(streams)
+    if minus_identity:
+        c.r = c.r - torch.eye(site.num_streams, device=c.r.device, dtype=c.r.dtype)
+    return c
+
+
 class HCDecoderLayerMixin:
     """Mixed into each decoder layer's class by :func:`convert`; see the module docstring."""
 
@@ -92,7 +110,7 @@ class HCDecoderLayerMixin:
         hidden = _split_hidden(args, kwargs)
         first_site: HyperConnection = self.hyper_connections[0]
         streams = expand_streams(hidden, first_site.num_streams) if self._hc_first else hidden
-        coeffs = first_site.coefficients(streams)
+        coeffs = _coefficients(first_site, streams)
         x = width_connection(streams, coeffs.a)
         try:
             if self._hc_block.kind == "layer":
@@ -102,13 +120,13 @@ class HCDecoderLayerMixin:
                 # (R H - b x) first: with equal streams it is exactly 0 at init, so H' = layer(x) exactly.
                 new = depth_connection(streams, coeffs.r, -coeffs.b, x) + _outer(coeffs.b, _first(out))
             else:
-                first_site._hc_call = _Call(x, coeffs.r, coeffs.b, streams=None)
+                _set_call(first_site, _Call(x, coeffs.r, coeffs.b, streams=None))
                 new_args, new_kwargs = _with_hidden(args, kwargs, stream_mix(streams, coeffs.r))
                 out = super().forward(*new_args, **new_kwargs)
                 new = _first(out)
         finally:
             for site in self.hyper_connections:
-                site._hc_call = None
+                _set_call(site, None)
         if self._hc_last:
             new = reduce_streams(new)
         return _replace_first(out, new)
@@ -131,8 +149,9 @@ def _entry_hook(site: HyperConnection, module: nn.Module, args: tuple, kwargs: d
     call: _Call | None = site._hc_call
     if call is None:  # first entry of a non-routed site: read H_s here
         streams = _split_hidden(args, kwargs)
-        c = site.coefficients(streams)
-        call = site._hc_call = _Call(width_connection(streams, c.a), c.r, c.b, streams)
+        c = _coefficients(site, streams, minus_identity=True)
+        call = _Call(width_connection(streams, c.a), c.r, c.b, streams)
+        _set_call(site, call)
     return _with_hidden(args, kwargs, call.x)
 
 
@@ -144,11 +163,11 @@ def _exit_hook(
     y = _first(output)
     if call.streams is None:  # routed site: the layer adds R H itself
         return _replace_first(output, _outer(call.b, y))
-    eye = torch.eye(site.num_streams, device=call.r.device, dtype=call.r.dtype)
-    delta = stream_mix(call.streams, call.r - eye)
+    delta = stream_mix(call.streams, call.r)  # (R - I) H
     if multiplier != 1.0:  # the layer computes H + m * exit
         delta = delta / multiplier
-    return _replace_first(output, delta.addcmul_(call.b.to(y.dtype).unsqueeze(-1), y.unsqueeze(-2)))
+    b = call.b if call.b.dtype == y.dtype else call.b.to(y.dtype)
+    return _replace_first(output, delta.addcmul_(b.unsqueeze(-1), y.unsqueeze(-2)))
 
 
 def is_converted(model: nn.Module) -> bool:
