@@ -47,7 +47,7 @@ def demo_command(
 
 def _fmt(value: object) -> str:
     if isinstance(value, float):
-        return f"{value:,.0f}" if value > 100 else f"{value:.4f}"
+        return f"{value:,.0f}" if value > 100 else f"{value:.1f}" if value >= 10 else f"{value:.4f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
