@@ -143,11 +143,59 @@ def _grad_to(g: torch.Tensor, like: torch.Tensor, lead: torch.Size) -> torch.Ten
     return g.reshape(*lead, *g.shape[1:]).sum_to_size(like.shape).to(like.dtype)
 
 
+def _mix(streams: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``R H`` as a new ``(..., n, D)`` tensor (the forward of :func:`stream_mix`)."""
+    lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
+    h = _tokens(streams)
+    r_t = _per_token(r, lead, (n, n), streams.dtype)
+    result = streams.new_empty(*lead, n, d)  # not a view: see _WidthConnection
+    if _is_expanded(h):
+        torch.mul(r_t.sum(-1, keepdim=True), h[:, :1], out=result.view(-1, n, d))
+    else:
+        torch.bmm(r_t, h, out=result.view(-1, n, d))
+    return result
+
+
+def _outer(b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``b (x) y`` as a new ``(..., n, D)`` tensor (the forward of :func:`outer_streams`)."""
+    lead, d, n = y.shape[:-1], y.shape[-1], b.shape[-1]
+    out = y.new_empty(*lead, n, d)
+    torch.mul(_per_token(b, lead, (n,), y.dtype).unsqueeze(-1), y.reshape(-1, 1, d), out=out.view(-1, n, d))
+    return out
+
+
+def _mid_layer_streams(h0: torch.Tensor, r0: torch.Tensor, b0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+    """``R0 H0 + b0 (x) y0``, bit for bit as the forward pass made it (same kernels, same inputs).
+
+    A converted layer's mid-layer streams (the input of its second site) are exactly this sum of
+    the outputs of :func:`stream_mix` and :func:`outer_streams` of its first site. Their inputs
+    are saved for backward anyway, so the second site's Functions save those (``source``) and
+    recompute the streams in backward instead of keeping another ``n x D`` per token.
+    """
+    return _mix(h0, r0).add_(_outer(b0, y0))
+
+
+def _save(ctx, streams: torch.Tensor | None, source: tuple | None, *others: torch.Tensor | None) -> None:
+    """Save ``streams`` (or the ``source`` they are recomputed from) and ``others``."""
+    ctx.recompute = source is not None
+    ctx.streams_shape = None if streams is None else streams.shape
+    ctx.save_for_backward(*others, *(source if source is not None else (streams,)))
+
+
+def _saved(ctx, count: int) -> tuple[list, torch.Tensor | None]:
+    """``(others, streams)`` as :func:`_save` stored them (``streams`` recomputed if needed)."""
+    saved = ctx.saved_tensors
+    others, rest = list(saved[:count]), saved[count:]
+    if not ctx.recompute:
+        return others, rest[0]
+    return others, _mid_layer_streams(*rest).reshape(ctx.streams_shape)
+
+
 class _WidthConnection(torch.autograd.Function):
     """``x = a . H``: forward ``bmm(a, H)``; backward ``dH = a (x) dx``, ``da_k = H_k . dx``."""
 
     @staticmethod
-    def forward(ctx, streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, streams: torch.Tensor, a: torch.Tensor, source: tuple | None = None) -> torch.Tensor:
         lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
         h = _tokens(streams)
         a_t = _per_token(a, lead, (n,), streams.dtype).unsqueeze(1)  # (M, 1, n)
@@ -157,16 +205,17 @@ class _WidthConnection(torch.autograd.Function):
             torch.mul(h[:, 0], a_t.sum(-1), out=x.view(-1, d))
         else:
             torch.bmm(a_t, h, out=x.view(-1, 1, d))
-        ctx.save_for_backward(streams, a)
+        ctx.shape, ctx.dtype = streams.shape, streams.dtype
+        _save(ctx, streams if ctx.needs_input_grad[1] else None, source if ctx.needs_input_grad[1] else None, a)
         return x
 
     @staticmethod
-    def backward(ctx, gx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        streams, a = ctx.saved_tensors
-        lead, n = streams.shape[:-2], streams.shape[-2]
+    def backward(ctx, gx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        lead, n = ctx.shape[:-2], ctx.shape[-2]
         g = gx.reshape(-1, 1, gx.shape[-1])  # (M, 1, D)
-        a_t = _per_token(a, lead, (n,), streams.dtype).unsqueeze(-1)  # (M, n, 1)
-        d_streams = (a_t * g).reshape(streams.shape) if ctx.needs_input_grad[0] else None
+        (a,), streams = _saved(ctx, 1)
+        a_t = _per_token(a, lead, (n,), ctx.dtype).unsqueeze(-1)  # (M, n, 1)
+        d_streams = (a_t * g).reshape(ctx.shape) if ctx.needs_input_grad[0] else None
         d_a = None
         if ctx.needs_input_grad[1]:
             h = _tokens(streams)
@@ -175,7 +224,7 @@ class _WidthConnection(torch.autograd.Function):
             else:
                 dots = torch.bmm(h, g.transpose(1, 2))  # (M, n, 1): H_k . dx
             d_a = _grad_to(dots.squeeze(-1), a, lead)
-        return d_streams, d_a
+        return d_streams, d_a, None
 
 
 class _DepthConnection(torch.autograd.Function):
@@ -184,32 +233,26 @@ class _DepthConnection(torch.autograd.Function):
     ``b`` and ``y`` may both be ``None`` (:func:`stream_mix`)."""
 
     @staticmethod
-    def forward(ctx, streams, r, b, y):  # type: ignore[override]
+    def forward(ctx, streams, r, b, y, source=None):  # type: ignore[override]
         lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
-        h = _tokens(streams)
-        r_t = _per_token(r, lead, (n, n), streams.dtype)
-        result = streams.new_empty(*lead, n, d)  # not a view: see _WidthConnection
-        out = result.view(-1, n, d)
-        if _is_expanded(h):
-            torch.mul(r_t.sum(-1, keepdim=True), h[:, :1], out=out)
-        else:
-            torch.bmm(r_t, h, out=out)
+        result = _mix(streams, r)
         if y is not None:
             b_t = _per_token(b, lead, (n,), streams.dtype).unsqueeze(-1)  # (M, n, 1)
             y_t = y.to(streams.dtype).expand(*lead, d).reshape(-1, 1, d)
-            out.baddbmm_(b_t, y_t)
-        ctx.save_for_backward(streams, r, b, y)
+            result.view(-1, n, d).baddbmm_(b_t, y_t)
+        ctx.shape, ctx.dtype = streams.shape, streams.dtype
+        _save(ctx, streams if ctx.needs_input_grad[1] else None, source if ctx.needs_input_grad[1] else None, r, b, y)
         return result
 
     @staticmethod
     def backward(ctx, g_out):  # type: ignore[override]
-        streams, r, b, y = ctx.saved_tensors
-        lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
-        g = _tokens(g_out.to(streams.dtype))
+        (r, b, y), streams = _saved(ctx, 3)
+        lead, n, d = ctx.shape[:-2], ctx.shape[-2], ctx.shape[-1]
+        g = _tokens(g_out.to(ctx.dtype))
         d_streams = d_r = d_b = d_y = None
         if ctx.needs_input_grad[0]:
-            r_t = _per_token(r, lead, (n, n), streams.dtype)
-            d_streams = torch.bmm(r_t.transpose(1, 2), g).reshape(streams.shape)
+            r_t = _per_token(r, lead, (n, n), ctx.dtype)
+            d_streams = torch.bmm(r_t.transpose(1, 2), g).reshape(ctx.shape)
         if ctx.needs_input_grad[1]:
             h = _tokens(streams)
             if _is_expanded(h):
@@ -218,13 +261,13 @@ class _DepthConnection(torch.autograd.Function):
                 dots = torch.bmm(g, h.transpose(1, 2))  # (M, n, n): dH'_j . H_k
             d_r = _grad_to(dots, r, lead)
         if y is not None:
-            y_t = y.to(streams.dtype).expand(*lead, d).reshape(-1, 1, d)
+            y_t = y.to(ctx.dtype).expand(*lead, d).reshape(-1, 1, d)
             if ctx.needs_input_grad[2]:
                 d_b = _grad_to(torch.bmm(g, y_t.transpose(1, 2)).squeeze(-1), b, lead)
             if ctx.needs_input_grad[3]:
-                b_t = _per_token(b, lead, (n,), streams.dtype).unsqueeze(1)  # (M, 1, n)
+                b_t = _per_token(b, lead, (n,), ctx.dtype).unsqueeze(1)  # (M, 1, n)
                 d_y = _grad_to(torch.bmm(b_t, g).squeeze(1), y, lead)
-        return d_streams, d_r, d_b, d_y
+        return d_streams, d_r, d_b, d_y, None
 
 
 class _Outer(torch.autograd.Function):
@@ -233,11 +276,8 @@ class _Outer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        lead, d, n = y.shape[:-1], y.shape[-1], b.shape[-1]
-        out = y.new_empty(*lead, n, d)
-        torch.mul(_per_token(b, lead, (n,), y.dtype).unsqueeze(-1), y.reshape(-1, 1, d), out=out.view(-1, n, d))
         ctx.save_for_backward(b, y)
-        return out
+        return _outer(b, y)
 
     @staticmethod
     def backward(ctx, g_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -269,14 +309,14 @@ class _RMSProject(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, source: tuple | None = None) -> torch.Tensor:
         p, inv = _rms_project_parts(x, w)
-        ctx.save_for_backward(x, w, p, inv)
+        _save(ctx, x, source, w, p, inv)  # x, or what it is recomputed from (see _mid_layer_streams)
         return p * inv
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, w, p, inv = ctx.saved_tensors
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        (w, p, inv), x = _saved(ctx, 3)
         xf, w_c = x.to(p.dtype), w.to(p.dtype)
         g_p = g.to(p.dtype) * inv
         d_x = d_w = None
@@ -286,7 +326,7 @@ class _RMSProject(torch.autograd.Function):
             d_x = torch.addcmul(g_p @ w_c.T, xf, coef).to(x.dtype)
         if ctx.needs_input_grad[1]:
             d_w = (xf.reshape(-1, xf.shape[-1]).T @ g_p.reshape(-1, g_p.shape[-1])).to(w.dtype)
-        return d_x, d_w
+        return d_x, d_w, None
 
 
 def _rms_project_parts(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,6 +465,7 @@ class _StaticParts:
     eye: torch.Tensor
     base: torch.Tensor | None = None
     scale: torch.Tensor | None = None
+    proj: torch.Tensor | None = None  # the projection weight, detached (cheaper ops)
     casts: dict | None = None
 
     def cast(self, dtype: torch.dtype, minus_identity: bool) -> Coefficients:
@@ -526,6 +567,11 @@ class HyperConnection(nn.Module):
         """``a, R, b`` for ``streams`` ``(..., n, D)`` (needed only by dynamic variants)."""
         if not torch.is_grad_enabled():
             return self._no_grad_coefficients(streams, torch.float32)
+        return self._coefficients(streams)
+
+    def _coefficients(self, streams: torch.Tensor | None, source: tuple | None = None) -> Coefficients:
+        """:meth:`coefficients` with autograd; ``source``: what ``streams`` are recomputed from in
+        backward (see ``_mid_layer_streams``), or ``None`` to save them."""
         n = self.num_streams
         if self.ablate:
             ref = next(self.parameters())
@@ -539,7 +585,7 @@ class HyperConnection(nn.Module):
             if self.is_dynamic:
                 if streams is None:
                     raise ValueError("dynamic mHC coefficients need the streams")
-                proj = rms_project(streams.flatten(-2), self.dynamic_proj)  # (..., 2n + n^2)
+                proj = _RMSProject.apply(streams.flatten(-2), self.dynamic_proj, source)  # (..., 2n + n^2)
                 s_a, s_r, s_b = self.dynamic_scale
                 a_logit = a_logit + s_a * proj[..., :n]
                 b_logit = b_logit + s_b * proj[..., n : 2 * n]
@@ -551,7 +597,7 @@ class HyperConnection(nn.Module):
         if self.is_dynamic:
             if streams is None:
                 raise ValueError("dynamic HC coefficients need the streams")
-            proj = torch.tanh(rms_project(streams, self.dynamic_proj))  # (..., n_k, n + 2)
+            proj = torch.tanh(_RMSProject.apply(streams, self.dynamic_proj, source))  # (..., n_k, n + 2)
             s_a, s_r, s_b = self.dynamic_scale
             a = a + s_a * proj[..., 0]
             r = r + s_r * proj[..., 1 : n + 1].transpose(-1, -2)  # column k comes from stream k
@@ -598,7 +644,8 @@ class HyperConnection(nn.Module):
                 s_a, s_r, s_b = self.dynamic_scale.unsqueeze(-1)
                 base = torch.cat([self.width.unsqueeze(-1), self.residual.T, self.depth.unsqueeze(-1)], dim=-1)
                 scale = torch.cat([s_a, s_r.expand(n), s_b])
-        parts = _StaticParts(key, pinned, c, eye, base, scale)
+        proj = self.dynamic_proj.detach() if self.is_dynamic else None
+        parts = _StaticParts(key, pinned, c, eye, base, scale, proj)
         self._static_cache = parts if key is not None else None
         return parts
 
@@ -618,12 +665,12 @@ class HyperConnection(nn.Module):
             raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
         n = self.num_streams
         if self.variant == "mhc":
-            logits = torch.addcmul(parts.base, parts.scale, rms_project(streams.flatten(-2), self.dynamic_proj))
+            logits = torch.addcmul(parts.base, parts.scale, rms_project(streams.flatten(-2), parts.proj))
             a_b = torch.sigmoid(logits[..., : 2 * n])
             r = sinkhorn(logits[..., 2 * n :].unflatten(-1, (n, n)), self.config.sinkhorn_iters)
             c = Coefficients(a_b[..., :n], r, 2 * a_b[..., n:]).to(dtype)
         else:
-            coef = torch.addcmul(parts.base, parts.scale, torch.tanh(rms_project(streams, self.dynamic_proj)))
+            coef = torch.addcmul(parts.base, parts.scale, torch.tanh(rms_project(streams, parts.proj)))
             c = Coefficients(coef[..., 0], coef[..., 1 : n + 1].transpose(-1, -2), coef[..., n + 1]).to(dtype)
         if minus_identity:
             c.r = c.r - _cast(parts.eye, dtype)

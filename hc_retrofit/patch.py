@@ -34,6 +34,8 @@ from hc_retrofit.config import HCConfig
 from hc_retrofit.connections import (
     Coefficients,
     HyperConnection,
+    _DepthConnection,
+    _WidthConnection,
     depth_connection,
     expand_streams,
     outer_streams,
@@ -55,11 +57,47 @@ class _Call:
     r: torch.Tensor  # R for the routed site; R - I for the others, which add (R - I) H at the exit
     b: torch.Tensor
     streams: torch.Tensor | None  # only for non-routed sites
+    source: tuple | None = None  # non-routed: what ``streams`` are recomputed from, see _recompute_source
+    # The routed site: what the layer's mid-layer streams R H + b (x) y are made of.
+    inputs: torch.Tensor | None = None
+    mixed: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    outer: torch.Tensor | None = None
 
 
-def _set_call(site: HyperConnection, call: _Call | None) -> None:
+def _set_call(site: HyperConnection, call: _Call | None, routed: _Call | None = None) -> None:
     # Straight into __dict__: nn.Module.__setattr__ costs more than the HC maths at decode.
     site.__dict__["_hc_call"] = call
+    site.__dict__["_hc_routed"] = routed
+
+
+def _recompute_source(routed: _Call | None, streams: torch.Tensor) -> tuple | None:
+    """``(H0, R0, b0, y0)`` if ``streams`` are exactly ``R0 H0 + b0 (x) y0`` of the routed site.
+
+    True when the layer added the routed site's two outputs unchanged: the autograd node of
+    ``streams`` is one ``add`` (alpha 1) of exactly those two tensors, same shape and dtype. Then
+    the non-routed site recomputes its streams in backward from tensors saved anyway instead of
+    saving them (``n x D`` per token and layer). Anything in between (dropout, a residual
+    multiplier, an in-place change) makes it ``None``, and the streams are saved as usual.
+    """
+    if routed is None or routed.mixed is None or routed.outer is None:
+        return None
+    node = streams.grad_fn
+    if node is None or node.name() != "AddBackward0" or getattr(node, "_saved_alpha", None) != 1:
+        return None
+    parents = [f for f, _ in node.next_functions]
+    mix_node, outer_node = routed.mixed.grad_fn, routed.outer.grad_fn
+    if mix_node is None or outer_node is None or len(parents) != 2:
+        return None
+    if not (
+        (parents[0] is mix_node and parents[1] is outer_node) or (parents[0] is outer_node and parents[1] is mix_node)
+    ):
+        return None
+    if not (streams.shape == routed.mixed.shape == routed.outer.shape):
+        return None
+    if not (streams.dtype == routed.mixed.dtype == routed.outer.dtype):
+        return None
+    return routed.inputs, routed.r, routed.b, routed.y
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -120,8 +158,12 @@ class HCDecoderLayerMixin:
                 # (R H - b x) first: with equal streams it is exactly 0 at init, so H' = layer(x) exactly.
                 new = depth_connection(streams, coeffs.r, -coeffs.b, x) + _outer(coeffs.b, _first(out))
             else:
-                _set_call(first_site, _Call(x, coeffs.r, coeffs.b, streams=None))
-                new_args, new_kwargs = _with_hidden(args, kwargs, stream_mix(streams, coeffs.r))
+                routed = _Call(x, coeffs.r, coeffs.b, streams=None, inputs=streams)
+                routed.mixed = stream_mix(streams, coeffs.r)
+                _set_call(first_site, routed)
+                for site in self.hyper_connections[1:]:
+                    _set_call(site, None, routed)
+                new_args, new_kwargs = _with_hidden(args, kwargs, routed.mixed)
                 out = super().forward(*new_args, **new_kwargs)
                 new = _first(out)
         finally:
@@ -149,8 +191,13 @@ def _entry_hook(site: HyperConnection, module: nn.Module, args: tuple, kwargs: d
     call: _Call | None = site._hc_call
     if call is None:  # first entry of a non-routed site: read H_s here
         streams = _split_hidden(args, kwargs)
-        c = _coefficients(site, streams, minus_identity=True)
-        call = _Call(width_connection(streams, c.a), c.r, c.b, streams)
+        if torch.is_grad_enabled() and (source := _recompute_source(site._hc_routed, streams)) is not None:
+            c = site._coefficients(streams, source)
+            c.r = c.r - torch.eye(site.num_streams, device=c.r.device, dtype=c.r.dtype)
+            call = _Call(_WidthConnection.apply(streams, c.a, source), c.r, c.b, streams, source)
+        else:
+            c = _coefficients(site, streams, minus_identity=True)
+            call = _Call(width_connection(streams, c.a), c.r, c.b, streams)
         _set_call(site, call)
     return _with_hidden(args, kwargs, call.x)
 
@@ -162,8 +209,12 @@ def _exit_hook(
     call: _Call = site._hc_call
     y = _first(output)
     if call.streams is None:  # routed site: the layer adds R H itself
-        return _replace_first(output, _outer(call.b, y))
-    delta = stream_mix(call.streams, call.r)  # (R - I) H
+        call.y, call.outer = y, _outer(call.b, y)
+        return _replace_first(output, call.outer)
+    if call.source is not None:  # (R - I) H, H recomputed in backward
+        delta = _DepthConnection.apply(call.streams, call.r, None, None, call.source)
+    else:
+        delta = stream_mix(call.streams, call.r)  # (R - I) H
     if multiplier != 1.0:  # the layer computes H + m * exit
         delta = delta / multiplier
     b = call.b if call.b.dtype == y.dtype else call.b.to(y.dtype)
@@ -233,7 +284,7 @@ def convert(model: nn.Module, config: HCConfig | None = None) -> nn.Module:
         layer._hc_block, layer._hc_multiplier = block, multiplier
         layer._hc_first, layer._hc_last = i == 0, i == len(layers) - 1
         for site, spec in zip(sites, block.sites, strict=False):
-            site._hc_call = None
+            _set_call(site, None)
             entries = [getattr(layer, name, None) for name in spec.entries]
             exits = [getattr(layer, name, None) for name in spec.exits]
             if not any(isinstance(m, nn.Module) for m in entries) or not all(isinstance(m, nn.Module) for m in exits):
@@ -247,7 +298,7 @@ def convert(model: nn.Module, config: HCConfig | None = None) -> nn.Module:
             for module in exits:
                 module.register_forward_hook(functools.partial(_exit_hook, site, multiplier), with_kwargs=True)
         for site in sites:
-            site._hc_call = None
+            _set_call(site, None)
     model.hc_config = config
     model.config.hc_retrofit = config.to_dict()
     return model
