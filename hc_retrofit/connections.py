@@ -325,7 +325,8 @@ class _RMSProject(torch.autograd.Function):
             coef = (g * p).sum(-1, keepdim=True) * inv.pow(3) * (-1.0 / x.shape[-1])
             d_x = torch.addcmul(g_p @ w_c.T, xf, coef).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            d_w = (xf.reshape(-1, xf.shape[-1]).T @ g_p.reshape(-1, g_p.shape[-1])).to(w.dtype)
+            # (g^T x)^T rather than x^T g: the same product, several times faster on CPU BLAS.
+            d_w = (g_p.reshape(-1, g_p.shape[-1]).T @ xf.reshape(-1, xf.shape[-1])).T.to(w.dtype)
         return d_x, d_w, None
 
 
@@ -334,7 +335,9 @@ def _rms_project_parts(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, 
     ct = torch.promote_types(x.dtype, torch.float32)  # at least float32
     xf = _cast(x, ct)
     inv = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(_EPS).rsqrt_()
-    return xf @ _cast(w, ct), inv
+    # x @ w for a narrow w (n + 2 or 2n + n^2 columns) as (w^T x^T)^T: several times faster on CPU BLAS.
+    p = (_cast(w, ct).T @ xf.reshape(-1, x.shape[-1]).T).T
+    return p.reshape(*x.shape[:-1], w.shape[-1]), inv
 
 
 def rms_project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
