@@ -175,20 +175,47 @@ def _mid_layer_streams(h0: torch.Tensor, r0: torch.Tensor, b0: torch.Tensor, y0:
     return _mix(h0, r0).add_(_outer(b0, y0))
 
 
+class _Recomputed:
+    """One recomputation of a site's streams, shared by the Functions that need them in backward.
+
+    A ``source`` is ``(_Recomputed(), (H0, R0, b0, y0))``; each Function saving it registers as a
+    consumer, the first to ask in backward recomputes, the last one drops the result. It holds no
+    tensor from the forward pass (those go through ``save_for_backward``, so checkpointing and
+    saved-tensor hooks see them).
+    """
+
+    def __init__(self) -> None:
+        self.consumers = self.uses = 0
+        self.value: torch.Tensor | None = None
+
+    def get(self, tensors: tuple) -> torch.Tensor:
+        if self.value is None:
+            self.value = _mid_layer_streams(*tensors)
+        value, self.uses = self.value, self.uses + 1
+        if self.uses >= self.consumers:  # (reset: a retained graph may run backward again)
+            self.value, self.uses = None, 0
+        return value
+
+
 def _save(ctx, streams: torch.Tensor | None, source: tuple | None, *others: torch.Tensor | None) -> None:
     """Save ``streams`` (or the ``source`` they are recomputed from) and ``others``."""
-    ctx.recompute = source is not None
     ctx.streams_shape = None if streams is None else streams.shape
-    ctx.save_for_backward(*others, *(source if source is not None else (streams,)))
+    ctx.recomputed = None
+    if source is None:
+        ctx.save_for_backward(*others, streams)
+        return
+    ctx.recomputed, tensors = source
+    ctx.recomputed.consumers += 1
+    ctx.save_for_backward(*others, *tensors)
 
 
 def _saved(ctx, count: int) -> tuple[list, torch.Tensor | None]:
     """``(others, streams)`` as :func:`_save` stored them (``streams`` recomputed if needed)."""
     saved = ctx.saved_tensors
     others, rest = list(saved[:count]), saved[count:]
-    if not ctx.recompute:
+    if ctx.recomputed is None:
         return others, rest[0]
-    return others, _mid_layer_streams(*rest).reshape(ctx.streams_shape)
+    return others, ctx.recomputed.get(rest).reshape(ctx.streams_shape)
 
 
 class _WidthConnection(torch.autograd.Function):

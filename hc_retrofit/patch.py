@@ -35,6 +35,7 @@ from hc_retrofit.connections import (
     Coefficients,
     HyperConnection,
     _DepthConnection,
+    _Recomputed,
     _WidthConnection,
     depth_connection,
     expand_streams,
@@ -72,7 +73,7 @@ def _set_call(site: HyperConnection, call: _Call | None, routed: _Call | None = 
 
 
 def _recompute_source(routed: _Call | None, streams: torch.Tensor) -> tuple | None:
-    """``(H0, R0, b0, y0)`` if ``streams`` are exactly ``R0 H0 + b0 (x) y0`` of the routed site.
+    """``(_Recomputed(), (H0, R0, b0, y0))`` if ``streams`` are exactly ``R0 H0 + b0 (x) y0`` of the routed site.
 
     True when the layer added the routed site's two outputs unchanged: the autograd node of
     ``streams`` is one ``add`` (alpha 1) of exactly those two tensors, same shape and dtype. Then
@@ -97,7 +98,7 @@ def _recompute_source(routed: _Call | None, streams: torch.Tensor) -> tuple | No
         return None
     if not (streams.dtype == routed.mixed.dtype == routed.outer.dtype):
         return None
-    return routed.inputs, routed.r, routed.b, routed.y
+    return _Recomputed(), (routed.inputs, routed.r, routed.b, routed.y)
 
 
 def _first(output: Any) -> torch.Tensor:
