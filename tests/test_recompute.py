@@ -75,3 +75,14 @@ def test_dropout_between_exit_and_add_falls_back_to_saving():
     ids = torch.randint(3, VOCAB, (2, 10))
     _, _, recomputed = run(model, ids)
     assert recomputed == 0
+
+
+def test_shared_recomputation_survives_a_retained_graph():
+    model = trained("llama-gqa-untied", "dynamic")
+    ids = torch.randint(3, VOCAB, (2, 10))
+    loss = model(ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in model.named_parameters()}
+    loss.backward()  # the graph runs again: every recomputation happens again, and matches
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * first[n])
