@@ -94,10 +94,22 @@ def timed(fn: Callable[[], Any], device: str | torch.device, clock: str = "wall"
     return now() - start
 
 
-def add_timing_args(parser) -> None:
-    """``--threads`` and ``--clock``, shared by the timing scripts."""
+def add_timing_args(parser, *, repeats: int) -> None:
+    """The options every timing script shares: device, repeats, smoke mode, output, threads, clock."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--quick", action="store_true", help="small model, few repeats (smoke test)")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/<script>.json)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time or process CPU time")
+
+
+def add_model_args(parser, *, batch: int) -> None:
+    """The llama-style model size options (see :func:`llama_config`)."""
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--batch", type=int, default=batch)
 
 
 def apply_timing_args(args) -> None:

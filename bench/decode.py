@@ -19,19 +19,12 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=1)
+    C.add_model_args(parser, batch=1)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, nargs="+", default=[4])
     parser.add_argument("--variants", nargs="+", default=["static", "dynamic", "mhc"])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None)
-    C.add_timing_args(parser)
+    C.add_timing_args(parser, repeats=7)
     args = parser.parse_args()
     C.apply_timing_args(args)
     if args.quick:

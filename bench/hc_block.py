@@ -27,14 +27,10 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", nargs="+", default=["4x256x512", "4x256x1024", "1x1024x2048"], help="BxTxD")
     parser.add_argument("--streams", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--pairs", nargs="+", default=["static", "dynamic", "mhc"])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None)
-    C.add_timing_args(parser)
+    C.add_timing_args(parser, repeats=15)
     args = parser.parse_args()
     C.apply_timing_args(args)
     if args.quick:

@@ -29,12 +29,8 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--vocab", type=int, default=32000)
+    C.add_model_args(parser, batch=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--streams", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument(
         "--variants", nargs="+", default=["static", "dynamic", "mhc"], help="static, dynamic, mhc, mhc-static"
@@ -42,12 +38,9 @@ def main() -> None:
     parser.add_argument(
         "--time-streams", type=int, nargs="*", default=None, help="time only these n (memory is measured for all)"
     )
-    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--quick", action="store_true", help="small model, few repeats (smoke test)")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/train_step.json)")
-    C.add_timing_args(parser)
+    C.add_timing_args(parser, repeats=7)
     args = parser.parse_args()
     C.apply_timing_args(args)
     if args.quick:
