@@ -128,11 +128,6 @@ def _tokens(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-2], t.shape[-1])
 
 
-def _is_expanded(h: torch.Tensor) -> bool:
-    """Whether the ``n`` streams of ``(M, n, D)`` are views of one tensor (stride 0 over streams)."""
-    return h.shape[1] > 1 and h.stride(1) == 0
-
-
 def _per_token(c: torch.Tensor, lead: torch.Size, base: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Coefficient ``c`` (``base`` or ``(..., *base)``) as an ``(M, *base)`` batch in ``dtype``."""
     return c.to(dtype).expand(*lead, *base).reshape(-1, *base)
@@ -149,7 +144,7 @@ def _mix(streams: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     h = _tokens(streams)
     r_t = _per_token(r, lead, (n, n), streams.dtype)
     result = streams.new_empty(*lead, n, d)  # not a view: see _WidthConnection
-    if _is_expanded(h):
+    if _expanded_streams(h):
         torch.mul(r_t.sum(-1, keepdim=True), h[:, :1], out=result.view(-1, n, d))
     else:
         torch.bmm(r_t, h, out=result.view(-1, n, d))
@@ -228,7 +223,7 @@ class _WidthConnection(torch.autograd.Function):
         a_t = _per_token(a, lead, (n,), streams.dtype).unsqueeze(1)  # (M, 1, n)
         # Write into the final shape: an output that is a view would forbid in-place use later.
         x = streams.new_empty(*lead, d)
-        if _is_expanded(h):
+        if _expanded_streams(h):
             torch.mul(h[:, 0], a_t.sum(-1), out=x.view(-1, d))
         else:
             torch.bmm(a_t, h, out=x.view(-1, 1, d))
@@ -246,7 +241,7 @@ class _WidthConnection(torch.autograd.Function):
         d_a = None
         if ctx.needs_input_grad[1]:
             h = _tokens(streams)
-            if _is_expanded(h):
+            if _expanded_streams(h):
                 dots = torch.bmm(g, h[:, :1].transpose(1, 2)).expand(-1, n, 1)
             else:
                 dots = torch.bmm(h, g.transpose(1, 2))  # (M, n, 1): H_k . dx
@@ -282,7 +277,7 @@ class _DepthConnection(torch.autograd.Function):
             d_streams = torch.bmm(r_t.transpose(1, 2), g).reshape(ctx.shape)
         if ctx.needs_input_grad[1]:
             h = _tokens(streams)
-            if _is_expanded(h):
+            if _expanded_streams(h):
                 dots = torch.bmm(g, h[:, :1].transpose(1, 2)).expand(-1, n, n)
             else:
                 dots = torch.bmm(g, h.transpose(1, 2))  # (M, n, n): dH'_j . H_k

@@ -119,11 +119,6 @@ def _with_hidden(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple,
     return args, {**kwargs, "hidden_states": value}
 
 
-def _outer(b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``b_j y`` for every stream j: ``(..., n) x (..., D) -> (..., n, D)``."""
-    return outer_streams(b, y)
-
-
 def _coefficients(site: HyperConnection, streams: torch.Tensor, minus_identity: bool = False) -> Coefficients:
     """The site's coefficients for ``streams`` (``R - I`` in place of ``R`` if ``minus_identity``):
     float32 with autograd; without it (evaluation, ``generate()``) from the site's cache where they
@@ -131,8 +126,13 @@ def _coefficients(site: HyperConnection, streams: torch.Tensor, minus_identity: 
     if not torch.is_grad_enabled():
         return site._no_grad_coefficients(streams, streams.dtype, minus_identity)
     c = site.coefficients(streams)
-    if minus_identity:
-        c.r = c.r - torch.eye(site.num_streams, device=c.r.device, dtype=c.r.dtype)
+    return _minus_identity(c) if minus_identity else c
+
+
+def _minus_identity(c: Coefficients) -> Coefficients:
+    """``c`` with ``R - I`` in place of ``R`` (what a non-routed site's exit adds: ``(R - I) H``)."""
+    n = c.r.shape[-1]
+    c.r = c.r - torch.eye(n, device=c.r.device, dtype=c.r.dtype)
     return c
 
 
@@ -157,7 +157,7 @@ class HCDecoderLayerMixin:
                 out = super().forward(*new_args, **new_kwargs)
                 # F(x) = layer(x) - x, so H' = R H + b F(x) = (R H - b x) + b layer(x): exact at init.
                 # (R H - b x) first: with equal streams it is exactly 0 at init, so H' = layer(x) exactly.
-                new = depth_connection(streams, coeffs.r, -coeffs.b, x) + _outer(coeffs.b, _first(out))
+                new = depth_connection(streams, coeffs.r, -coeffs.b, x) + outer_streams(coeffs.b, _first(out))
             else:
                 routed = _Call(x, coeffs.r, coeffs.b, streams=None, inputs=streams)
                 routed.mixed = stream_mix(streams, coeffs.r)
@@ -193,8 +193,7 @@ def _entry_hook(site: HyperConnection, module: nn.Module, args: tuple, kwargs: d
     if call is None:  # first entry of a non-routed site: read H_s here
         streams = _split_hidden(args, kwargs)
         if torch.is_grad_enabled() and (source := _recompute_source(site._hc_routed, streams)) is not None:
-            c = site._coefficients(streams, source)
-            c.r = c.r - torch.eye(site.num_streams, device=c.r.device, dtype=c.r.dtype)
+            c = _minus_identity(site._coefficients(streams, source))
             call = _Call(_WidthConnection.apply(streams, c.a, source), c.r, c.b, streams, source)
         else:
             c = _coefficients(site, streams, minus_identity=True)
@@ -210,7 +209,7 @@ def _exit_hook(
     call: _Call = site._hc_call
     y = _first(output)
     if call.streams is None:  # routed site: the layer adds R H itself
-        call.y, call.outer = y, _outer(call.b, y)
+        call.y, call.outer = y, outer_streams(call.b, y)
         return _replace_first(output, call.outer)
     if call.source is not None:  # (R - I) H, H recomputed in backward
         delta = _DepthConnection.apply(call.streams, call.r, None, None, call.source)
@@ -272,6 +271,15 @@ def convert(model: nn.Module, config: HCConfig | None = None) -> nn.Module:
     block = family.block_for(model.config)
     multiplier = family.multiplier_for(model.config)
     layers = decoder_layers(model, family)
+    for layer in layers:  # check every layer before changing any: a refusal leaves the model as it was
+        for spec in block.sites:
+            entries = [getattr(layer, name, None) for name in spec.entries]
+            exits = [getattr(layer, name, None) for name in spec.exits]
+            if not any(isinstance(m, nn.Module) for m in entries) or not all(isinstance(m, nn.Module) for m in exits):
+                raise UnsupportedArchitectureError(
+                    f"{type(layer).__name__} does not have the submodules the {model.config.model_type!r} "
+                    f"adapter expects ({', '.join(spec.entries + spec.exits)}); is this transformers version supported?"
+                )
     dim = model.config.hidden_size
     site_index = 0
     for i, layer in enumerate(layers):
@@ -285,19 +293,13 @@ def convert(model: nn.Module, config: HCConfig | None = None) -> nn.Module:
         layer._hc_block, layer._hc_multiplier = block, multiplier
         layer._hc_first, layer._hc_last = i == 0, i == len(layers) - 1
         for site, spec in zip(sites, block.sites, strict=False):
-            _set_call(site, None)
-            entries = [getattr(layer, name, None) for name in spec.entries]
-            exits = [getattr(layer, name, None) for name in spec.exits]
-            if not any(isinstance(m, nn.Module) for m in entries) or not all(isinstance(m, nn.Module) for m in exits):
-                raise UnsupportedArchitectureError(
-                    f"{type(layer).__name__} does not have the submodules the {model.config.model_type!r} "
-                    f"adapter expects ({', '.join(spec.entries + spec.exits)}); is this transformers version supported?"
-                )
-            for module in entries:
-                if isinstance(module, nn.Module):
+            for name in spec.entries:
+                if isinstance(module := getattr(layer, name, None), nn.Module):
                     module.register_forward_pre_hook(functools.partial(_entry_hook, site), with_kwargs=True)
-            for module in exits:
-                module.register_forward_hook(functools.partial(_exit_hook, site, multiplier), with_kwargs=True)
+            for name in spec.exits:
+                getattr(layer, name).register_forward_hook(
+                    functools.partial(_exit_hook, site, multiplier), with_kwargs=True
+                )
         for site in sites:
             _set_call(site, None)
     model.hc_config = config

@@ -275,3 +275,21 @@ def test_layer_class_names_are_kept_for_fsdp_and_device_map():
     model = hc_retrofit.convert(base, HCConfig())
     assert {type(layer).__name__ for layer in decoder_layers(model)} == names
     assert set(model._no_split_modules) >= names
+
+
+def test_a_refused_adapter_leaves_the_model_untouched():
+    from hc_retrofit.families import PRE_NORM, Block, Family, Site, register_family
+
+    base = tiny_model("llama-gqa-untied")
+    original = FAMILIES["llama"]
+    register_family(
+        Family(("llama",), "model.layers", Block("sequential", (PRE_NORM.sites[0], Site(("nope",), ("mlp",)))))
+    )
+    try:
+        with pytest.raises(UnsupportedArchitectureError, match="nope"):
+            hc_retrofit.convert(base, HCConfig())
+    finally:
+        register_family(original)
+    assert not hc_retrofit.is_converted(base)
+    assert not any("hyper_connections" in n for n, _ in base.named_parameters())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in base.modules())
