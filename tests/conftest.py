@@ -20,3 +20,18 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch):
+    """A running fake Hub (tests/hub_server.py); the process talks to it (and only to it), online, with its token."""
+    import huggingface_hub.constants
+    from hub_server import FakeHub
+
+    with FakeHub() as server:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", server.token)
+        yield server

@@ -21,18 +21,6 @@ def checkpoint(tmp_path: Path) -> Path:
     return persist.save_converted(model, tmp_path / "run" / "final", base_model="org/tiny-qwen2")
 
 
-@pytest.fixture
-def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """A running fake Hub; the process talks to it (and only to it), online, with its token."""
-    with FakeHub() as server:
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
-        monkeypatch.setenv("HF_TOKEN", server.token)
-        yield server
-
-
 def test_model_card(checkpoint: Path) -> None:
     card = hub.model_card(checkpoint, "me/tiny-mhc")
     assert card.startswith("---\n") and "base_model: org/tiny-qwen2" in card

@@ -10,17 +10,6 @@ from hub_server import FakeHub
 
 
 @pytest.fixture
-def fake_hub(monkeypatch: pytest.MonkeyPatch):
-    with FakeHub() as server:
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
-        monkeypatch.setenv("HF_TOKEN", server.token)
-        yield server
-
-
-@pytest.fixture
 def own_copy(converted_dir: Path, tmp_path: Path) -> Path:
     """A copy of the converted checkpoint (push writes README.md into the directory)."""
     import shutil
