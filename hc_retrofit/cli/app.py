@@ -34,8 +34,48 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def _show_flags_as_flags(params: list[Any]) -> None:
+    """Drop the ``<bool>`` type label typer's help prints beside on/off flags (``--json``, ``--help``).
+
+    A flag takes no value (``--json``, never ``--json true``); a type label suggests it does.
+    """
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
+def quiet_library_progress() -> None:
+    """Silence transformers' own tqdm bars (``Loading weights``, ``Writing model shards``) for a CLI command.
+
+    The command's own status lines and progress bar own the screen; Hub download bars (huggingface_hub)
+    stay, since a long download with no sign of life looks like a hang. Called only when a command
+    really runs (not for ``--help``), so start-up stays free of the transformers import.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 class _OneLineErrors(TyperGroup):
     """Runs the commands and turns user errors into one line instead of a traceback or a panel."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        _show_flags_as_flags(params)
+        return params
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None and not getattr(command, "_hc_wrapped", False):
+            _show_flags_as_flags(command.get_params(ctx))
+            callback = command.callback
+
+            def run(*args: Any, **kwargs: Any) -> Any:
+                quiet_library_progress()
+                return callback(*args, **kwargs)
+
+            command.callback, command._hc_wrapped = run, True
+        return command
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, *a: Any, **kw: Any) -> Any:
         standalone = kw.pop("standalone_mode", True)
@@ -71,5 +111,8 @@ app = typer.Typer(
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point (``hc-retrofit``, ``python -m hc_retrofit``)."""
     import hc_retrofit.cli.commands  # noqa: F401  (registers the commands on `app`)
+    from hc_retrofit.log import enable_cli_logging
+
+    enable_cli_logging()
 
     app(args=argv, prog_name="hc-retrofit")

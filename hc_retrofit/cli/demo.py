@@ -18,6 +18,7 @@ def demo_command(
     variants: Annotated[str, typer.Option(help="Comma-separated HC variants to compare with plain.")] = "mhc",
     streams: Annotated[int, typer.Option(help="HC streams.")] = 4,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No live progress bar.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier demo's results in --out.")] = False,
 ) -> None:
     """Offline demo: small llama + bundled Shakespeare; plain vs hyper-connections, same data order."""
     from rich.console import Console
@@ -32,6 +33,7 @@ def demo_command(
         quick=quick,
         variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
         streams=streams,
+        overwrite=overwrite,
         progress=not no_progress,
     )
     console.print(f"retrofit exact: max |logit diff| = {result.retrofit_max_abs_diff:.2e}")

@@ -25,6 +25,7 @@ import torch
 
 from hc_retrofit.config import HCConfig
 from hc_retrofit.patch import convert, hyper_connection_sites
+from hc_retrofit.train.errors import TrainingError
 from hc_retrofit.train.loop import TrainResult, train
 from hc_retrofit.train.metrics import plot_losses, read_metrics
 from hc_retrofit.train.recipe import TrainConfig
@@ -138,13 +139,21 @@ def run_demo(
     quick: bool = False,
     variants: tuple[str, ...] = ("mhc",),
     streams: int = 4,
-    overwrite: bool = True,
+    overwrite: bool = False,
     progress: bool = True,
     seed: int = 0,
 ) -> DemoResult:
-    """Build, convert, verify and train plain vs HC (see the module docstring)."""
+    """Build, convert, verify and train plain vs HC (see the module docstring).
+
+    Like ``convert`` and ``train``, refuses a non-empty ``out`` (an earlier demo's results) unless
+    ``overwrite``; with it, each run directory is replaced as ``train(overwrite=True)`` does.
+    """
     t_start = time.perf_counter()
     out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise TrainingError(
+            f"{out} exists and is not empty (an earlier demo?): pass --overwrite to replace its results"
+        )
     tokenizer = demo_tokenizer()
     size = "tiny" if quick else "default"
     base = demo_model(size, vocab_size=len(tokenizer), seed=seed)

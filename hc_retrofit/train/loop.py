@@ -34,6 +34,7 @@ from hc_retrofit.patch import hyper_connection_sites, is_converted
 from hc_retrofit.train import checkpoint as ckpt
 from hc_retrofit.train.data import BatchSchedule, PackedData, build_data, eval_shards
 from hc_retrofit.train.errors import NonFiniteLossError, TrainingError
+from hc_retrofit.train.launch_check import warn_if_alone
 from hc_retrofit.train.metrics import METRICS_FILE, MetricsLog, plot_losses, read_metrics
 from hc_retrofit.train.model import load_model, prepare_model, save_final
 from hc_retrofit.train.optim import build_optimizer, build_scheduler, drop_base_gradients, group_lrs
@@ -161,6 +162,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = 
     cfg.validate()
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg, out)
+    warn_if_alone(accelerator.num_processes)
     _check_fsdp_dtype(cfg, accelerator)
     _prepare_out_dir(cfg, out, accelerator)
     main = accelerator.is_main_process

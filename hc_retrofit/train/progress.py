@@ -13,6 +13,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+def _fields(loss: float | None, tokens_per_s: float | None) -> dict[str, str]:
+    """The bar's loss and speed texts: ``loss -`` and ``- tok/s`` before the first step is measured.
+
+    Printing the placeholder NaN loss and 0 tok/s would read like the NaN guard firing.
+    """
+    return {
+        "loss": "loss -" if loss is None else f"loss {loss:.4f}",
+        "tps": "- tok/s" if not tokens_per_s else f"{tokens_per_s:,.0f} tok/s",
+    }
+
+
 class TrainProgress:
     """A context manager. ``enabled``: live bar (main process, unless ``--no-progress``); ``lines``:
     print the eval lines (main process only)."""
@@ -31,15 +42,15 @@ class TrainProgress:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TextColumn("{task.fields[loss]}"),
+            TextColumn("{task.fields[tps]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=self.console,
         )
         self.task = self.progress.add_task(
-            "train (HC)" if hc else "train (plain)", total=total, completed=start, loss=math.nan, tps=0.0
+            "train (HC)" if hc else "train (plain)", total=total, completed=start, **_fields(None, None)
         )
 
     def __enter__(self) -> TrainProgress:
@@ -54,7 +65,7 @@ class TrainProgress:
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
         self._last = {"loss": loss, "tps": tokens_per_s}
         if self.enabled:
-            self.progress.update(self.task, completed=step, loss=loss, tps=tokens_per_s)
+            self.progress.update(self.task, completed=step, **_fields(loss, tokens_per_s))
 
     def note_eval(self, step: int, eval_loss: float | None) -> None:
         if not self.lines or eval_loss is None:

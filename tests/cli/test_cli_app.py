@@ -98,3 +98,25 @@ def test_console_script(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert done.stderr.strip() == "error: num_streams must be >= 2 (hyper-connections need several streams), got 0"
+
+
+@pytest.mark.parametrize("command", ["convert", "verify", "inspect", "push", "architectures", "train", "demo"])
+def test_flags_look_like_flags_in_help(cli, command: str) -> None:
+    result = cli(command, "--help")
+    assert result.exit_code == 0
+    assert "<bool>" not in result.output and "--help" in result.output
+
+
+def test_a_flag_takes_no_value(cli) -> None:
+    result = cli("architectures", "--json", "true")
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "true" in result.output
+
+
+def test_commands_silence_transformers_progress_bars(cli, base_dir: Path, tmp_path: Path) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_progress_bar()
+    result = cli("convert", base_dir, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "Loading weights" not in result.output and "Writing model shards" not in result.output
+    assert not transformers_logging.is_progress_bar_enabled()

@@ -85,3 +85,17 @@ def test_demo_quick(tmp_path):
     assert plain["step-0 loss"] == pytest.approx(hc["step-0 loss"], abs=1e-5)
     assert hc["params"] > plain["params"]
     assert (out / "comparison.png").stat().st_size > 1000
+
+
+def test_demo_refuses_to_replace_an_earlier_demo_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.json").write_text('{"earlier": true}')
+    assert run_cli("demo", "--quick", "--steps", "1", "--out", out, "--no-progress") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--overwrite" in err and "\n" not in err
+    assert (out / "demo.json").read_text() == '{"earlier": true}'  # nothing touched
+    (out / "notes.txt").write_text("mine")
+    assert run_cli("demo", "--quick", "--steps", "1", "--out", out, "--no-progress", "--overwrite") == 0
+    assert "earlier" not in (out / "demo.json").read_text()
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces the demo's own files only
