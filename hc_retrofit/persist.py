@@ -130,6 +130,29 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
+def write_converted_files(
+    directory: Path, model: Any, tokenizer: Any = None, *, base: str | None, metadata: dict | None = None
+) -> dict[str, Any]:
+    """Beside the weights and ``config.json`` in ``directory``: the tokenizer, the remote code, and the
+    converted config keys (model type, auto_map, base, version, metadata). Returns the keys written.
+
+    Shared by :func:`save_converted` and the streaming convert, so both write the same directory.
+    """
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    keys = write_remote_code(directory, model)
+    import hc_retrofit
+
+    keys.update({BASE_KEY: base, VERSION_KEY: hc_retrofit.__version__})
+    if metadata:
+        keys[METADATA_KEY] = metadata
+    config_file = directory / "config.json"
+    data = json.loads(config_file.read_text(encoding="utf-8"))
+    data.update(keys)
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return keys
+
+
 def save_converted(
     model: Any,
     out_dir: str | os.PathLike,
@@ -163,18 +186,7 @@ def save_converted(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        keys = write_remote_code(tmp, model)
-        import hc_retrofit
-
-        keys.update({BASE_KEY: base, VERSION_KEY: hc_retrofit.__version__})
-        if metadata:
-            keys[METADATA_KEY] = metadata
-        config_file = tmp / "config.json"
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-        data.update(keys)
-        config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        keys = write_converted_files(tmp, model, tokenizer, base=base, metadata=metadata)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -97,8 +97,13 @@ def verify_checkpoint(
     trained: bool = False,
     new_tokens: int = 12,
     revision: str | None = None,
+    base_dtype: torch.dtype | None = None,
 ) -> VerifyReport:
-    """Compare ``converted_dir`` with ``base`` (default: the base model recorded in it)."""
+    """Compare ``converted_dir`` with ``base`` (default: the base model recorded in it).
+
+    ``base_dtype``: load the base in this dtype (then compute in float32, like the converted model),
+    to check a conversion that changed the dtype against the base at the same precision.
+    """
     if not is_converted_dir(converted_dir):
         read_config_dict(converted_dir)  # not a checkpoint at all: that error first
         raise NotConvertedError(
@@ -106,7 +111,8 @@ def verify_checkpoint(
         )
     base = base or base_model_of(converted_dir)
     converted = load_converted(converted_dir, dtype=torch.float32)
-    base_model, tokenizer = load_base_model(base, revision=revision, dtype=torch.float32)
+    base_model, tokenizer = load_base_model(base, revision=revision, dtype=base_dtype or torch.float32)
+    base_model.float()
     if tokenizer is None:
         tokenizer = load_tokenizer(str(converted_dir))
     vocab = min(converted.config.vocab_size, base_model.config.vocab_size)

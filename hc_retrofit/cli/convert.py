@@ -13,6 +13,7 @@ from hc_retrofit.cli.app import app, console, err_console
 from hc_retrofit.config import VARIANTS, HCConfig
 from hc_retrofit.conversion import convert_checkpoint
 from hc_retrofit.persist import DTYPES, parse_dtype
+from hc_retrofit.streaming import CannotStream, stream_convert
 
 
 @app.command("convert")
@@ -33,6 +34,25 @@ def convert_command(
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow MODEL's own modeling code.")
     ] = False,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream/--in-memory",
+            help="Stream: copy the base shards and add the HC tensors without loading the model "
+            "(falls back to in-memory, saying why, when MODEL is not a safetensors checkpoint of a known family).",
+        ),
+    ] = True,
+    link: Annotated[
+        bool, typer.Option("--link", help="When streaming, hard link the base shards instead of copying them.")
+    ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="After streaming, run `verify` on the result before it is moved into place "
+            "(loads both models in float32: skip it for models larger than half the memory).",
+        ),
+    ] = True,
 ) -> None:
     """Add hyper-connections to MODEL and save the result to --out (atomically: all or nothing).
 
@@ -49,16 +69,25 @@ def convert_command(
             status.update(message)
             err_console.print(f"[dim]{message}[/dim]")
 
-        summary = convert_checkpoint(
-            model,
-            out,
-            settings,
-            revision=revision,
-            dtype=dtype,
-            overwrite=overwrite,
-            trust_remote_code=trust_remote_code,
-            progress=progress,
-        )
+        common = dict(revision=revision, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code)
+        summary = None
+        how = "in memory"
+        if stream:
+            try:
+                summary = stream_convert(
+                    model,
+                    out,
+                    settings,
+                    link=link,
+                    verify=verify,
+                    progress=progress,
+                    **common,
+                )
+                how = "streamed" + (", verified exact" if verify else " (not verified: --no-verify)")
+            except CannotStream as why:
+                err_console.print(f"cannot stream {model}: {why}; converting in memory instead")
+        if summary is None:
+            summary = convert_checkpoint(model, out, settings, progress=progress, **common)
     table = Table(title="converted", show_header=False, box=None)
     table.add_row("base model", summary.base_model)
     table.add_row("family", f"{summary.model_type} ({summary.block_kind} blocks)")
@@ -69,6 +98,7 @@ def convert_command(
         f"{summary.added_parameters:,} ({summary.added_percent:.3f}% of {summary.base_parameters:,})",
     )
     table.add_row("tokenizer", "saved" if summary.has_tokenizer else "none found (not saved)")
+    table.add_row("conversion", how)
     table.add_row("output", summary.out_dir)
     table.add_row("time", f"{time.perf_counter() - start:.1f} s")
     console.print(table)

@@ -43,8 +43,10 @@ def test_convert_bfloat16_keeps_hc_float32(cli, base_dir: Path, tmp_path: Path) 
 
     out = tmp_path / "bf16"
     assert cli("convert", base_dir, "--out", out, "--dtype", "bfloat16").exit_code == 0
-    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+    dtypes = {}
+    for file in out.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            dtypes.update({k: f.get_slice(k).get_dtype() for k in f.keys()})  # noqa: SIM118
     assert {d for k, d in dtypes.items() if ".hyper_connections." in k} == {"F32"}
     assert {d for k, d in dtypes.items() if ".hyper_connections." not in k} == {"BF16"}
 
@@ -160,3 +162,42 @@ def test_unconvertible_base_in_fresh_dir(cli, tmp_path: Path) -> None:
     result = cli("convert", src, "--out", tmp_path / "out")
     assert result.exit_code == 1 and "cannot load the weights" in _one_error_line(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_streams_verifies_and_links(cli, base_dir: Path, tmp_path: Path) -> None:
+    import os
+
+    result = cli("convert", base_dir, "--out", tmp_path / "linked", "--link")
+    assert result.exit_code == 0, result.output
+    assert "streamed, verified exact" in result.output and "cannot stream" not in result.output
+    shards = list(base_dir.glob("*.safetensors"))
+    assert shards and all(any(os.path.samefile(s, o) for o in (tmp_path / "linked").iterdir()) for s in shards)
+    result = cli("convert", base_dir, "--out", tmp_path / "memory", "--in-memory")
+    assert result.exit_code == 0 and "in memory" in result.output and "streamed" not in result.output
+
+
+def test_convert_falls_back_to_in_memory_and_says_why(cli, tmp_path: Path) -> None:
+    base = save_base("mixtral-moe", tmp_path / "moe")  # per-expert keys on disk, fused experts in the model
+    result = cli("convert", base, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "cannot stream" in result.output and "converting in memory instead" in result.output
+    assert persist.is_converted_dir(tmp_path / "out")
+
+
+def test_streamed_output_that_fails_verify_is_not_written(
+    cli, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hc_retrofit import streaming
+
+    real = streaming.hc_tensors
+
+    def wrong(model: object) -> dict[str, torch.Tensor]:  # b = 2 sigmoid(0.5) != 1 at one site: inexact
+        tensors = real(model)
+        key = next(k for k in tensors if k.endswith("depth_logits"))
+        tensors[key] = tensors[key] + 0.5
+        return tensors
+
+    monkeypatch.setattr(streaming, "hc_tensors", wrong)
+    result = cli("convert", base_dir, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "not equivalent" in _one_error_line(result)
+    assert list(tmp_path.iterdir()) == []

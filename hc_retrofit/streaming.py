@@ -1,0 +1,463 @@
+"""Streaming convert: a converted checkpoint written without loading the base model's weights.
+
+A conversion changes no base tensor (names and values stay), and the HC tensors depend only on
+the config. So the converted directory is the base safetensors shards, unchanged (copied, or hard
+linked with ``link=True``; re-encoded tensor by tensor only when the dtype changes), plus one
+shard of HC tensors, an index, the converted config, tokenizer, generation config and remote code.
+Memory stays at one tensor (re-encoding) or nothing (copying), whatever the model size.
+
+The HC tensors come from :func:`hc_retrofit.patch.convert` itself: the base model is built on the
+meta device (no storage), converted as in memory, and each of its HC sites is instantiated on the
+CPU from the arguments ``convert()`` gave it (the same constructor, so the same values).
+
+:func:`plan_streaming` first proves the output equivalent to the in-memory conversion, or says
+why it cannot (the caller then converts in memory): the checkpoint must be safetensors, of a
+known family built by transformers itself, and its tensors must be exactly the model's (names,
+shapes; tied weights may be absent), so that loading needs no renaming, conversion or dropping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hc_retrofit.config import HCConfig
+from hc_retrofit.connections import HyperConnection
+from hc_retrofit.conversion import ConvertSummary, count_parameters
+from hc_retrofit.errors import HCRetrofitError
+from hc_retrofit.families import family_for
+from hc_retrofit.patch import convert, decoder_layers, hyper_connection_sites
+from hc_retrofit.persist import (
+    _replace_dir,
+    check_output_dir,
+    load_base_config,
+    load_tokenizer,
+    parse_dtype,
+    write_converted_files,
+)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+HC_SHARD = "model-hc-retrofit.safetensors"
+SINGLE_RENAMED = "model-00001-of-00001.safetensors"  # model.safetensors would hide the index from transformers
+DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.py"]
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class CannotStream(Exception):
+    """Why this checkpoint cannot be streamed (the caller converts in memory instead)."""
+
+
+@dataclass
+class Shard:
+    """One base safetensors file and what to do with it."""
+
+    source: Path
+    name: str  # file name in the output
+    tensors: dict[str, dict[str, Any]]  # header entries (dtype, shape, data_offsets)
+    metadata: dict[str, str] | None
+    cast: dict[str, torch.dtype] = field(default_factory=dict)  # tensors to re-encode, and to what
+
+
+@dataclass
+class StreamPlan:
+    """A proven-equivalent streaming conversion, ready to write."""
+
+    source: str  # what the user passed
+    local_dir: Path
+    base_config: Any
+    model: Any  # the converted model on the meta device
+    dtype: torch.dtype
+    shards: list[Shard]
+    hc_tensors: dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- safetensors headers
+def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str] | None, int]:
+    """``(tensor entries, __metadata__, data start)`` of a safetensors file, reading only its header."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CannotStream(f"{path.name} is not a safetensors file")
+        (size,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CannotStream(f"{path.name} has an unreadable safetensors header") from err
+    metadata = header.pop("__metadata__", None)
+    return header, metadata, 8 + size
+
+
+def write_safetensors(
+    path: Path,
+    names: list[str],
+    get: Callable[[str], torch.Tensor],
+    specs: dict[str, tuple[torch.dtype, list[int]]],
+    metadata: dict[str, str] | None,
+) -> None:
+    """Write a safetensors file tensor by tensor: ``get(name)`` is called once per tensor, in order.
+
+    The header is computed from ``specs`` (dtype, shape) first, so only one tensor is in memory at a time.
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name in names:
+        dtype, shape = specs[name]
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in names:
+            dtype, shape = specs[name]
+            tensor = get(name).to(dtype).contiguous()
+            if list(tensor.shape) != list(shape):
+                raise RuntimeError(f"{name}: shape {list(tensor.shape)} is not the planned {list(shape)}")
+            if tensor.numel():
+                f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+# ----------------------------------------------------------------------------- planning
+def _local_dir(source: str, revision: str | None, progress: Callable[[str], None]) -> Path:
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    progress(f"downloading {source} from the Hugging Face Hub")
+    try:
+        return Path(snapshot_download(source, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
+    except Exception as err:  # offline, gated ...: the in-memory path reports it properly
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CannotStream(f"could not download its files ({detail})") from err
+
+
+def _base_shards(local: Path) -> list[tuple[Path, str]]:
+    """``(file, output name)`` of every weight shard, from the index or the single file."""
+    index = local / INDEX_FILE
+    if (local / SINGLE_FILE).is_file():
+        return [(local / SINGLE_FILE, SINGLE_RENAMED)]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CannotStream(f"{INDEX_FILE} is unreadable") from err
+        names = sorted(set(weight_map.values()))
+        if any(Path(n).name != n or n == HC_SHARD for n in names):
+            raise CannotStream(f"{INDEX_FILE} names shards in sub-directories or a shard called {HC_SHARD}")
+        missing = [n for n in names if not (local / n).is_file()]
+        if missing:
+            raise CannotStream(f"shard {missing[0]} is missing")
+        return [(local / n, n) for n in names]
+    raise CannotStream("it has no safetensors weights")
+
+
+def _meta_model(base_config: Any, dtype: torch.dtype, config: HCConfig) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if getattr(base_config, "auto_map", None):
+        raise CannotStream("it uses its own modeling code (auto_map)")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base_config, dtype=dtype)
+    if not type(model).__module__.startswith("transformers."):
+        raise CannotStream(f"{type(model).__name__} is not a transformers class")
+    if dtype in (torch.float16, torch.bfloat16) and (
+        getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None)
+    ):
+        raise CannotStream(f"{type(model).__name__} keeps some modules in float32")
+    convert(model, config)
+    return model
+
+
+def hc_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """The HC parameters of converted (meta) ``model``, materialised on the CPU with their initial values.
+
+    Each site is rebuilt with the arguments :func:`convert` gave it (``HyperConnection(dim, config,
+    site_index)``), so the values are what the in-memory conversion holds.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for prefix, site in model.named_modules():
+        if not isinstance(site, HyperConnection):
+            continue
+        fresh = HyperConnection(site.dim, site.config, site.site_index)
+        for name, meta in site.state_dict().items():
+            value = fresh.state_dict()[name]
+            if value.shape != meta.shape or value.dtype != meta.dtype:
+                raise RuntimeError(f"{prefix}.{name}: rebuilt {value.shape}/{value.dtype} != {meta.shape}/{meta.dtype}")
+            out[f"{prefix}.{name}"] = value.detach().clone()
+    return out
+
+
+def _target_dtype(requested: str | torch.dtype, base_config: Any, first: dict[str, Any] | None) -> torch.dtype:
+    """The dtype ``from_pretrained(dtype=requested)`` gives the weights (its rule for ``"auto"``)."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    configured = getattr(base_config, "dtype", None)
+    if isinstance(configured, str):
+        configured = getattr(torch, configured, None)
+    if isinstance(configured, torch.dtype):
+        return configured
+    if first is not None:
+        for entry in first.values():
+            dtype = _ST_DTYPES.get(entry["dtype"])
+            if dtype is not None and dtype.is_floating_point:
+                return dtype
+    return torch.get_default_dtype()
+
+
+def plan_streaming(
+    model_id_or_dir: str,
+    config: HCConfig,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> StreamPlan:
+    """Check that ``model_id_or_dir`` can be streamed and plan it, reading only configs and headers.
+
+    Raises the usual :class:`~hc_retrofit.errors.HCRetrofitError` for bad input (unknown model,
+    unsupported or converted architecture), and :class:`CannotStream` (with the reason) when only
+    the in-memory conversion can do it.
+    """
+    say = progress or (lambda _msg: None)
+    requested = parse_dtype(dtype)
+    base_config = load_base_config(model_id_or_dir, revision=revision, trust_remote_code=trust_remote_code)
+    family_for(base_config)  # unsupported architecture: the user's error, not a fallback
+    if getattr(base_config, "transformers_weights", None):
+        raise CannotStream("its config names its own weights file")
+    local = _local_dir(model_id_or_dir, revision, say)
+    files = _base_shards(local)
+    headers = [(path, name, *read_header(path)[:2]) for path, name in files]
+    target = _target_dtype(requested, base_config, headers[0][2] if headers else None)
+    model = _meta_model(base_config, target, config)
+    hc = hc_tensors(model)
+    # What the model expects: every state_dict key; a tied parameter needs only one of its names.
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in hc}
+    groups: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        groups.setdefault(id(tensor), []).append(name)
+    present: dict[str, str] = {}
+    shards = []
+    for path, name, entries, metadata in headers:
+        shard = Shard(path, name, entries, metadata)
+        for key, entry in entries.items():
+            if key in present:
+                raise CannotStream(f"tensor {key} is stored twice ({present[key]} and {path.name})")
+            present[key] = path.name
+            if key not in expected:
+                raise CannotStream(f"its tensor {key} is not a parameter of {type(model).__name__}")
+            want = expected[key]
+            stored = _ST_DTYPES.get(entry.get("dtype"))
+            if stored is None:
+                raise CannotStream(f"tensor {key} has dtype {entry.get('dtype')}")
+            if list(entry["shape"]) != list(want.shape):
+                raise CannotStream(f"tensor {key} has shape {entry['shape']}, the model {list(want.shape)}")
+            if stored != want.dtype and (stored.is_floating_point and want.dtype.is_floating_point):
+                shard.cast[key] = want.dtype
+            elif stored != want.dtype:
+                raise CannotStream(f"tensor {key} is {stored}, the model {want.dtype}")
+        shards.append(shard)
+    for names in groups.values():
+        if not any(n in present for n in names):
+            raise CannotStream(f"it lacks {names[0]}")
+    return StreamPlan(model_id_or_dir, local, base_config, model, target, shards, hc)
+
+
+# ----------------------------------------------------------------------------- writing
+def _copy_or_link(src: Path, dst: Path, link: bool) -> bool:
+    """Hard link ``src`` to ``dst`` if asked and possible (same filesystem), else copy; True if linked."""
+    real = src.resolve()  # Hub caches hold symlinks to blobs
+    if link:
+        try:
+            os.link(real, dst)
+            return True
+        except OSError:
+            pass
+    shutil.copyfile(real, dst)
+    return False
+
+
+def _reencode(shard: Shard, dst: Path) -> None:
+    from safetensors import safe_open
+
+    specs = {k: (shard.cast.get(k, _ST_DTYPES[e["dtype"]]), list(e["shape"])) for k, e in shard.tensors.items()}
+    names = sorted(shard.tensors, key=lambda k: shard.tensors[k]["data_offsets"][0])
+    with safe_open(str(shard.source.resolve()), framework="pt") as f:
+        write_safetensors(dst, names, f.get_tensor, specs, shard.metadata or {"format": "pt"})
+
+
+def write_plan(
+    plan: StreamPlan,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    link: bool = False,
+    check: Callable[[Path], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Path, int]:
+    """Write ``plan`` to ``out_dir`` atomically (beside it as ``.partial``, renamed at the end).
+
+    ``check(tmp_dir)`` runs on the finished directory before the rename (e.g. verify): if it
+    raises, nothing is left behind. Returns the output path and how many shards were hard linked.
+    """
+    from safetensors.torch import save_file
+
+    say = progress or (lambda _msg: None)
+    out = check_output_dir(Path(out_dir), overwrite=overwrite, source=str(plan.local_dir))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    linked = 0
+    try:
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, shard in enumerate(plan.shards, 1):
+            dst = tmp / shard.name
+            if shard.cast:
+                say(f"re-encoding {shard.source.name} to {plan.dtype} ({i}/{len(plan.shards)})")
+                _reencode(shard, dst)
+            else:
+                say(f"{'linking' if link else 'copying'} {shard.source.name} ({i}/{len(plan.shards)})")
+                linked += _copy_or_link(shard.source, dst, link)
+            for key, entry in shard.tensors.items():
+                weight_map[key] = shard.name
+                dtype = shard.cast.get(key, _ST_DTYPES[entry["dtype"]])
+                total += torch.Size(entry["shape"]).numel() * torch.empty((), dtype=dtype).element_size()
+        save_file(plan.hc_tensors, str(tmp / HC_SHARD), metadata={"format": "pt"})
+        for key, tensor in plan.hc_tensors.items():
+            weight_map[key] = HC_SHARD
+            total += tensor.numel() * tensor.element_size()
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        model = plan.model
+        model.config.save_pretrained(tmp)
+        generation = _generation_config(plan)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        tokenizer = load_tokenizer(str(plan.local_dir))
+        base = str(plan.local_dir.resolve()) if Path(plan.source).expanduser().is_dir() else plan.source
+        write_converted_files(tmp, model, tokenizer, base=base)
+        if check is not None:
+            check(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out, linked
+
+
+def _generation_config(plan: StreamPlan) -> Any:
+    """What ``from_pretrained`` + ``save_pretrained`` would write: the base's file, else one from the config."""
+    from transformers import GenerationConfig
+
+    if not plan.model.can_generate():
+        return None
+    if (plan.local_dir / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(plan.local_dir)
+    return plan.model.generation_config
+
+
+def stream_convert(
+    model_id_or_dir: str,
+    out_dir: str | os.PathLike,
+    config: HCConfig,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    link: bool = False,
+    verify: bool = False,
+    check: Callable[[Path], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ConvertSummary:
+    """Convert ``model_id_or_dir`` to ``out_dir`` without loading its weights (see the module docstring).
+
+    ``verify``: run :func:`verify_streamed` on the result before moving it into place (it loads
+    the base and the converted model); ``check(dir)``: any other check at that point.
+    Raises :class:`CannotStream` before writing anything when only :func:`convert_checkpoint` can do it.
+    """
+    say = progress or (lambda _msg: None)
+    start = time.perf_counter()
+    parse_dtype(dtype)
+    check_output_dir(Path(out_dir), overwrite=overwrite, source=model_id_or_dir)
+    say(f"reading the config and tensor headers of {model_id_or_dir}")
+    plan = plan_streaming(
+        model_id_or_dir, config, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, progress=say
+    )
+    checks = [c for c in (check, (lambda d: verify_streamed(d, plan.dtype)) if verify else None) if c is not None]
+
+    def run_checks(directory: Path) -> None:
+        if verify:
+            say("verifying: running the base and the converted model on a probe batch")
+        for c in checks:
+            c(directory)
+
+    out, _ = write_plan(plan, out_dir, overwrite=overwrite, link=link, check=run_checks, progress=say)
+    model = plan.model
+    family = family_for(plan.base_config)
+    added = sum(t.numel() for t in plan.hc_tensors.values())
+    local = Path(model_id_or_dir).expanduser()
+    return ConvertSummary(
+        base_model=str(local.resolve()) if local.is_dir() else str(model_id_or_dir),
+        out_dir=str(out),
+        model_type=plan.base_config.model_type,
+        block_kind=family.block_for(plan.base_config).kind,
+        layers=len(decoder_layers(model, family)),
+        sites=len(hyper_connection_sites(model)),
+        num_streams=config.num_streams,
+        variant=config.variant,
+        base_parameters=count_parameters(model) - added,
+        added_parameters=added,
+        has_tokenizer=(out / "tokenizer_config.json").is_file() or (out / "tokenizer.json").is_file(),
+        seconds=time.perf_counter() - start,
+    )
+
+
+class NotEquivalentError(HCRetrofitError):
+    """A streamed checkpoint failed verification (a bug: nothing was written)."""
+
+
+def verify_streamed(directory: Path, dtype: torch.dtype) -> None:
+    """Run ``verify`` on a streamed checkpoint (before it is moved into place); refuse it unless exact.
+
+    The base is loaded in the checkpoint's ``dtype``: a conversion to bfloat16 must compute what
+    the base computes in bfloat16.
+    """
+    from hc_retrofit.verify import verify_checkpoint
+
+    report = verify_checkpoint(directory, base_dtype=dtype)
+    if not report.equivalent:
+        raise NotEquivalentError(
+            f"the streamed checkpoint is not equivalent to {report.base_model} (max |logit diff| "
+            f"{report.max_abs_logit_diff:.2e}, max KL {report.max_kl:.2e}); nothing was written. Convert with "
+            "--in-memory, and please report this bug"
+        )

@@ -1,0 +1,169 @@
+"""Streaming convert: the same checkpoint as the in-memory convert, without loading the base weights."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import word_tokenizer
+from tiny import tiny_model
+
+from hc_retrofit import persist
+from hc_retrofit.config import HCConfig
+from hc_retrofit.conversion import convert_checkpoint
+from hc_retrofit.errors import OutputExistsError
+from hc_retrofit.streaming import (
+    HC_SHARD,
+    INDEX_FILE,
+    CannotStream,
+    read_header,
+    stream_convert,
+    write_safetensors,
+)
+
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
+
+def _sharded_base(directory: Path, case: str = "llama-gqa-untied", shard: str = "20KB") -> Path:
+    tiny_model(case).save_pretrained(directory, max_shard_size=shard)
+    word_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sharded_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = _sharded_base(tmp_path_factory.mktemp("stream") / "base")
+    assert len(list(base.glob("*.safetensors"))) > 3  # really sharded
+    return base
+
+
+def _assert_same_checkpoint(streamed: Path, in_memory: Path) -> None:
+    """Bit-identical state dicts (values and dtypes) once loaded, and the same non-weight files."""
+    a = persist.load_converted(streamed).state_dict()
+    b = persist.load_converted(in_memory).state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+    others = {p.name for p in streamed.iterdir() if not p.name.endswith(WEIGHT_SUFFIXES)}
+    assert others == {p.name for p in in_memory.iterdir() if not p.name.endswith(WEIGHT_SUFFIXES)}
+    for name in others:
+        assert (streamed / name).read_bytes() == (in_memory / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    ("case", "settings", "dtype"),
+    [
+        ("llama-gqa-untied", HCConfig(variant="mhc"), "auto"),
+        ("llama-gqa-untied", HCConfig(variant="dynamic", num_streams=3), "bfloat16"),
+        ("qwen2-tied", HCConfig(variant="static", num_streams=2), "auto"),
+        ("gpt2", HCConfig(variant="mhc", mhc_dynamic=False), "float16"),
+    ],
+    ids=["llama-mhc", "llama-dynamic-bf16", "qwen2-tied-static", "gpt2-static-mhc-fp16"],
+)
+def test_streamed_equals_in_memory(tmp_path: Path, case: str, settings: HCConfig, dtype: str) -> None:
+    base = _sharded_base(tmp_path / "base", case)
+    streamed = stream_convert(str(base), tmp_path / "streamed", settings, dtype=dtype)
+    in_memory = convert_checkpoint(str(base), tmp_path / "memory", settings, dtype=dtype)
+    _assert_same_checkpoint(tmp_path / "streamed", tmp_path / "memory")
+    for field in ("base_model", "layers", "sites", "base_parameters", "added_parameters", "has_tokenizer"):
+        assert getattr(streamed, field) == getattr(in_memory, field), field
+    index = json.loads((tmp_path / "streamed" / INDEX_FILE).read_text())
+    assert {k for k, v in index["weight_map"].items() if v == HC_SHARD} == {
+        k for k in index["weight_map"] if ".hyper_connections." in k
+    }
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_base_shards_are_copied_unchanged_or_hard_linked(sharded_base: Path, tmp_path: Path) -> None:
+    copied, linked = tmp_path / "copied", tmp_path / "linked"
+    stream_convert(str(sharded_base), copied, HCConfig())
+    stream_convert(str(sharded_base), linked, HCConfig(), link=True)
+    shards = sorted(sharded_base.glob("*.safetensors"))
+    for shard in shards:
+        assert (copied / shard.name).read_bytes() == shard.read_bytes()
+        assert not os.path.samefile(copied / shard.name, shard)
+        assert os.path.samefile(linked / shard.name, shard)
+    _assert_same_checkpoint(linked, copied)
+    # replacing a linked output unlinks its files and leaves the base shards intact
+    before = {s.name: s.read_bytes() for s in shards}
+    stream_convert(str(sharded_base), linked, HCConfig(num_streams=2), overwrite=True)
+    assert {s.name: s.read_bytes() for s in shards} == before
+
+
+def test_single_file_checkpoint(tmp_path: Path) -> None:
+    base = _sharded_base(tmp_path / "base", shard="100MB")
+    assert (base / "model.safetensors").is_file()
+    stream_convert(str(base), tmp_path / "streamed", HCConfig())
+    assert not (tmp_path / "streamed" / "model.safetensors").exists()  # it would hide the index
+    convert_checkpoint(str(base), tmp_path / "memory", HCConfig())
+    _assert_same_checkpoint(tmp_path / "streamed", tmp_path / "memory")
+
+
+def test_output_safety_and_atomicity(sharded_base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(OutputExistsError, match="already exists"):
+        stream_convert(str(sharded_base), out, HCConfig())
+    with pytest.raises(OutputExistsError, match="inside the source"):
+        stream_convert(str(sharded_base), sharded_base / "out", HCConfig())
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+    def refuse(directory: Path) -> None:
+        assert (directory / INDEX_FILE).is_file()  # checked on the finished directory, before the rename
+        raise RuntimeError("check failed")
+
+    with pytest.raises(RuntimeError, match="check failed"):
+        stream_convert(str(sharded_base), out, HCConfig(), overwrite=True, check=refuse)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    with pytest.raises(RuntimeError, match="check failed"):
+        stream_convert(str(sharded_base), tmp_path / "new", HCConfig(), check=refuse)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_refuses_what_it_cannot_prove(tmp_path: Path) -> None:
+    moe = _sharded_base(tmp_path / "moe", "mixtral-moe")  # saved with per-expert keys, loaded fused
+    with pytest.raises(CannotStream, match="not a parameter"):
+        stream_convert(str(moe), tmp_path / "out", HCConfig())
+    extra = _sharded_base(tmp_path / "extra", shard="100MB")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(extra / "model.safetensors")
+    save_file({**tensors, "stray.weight": torch.zeros(2)}, extra / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CannotStream, match=r"stray\.weight"):
+        stream_convert(str(extra), tmp_path / "out", HCConfig())
+    save_file(
+        {k: v for k, v in tensors.items() if "layers.1.mlp" not in k},
+        extra / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    with pytest.raises(CannotStream, match=r"lacks model\.layers\.1\.mlp"):
+        stream_convert(str(extra), tmp_path / "out", HCConfig())
+    (extra / "model.safetensors").unlink()
+    with pytest.raises(CannotStream, match="no safetensors"):
+        stream_convert(str(extra), tmp_path / "out", HCConfig())
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_write_safetensors_round_trips(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = {
+        "a": torch.randn(3, 5, dtype=torch.float32),
+        "b": torch.arange(7, dtype=torch.int64),
+        "c": torch.randn(2, 2, 2).to(torch.bfloat16),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(1.5),
+    }
+    specs = {k: (torch.float16 if k == "a" else v.dtype, list(v.shape)) for k, v in tensors.items()}
+    write_safetensors(tmp_path / "x.safetensors", list(tensors), tensors.__getitem__, specs, {"format": "pt"})
+    back = load_file(tmp_path / "x.safetensors")
+    assert torch.equal(back["a"], tensors["a"].half())
+    for key in ("b", "c", "empty", "scalar"):
+        assert back[key].dtype == tensors[key].dtype and torch.equal(back[key], tensors[key])
+    entries, metadata, _ = read_header(tmp_path / "x.safetensors")
+    assert metadata == {"format": "pt"} and entries["a"]["dtype"] == "F16"
