@@ -26,6 +26,7 @@ stays exactly row-stochastic (the property exactness needs) whatever the number 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hc_retrofit import formulas
 from hc_retrofit.config import HCConfig
 
 __all__ = [
@@ -62,6 +64,8 @@ def reduce_streams(streams: torch.Tensor) -> torch.Tensor:
 
 def width_connection(streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``x = sum_k a_k H_k``; ``a`` is ``(n,)`` (static) or ``(..., n)`` (per token)."""
+    if torch.compiler.is_compiling():
+        return formulas.width(streams, a)
     if not torch.is_grad_enabled():
         return _width_no_grad(streams, a)
     return _WidthConnection.apply(streams, a)
@@ -69,6 +73,8 @@ def width_connection(streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 def stream_mix(streams: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """``(R H)_j = sum_k R_jk H_k``; ``R`` is ``(n, n)`` or ``(..., n, n)``."""
+    if torch.compiler.is_compiling():
+        return formulas.mix(streams, r)
     if not torch.is_grad_enabled():
         return _mix_no_grad(streams, r)
     return _DepthConnection.apply(streams, r, None, None)
@@ -76,6 +82,8 @@ def stream_mix(streams: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 def depth_connection(streams: torch.Tensor, r: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``H'_j = sum_k R_jk H_k + b_j y``; ``b`` is ``(n,)`` or ``(..., n)``, ``y`` is ``(..., D)``."""
+    if torch.compiler.is_compiling():
+        return formulas.depth(streams, r, b, y)
     if not torch.is_grad_enabled():
         b, y = _cast(b, streams.dtype), _cast(y, streams.dtype)
         return _mix_no_grad(streams, r).addcmul_(b.unsqueeze(-1), y.unsqueeze(-2))
@@ -317,6 +325,8 @@ class _Outer(torch.autograd.Function):
 
 def outer_streams(b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``b_j y`` for every stream j: ``(n,)`` or ``(..., n)`` with ``(..., D)`` -> ``(..., n, D)``."""
+    if torch.compiler.is_compiling():
+        return formulas.outer(b, y)
     if not torch.is_grad_enabled():
         return _cast(b, y.dtype).unsqueeze(-1) * y.unsqueeze(-2)
     return _Outer.apply(b, y)
@@ -352,6 +362,11 @@ class _RMSProject(torch.autograd.Function):
         return d_x, d_w, None
 
 
+def _project_recomputed(x: torch.Tensor, w: torch.Tensor, source: tuple) -> torch.Tensor:
+    """:func:`rms_project` of streams that backward recomputes from ``source``."""
+    return _RMSProject.apply(x, w, source)
+
+
 def _rms_project_parts(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x @ w`` and ``rsqrt(mean(x^2) + eps)``, in (at least) float32."""
     ct = torch.promote_types(x.dtype, torch.float32)  # at least float32
@@ -364,6 +379,8 @@ def _rms_project_parts(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, 
 
 def rms_project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``RMSNorm(x) @ w`` over the last dim of ``x``, in (at least) float32: the dynamic coefficients' input."""
+    if torch.compiler.is_compiling():
+        return formulas.rms_project(x, w)
     if not torch.is_grad_enabled():
         p, inv = _rms_project_parts(x, w)
         return p.mul_(inv)
@@ -378,6 +395,8 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     to the convergence of ``iters`` iterations. The gradient is that of the iterations (not of the
     limit); see :class:`_Sinkhorn`.
     """
+    if torch.compiler.is_compiling():
+        return formulas.sinkhorn(logits, iters)
     if not torch.is_grad_enabled() and logits.numel() <= _SMALL_BATCH * logits.shape[-1] * logits.shape[-2]:
         return _sinkhorn_log_domain(logits, iters)
     return _Sinkhorn.apply(logits, iters)
@@ -472,6 +491,12 @@ class Coefficients:
 
     def to(self, dtype: torch.dtype) -> Coefficients:
         return Coefficients(_cast(self.a, dtype), _cast(self.r, dtype), _cast(self.b, dtype))
+
+    def minus_identity(self) -> Coefficients:
+        """``a, R - I, b``: what a site that adds its branch to the layer's own residual applies."""
+        return Coefficients(
+            self.a, self.r - torch.eye(self.r.shape[-1], device=self.r.device, dtype=self.r.dtype), self.b
+        )
 
 
 @dataclass
@@ -590,44 +615,35 @@ class HyperConnection(nn.Module):
 
     def coefficients(self, streams: torch.Tensor | None = None) -> Coefficients:
         """``a, R, b`` for ``streams`` ``(..., n, D)`` (needed only by dynamic variants)."""
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return self._no_grad_coefficients(streams, torch.float32)
         return self._coefficients(streams)
 
     def _coefficients(self, streams: torch.Tensor | None, source: tuple | None = None) -> Coefficients:
-        """:meth:`coefficients` with autograd; ``source``: what ``streams`` are recomputed from in
-        backward (see ``_mid_layer_streams``), or ``None`` to save them."""
-        n = self.num_streams
+        """:meth:`coefficients` with autograd: the equations of :mod:`hc_retrofit.formulas` with the
+        fast projection and Sinkhorn; ``source``: what ``streams`` are recomputed from in backward
+        (see ``_mid_layer_streams``), or ``None`` to save them."""
         if self.ablate:
-            ref = next(self.parameters())
-            return Coefficients(
-                torch.full((n,), 1.0 / n, device=ref.device),
-                torch.eye(n, device=ref.device),
-                torch.ones(n, device=ref.device),
-            )
+            return Coefficients(*formulas.ablated_coefficients(self.num_streams, next(self.parameters()).device))
+        dynamic = self.is_dynamic
+        proj = self.dynamic_proj if dynamic else None
+        scale = self.dynamic_scale if dynamic else None
+        project = rms_project if source is None else functools.partial(_project_recomputed, source=source)
         if self.variant == "mhc":
-            a_logit, r_logit, b_logit = self.width_logits, self.residual_logits, self.depth_logits
-            if self.is_dynamic:
-                if streams is None:
-                    raise ValueError("dynamic mHC coefficients need the streams")
-                proj = _RMSProject.apply(streams.flatten(-2), self.dynamic_proj, source)  # (..., 2n + n^2)
-                s_a, s_r, s_b = self.dynamic_scale
-                a_logit = a_logit + s_a * proj[..., :n]
-                b_logit = b_logit + s_b * proj[..., n : 2 * n]
-                r_logit = r_logit + s_r * proj[..., 2 * n :].unflatten(-1, (n, n))
-            return Coefficients(
-                torch.sigmoid(a_logit), sinkhorn(r_logit, self.config.sinkhorn_iters), 2 * torch.sigmoid(b_logit)
+            a_r_b = formulas.mhc_coefficients(
+                self.width_logits,
+                self.residual_logits,
+                self.depth_logits,
+                self.config.sinkhorn_iters,
+                proj,
+                scale,
+                streams,
+                project=project,
+                sinkhorn=sinkhorn,
             )
-        a, r, b = self.width, self.residual, self.depth
-        if self.is_dynamic:
-            if streams is None:
-                raise ValueError("dynamic HC coefficients need the streams")
-            proj = torch.tanh(_RMSProject.apply(streams, self.dynamic_proj, source))  # (..., n_k, n + 2)
-            s_a, s_r, s_b = self.dynamic_scale
-            a = a + s_a * proj[..., 0]
-            r = r + s_r * proj[..., 1 : n + 1].transpose(-1, -2)  # column k comes from stream k
-            b = b + s_b * proj[..., n + 1]
-        return Coefficients(a, r, b)
+        else:
+            a_r_b = formulas.hc_coefficients(self.width, self.residual, self.depth, proj, scale, streams, project)
+        return Coefficients(*a_r_b)
 
     # -- coefficients without autograd (evaluation, generate()) ----------------------------------
     def _static_parts(self) -> _StaticParts:
@@ -640,10 +656,9 @@ class HyperConnection(nn.Module):
         Parameters created under ``inference_mode`` have no version counter: nothing is cached.
         """
         params = self._parameters.values()
-        try:
+        key = None  # inference tensors do not track versions: nothing is cached
+        if not any(p.is_inference() for p in params):
             key = (self.ablate, self.config.sinkhorn_iters, *((id(p), p._version, p.data_ptr()) for p in params))
-        except RuntimeError:  # inference tensors do not track versions
-            key = None
         cached: _StaticParts | None = self.__dict__.get("_static_cache")
         if key is not None and cached is not None and cached.key == key:
             return cached
@@ -682,7 +697,12 @@ class HyperConnection(nn.Module):
         self, streams: torch.Tensor | None, dtype: torch.dtype, minus_identity: bool = False
     ) -> Coefficients:
         """:meth:`coefficients` without autograd, in ``dtype`` (with ``R - I`` in place of ``R`` if
-        ``minus_identity``): the same values, the static part cached, the dynamic part in few ops."""
+        ``minus_identity``): the same values, the static part cached, the dynamic part in few ops.
+        Under ``torch.compile`` the plain equations instead (the compiler fuses them; a cache keyed
+        on parameter versions would only add guards)."""
+        if torch.compiler.is_compiling():
+            c = self._coefficients(streams).to(dtype)
+            return c.minus_identity() if minus_identity else c
         parts = self._static_parts()
         if not self.is_dynamic:
             return parts.cast(dtype, minus_identity)
@@ -706,7 +726,7 @@ class HyperConnection(nn.Module):
         """``H -> R H + b f(a . H)``: one residual block over ``n`` streams ``(..., n, D)``."""
         c = (
             self.coefficients(streams)
-            if torch.is_grad_enabled()
+            if torch.is_grad_enabled() or torch.compiler.is_compiling()
             else self._no_grad_coefficients(streams, streams.dtype)
         )
         y = branch(width_connection(streams, c.a))

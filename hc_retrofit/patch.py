@@ -52,53 +52,33 @@ CONFIG_KEY = "hc_retrofit"
 
 @dataclass
 class _Call:
-    """What one site remembers between its entry and its exit during one layer call."""
+    """What one site computed at its entry, for its exit, during one layer call."""
 
     x: torch.Tensor
     r: torch.Tensor  # R for the routed site; R - I for the others, which add (R - I) H at the exit
     b: torch.Tensor
-    streams: torch.Tensor | None  # only for non-routed sites
-    source: tuple | None = None  # non-routed: what ``streams`` are recomputed from, see _recompute_source
-    # The routed site: what the layer's mid-layer streams R H + b (x) y are made of.
-    inputs: torch.Tensor | None = None
-    mixed: torch.Tensor | None = None
-    y: torch.Tensor | None = None
-    outer: torch.Tensor | None = None
+    streams: torch.Tensor | None = None  # non-routed sites: H_s
+    source: tuple | None = None  # non-routed, eager: what H_s is recomputed from in backward
+    y: torch.Tensor | None = None  # routed, eager with recomputation: the branch output y_0
 
 
-def _set_call(site: HyperConnection, call: _Call | None, routed: _Call | None = None) -> None:
-    # Straight into __dict__: nn.Module.__setattr__ costs more than the HC maths at decode.
-    site.__dict__["_hc_call"] = call
-    site.__dict__["_hc_routed"] = routed
+class _LayerCalls:
+    """The per-call state of one converted layer, shared with its hooks.
 
-
-def _recompute_source(routed: _Call | None, streams: torch.Tensor) -> tuple | None:
-    """``(_Recomputed(), (H0, R0, b0, y0))`` if ``streams`` are exactly ``R0 H0 + b0 (x) y0`` of the routed site.
-
-    True when the layer added the routed site's two outputs unchanged: the autograd node of
-    ``streams`` is one ``add`` (alpha 1) of exactly those two tensors, same shape and dtype. Then
-    the non-routed site recomputes its streams in backward from tensors saved anyway instead of
-    saving them (``n x D`` per token and layer). Anything in between (dropout, a residual
-    multiplier, an in-place change) makes it ``None``, and the streams are saved as usual.
+    The layer's ``forward`` fills it at the start of every call and empties it at the end (plain
+    attribute stores, which ``torch.compile`` traces as ordinary side effects). ``routed``: the
+    first site, whose ``R H`` the layer receives as its input; ``calls[s]``: site ``s`` between its
+    entry and its exit. ``recompute``: whether this call lets the second site recompute its
+    streams in backward (see :func:`_recomputes`).
     """
-    if routed is None or routed.mixed is None or routed.outer is None:
-        return None
-    node = streams.grad_fn
-    if node is None or node.name() != "AddBackward0" or getattr(node, "_saved_alpha", None) != 1:
-        return None
-    parents = [f for f, _ in node.next_functions]
-    mix_node, outer_node = routed.mixed.grad_fn, routed.outer.grad_fn
-    if mix_node is None or outer_node is None or len(parents) != 2:
-        return None
-    if not (
-        (parents[0] is mix_node and parents[1] is outer_node) or (parents[0] is outer_node and parents[1] is mix_node)
-    ):
-        return None
-    if not (streams.shape == routed.mixed.shape == routed.outer.shape):
-        return None
-    if not (streams.dtype == routed.mixed.dtype == routed.outer.dtype):
-        return None
-    return _Recomputed(), (routed.inputs, routed.r, routed.b, routed.y)
+
+    def __init__(self, num_sites: int) -> None:
+        self.num_sites = num_sites
+        self.reset()
+
+    def reset(self, routed: _Call | None = None, streams: torch.Tensor | None = None, recompute: bool = False) -> None:
+        self.routed, self.inputs, self.recompute = routed, streams, recompute
+        self.calls: list[_Call | None] = [routed] + [None] * (self.num_sites - 1)
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -126,14 +106,27 @@ def _coefficients(site: HyperConnection, streams: torch.Tensor, minus_identity: 
     if not torch.is_grad_enabled():
         return site._no_grad_coefficients(streams, streams.dtype, minus_identity)
     c = site.coefficients(streams)
-    return _minus_identity(c) if minus_identity else c
+    return c.minus_identity() if minus_identity else c
 
 
-def _minus_identity(c: Coefficients) -> Coefficients:
-    """``c`` with ``R - I`` in place of ``R`` (what a non-routed site's exit adds: ``(R - I) H``)."""
-    n = c.r.shape[-1]
-    c.r = c.r - torch.eye(n, device=c.r.device, dtype=c.r.dtype)
-    return c
+def _recomputes(layer: nn.Module) -> bool:
+    """Whether this (eager, autograd) call may recompute the second site's streams in backward.
+
+    The second site's input is ``H_1 = R_0 H_0 + b_0 (x) y_0``, the layer's add of the first site's
+    two outputs, when the block adds its branch output to its input unchanged: decided at convert
+    time (``_hc_recompute``: a sequential, sandwich or post-norm block without a residual
+    multiplier). Dropout is the one thing that may sit between the branch output and the add
+    (phi3's ``resid_attn_dropout``, falcon's ``dropout_add``), so a training layer with any active
+    dropout outside its branches (a module, or a config probability) saves ``H_1`` instead.
+    """
+    if not layer._hc_recompute or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return False
+    if not layer.training:
+        return True
+    config = layer._hc_config
+    return not any(m.p > 0 for m in layer._hc_dropouts) and not any(
+        getattr(config, k, 0) > 0 for k in layer._hc_dropout_keys
+    )
 
 
 class HCDecoderLayerMixin:
@@ -144,6 +137,8 @@ class HCDecoderLayerMixin:
     _hc_first: bool
     _hc_last: bool
     _hc_multiplier: float
+    _hc_calls: _LayerCalls
+    _hc_recompute: bool
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden = _split_hidden(args, kwargs)
@@ -151,25 +146,20 @@ class HCDecoderLayerMixin:
         streams = expand_streams(hidden, first_site.num_streams) if self._hc_first else hidden
         coeffs = _coefficients(first_site, streams)
         x = width_connection(streams, coeffs.a)
-        try:
-            if self._hc_block.kind == "layer":
-                new_args, new_kwargs = _with_hidden(args, kwargs, x)
-                out = super().forward(*new_args, **new_kwargs)
-                # F(x) = layer(x) - x, so H' = R H + b F(x) = (R H - b x) + b layer(x): exact at init.
-                # (R H - b x) first: with equal streams it is exactly 0 at init, so H' = layer(x) exactly.
-                new = depth_connection(streams, coeffs.r, -coeffs.b, x) + outer_streams(coeffs.b, _first(out))
-            else:
-                routed = _Call(x, coeffs.r, coeffs.b, streams=None, inputs=streams)
-                routed.mixed = stream_mix(streams, coeffs.r)
-                _set_call(first_site, routed)
-                for site in self.hyper_connections[1:]:
-                    _set_call(site, None, routed)
-                new_args, new_kwargs = _with_hidden(args, kwargs, routed.mixed)
-                out = super().forward(*new_args, **new_kwargs)
-                new = _first(out)
-        finally:
-            for site in self.hyper_connections:
-                _set_call(site, None)
+        if self._hc_block.kind == "layer":
+            new_args, new_kwargs = _with_hidden(args, kwargs, x)
+            out = super().forward(*new_args, **new_kwargs)
+            # F(x) = layer(x) - x, so H' = R H + b F(x) = (R H - b x) + b layer(x): exact at init.
+            # (R H - b x) first: with equal streams it is exactly 0 at init, so H' = layer(x) exactly.
+            new = depth_connection(streams, coeffs.r, -coeffs.b, x) + outer_streams(coeffs.b, _first(out))
+        else:
+            calls = self._hc_calls
+            calls.reset(_Call(x, coeffs.r, coeffs.b), streams, _recomputes(self))
+            mixed = stream_mix(streams, coeffs.r)
+            new_args, new_kwargs = _with_hidden(args, kwargs, mixed)
+            out = super().forward(*new_args, **new_kwargs)
+            new = _first(out)
+            calls.reset()  # (an exception above leaves it filled until the next call resets it)
         if self._hc_last:
             new = reduce_streams(new)
         return _replace_first(out, new)
@@ -187,30 +177,42 @@ def _hc_layer_class(cls: type) -> type:
     )
 
 
-def _entry_hook(site: HyperConnection, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _entry_hook(
+    calls: _LayerCalls, index: int, site: HyperConnection, module: nn.Module, args: tuple, kwargs: dict
+) -> tuple[tuple, dict]:
     """Forward pre-hook on an entry module: feed it ``x = a . H`` instead of the streams."""
-    call: _Call | None = site._hc_call
+    call = calls.calls[index]
     if call is None:  # first entry of a non-routed site: read H_s here
         streams = _split_hidden(args, kwargs)
-        if torch.is_grad_enabled() and (source := _recompute_source(site._hc_routed, streams)) is not None:
-            c = _minus_identity(site._coefficients(streams, source))
+        routed = calls.routed
+        if index == 1 and calls.recompute and routed is not None and routed.y is not None:
+            # H_1 = R_0 H_0 + b_0 (x) y_0: saved as what it is made of, recomputed in backward.
+            source = (_Recomputed(), (calls.inputs, routed.r, routed.b, routed.y))
+            c = site._coefficients(streams, source).minus_identity()
             call = _Call(_WidthConnection.apply(streams, c.a, source), c.r, c.b, streams, source)
         else:
             c = _coefficients(site, streams, minus_identity=True)
             call = _Call(width_connection(streams, c.a), c.r, c.b, streams)
-        _set_call(site, call)
+        calls.calls[index] = call
     return _with_hidden(args, kwargs, call.x)
 
 
 def _exit_hook(
-    site: HyperConnection, multiplier: float, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    calls: _LayerCalls,
+    index: int,
+    multiplier: float,
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    output: Any,
 ) -> Any:
     """Forward hook on an exit module: turn the branch output ``y`` into what the layer must add."""
-    call: _Call = site._hc_call
+    call = calls.calls[index]
     y = _first(output)
-    if call.streams is None:  # routed site: the layer adds R H itself
-        call.y, call.outer = y, outer_streams(call.b, y)
-        return _replace_first(output, call.outer)
+    if index == 0:  # routed site: the layer adds R H itself
+        if calls.recompute:
+            call.y = y
+        return _replace_first(output, outer_streams(call.b, y))
     if call.source is not None:  # (R - I) H, H recomputed in backward
         delta = _DepthConnection.apply(call.streams, call.r, None, None, call.source)
     else:
@@ -219,6 +221,47 @@ def _exit_hook(
         delta = delta / multiplier
     b = call.b if call.b.dtype == y.dtype else call.b.to(y.dtype)
     return _replace_first(output, delta.addcmul_(b.unsqueeze(-1), y.unsqueeze(-2)))
+
+
+def _recompute_allowed(block: Block, multiplier: float) -> bool:
+    """Whether the block's structure makes the second site's input ``R_0 H_0 + b_0 (x) y_0`` exactly.
+
+    True for blocks that add one branch output to their input unchanged (sequential, sandwich,
+    post-norm; one exit on the first site) without a residual multiplier; dropout between the two
+    is checked per call (see :func:`_recomputes`).
+    """
+    return (
+        block.kind in ("sequential", "sandwich", "post_norm")
+        and len(block.sites) > 1
+        and len(block.sites[0].exits) == 1
+        and multiplier == 1.0
+    )
+
+
+def _dropout_keys(config: Any) -> tuple[str, ...]:
+    """The config's dropout probabilities (``*dropout*``, ``*pdrop*``) a layer's functional dropout
+    may use (all but the ones of the embeddings and classification heads, outside the layers)."""
+    return tuple(
+        k
+        for k, v in vars(config).items()
+        if ("dropout" in k or "pdrop" in k)
+        and not any(outside in k for outside in ("classifier", "summary", "embd", "embed"))
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+    )
+
+
+def _dropouts_outside_branches(layer: nn.Module, block: Block) -> tuple[nn.Dropout, ...]:
+    """The layer's dropout modules that are not inside an entry or exit module (they may act on the
+    branch output between the exit and the add)."""
+    inside = {
+        id(m)
+        for spec in block.sites
+        for name in spec.entries + spec.exits
+        if isinstance(root := getattr(layer, name, None), nn.Module)
+        for m in root.modules()
+    }
+    return tuple(m for m in layer.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and id(m) not in inside)
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -281,6 +324,8 @@ def convert(model: nn.Module, config: HCConfig | None = None) -> nn.Module:
                     f"adapter expects ({', '.join(spec.entries + spec.exits)}); is this transformers version supported?"
                 )
     dim = model.config.hidden_size
+    recompute = _recompute_allowed(block, multiplier)
+    dropout_keys = _dropout_keys(model.config)
     site_index = 0
     for i, layer in enumerate(layers):
         ref = next(layer.parameters())
@@ -288,20 +333,24 @@ def convert(model: nn.Module, config: HCConfig | None = None) -> nn.Module:
         sites = nn.ModuleList(HyperConnection(dim, config, site_index + s) for s in range(n_sites))
         site_index += n_sites
         sites.to(device=ref.device)
+        dropouts = _dropouts_outside_branches(layer, block)
         layer.__class__ = _hc_layer_class(type(layer))
         layer.hyper_connections = sites
         layer._hc_block, layer._hc_multiplier = block, multiplier
         layer._hc_first, layer._hc_last = i == 0, i == len(layers) - 1
-        for site, spec in zip(sites, block.sites, strict=False):
+        layer._hc_calls = calls = _LayerCalls(n_sites)
+        layer._hc_recompute = recompute
+        layer._hc_config, layer._hc_dropout_keys, layer._hc_dropouts = model.config, dropout_keys, dropouts
+        for index, (site, spec) in enumerate(zip(sites, block.sites, strict=False)):
             for name in spec.entries:
                 if isinstance(module := getattr(layer, name, None), nn.Module):
-                    module.register_forward_pre_hook(functools.partial(_entry_hook, site), with_kwargs=True)
+                    module.register_forward_pre_hook(
+                        functools.partial(_entry_hook, calls, index, site), with_kwargs=True
+                    )
             for name in spec.exits:
                 getattr(layer, name).register_forward_hook(
-                    functools.partial(_exit_hook, site, multiplier), with_kwargs=True
+                    functools.partial(_exit_hook, calls, index, multiplier), with_kwargs=True
                 )
-        for site in sites:
-            _set_call(site, None)
     model.hc_config = config
     model.config.hc_retrofit = config.to_dict()
     return model

@@ -1,8 +1,9 @@
-"""Mid-layer streams recomputed in backward (patch._recompute_source): same gradients, less memory.
+"""Mid-layer streams recomputed in backward (patch._recomputes): same gradients, less memory.
 
 A converted layer's second site reads ``H1 = R0 H0 + b0 (x) y0``, the layer's add of its first
-site's outputs. When the autograd graph shows exactly that add, the second site's Functions save
-``(H0, R0, b0, y0)`` (saved anyway) and recompute ``H1`` in backward instead of saving it.
+site's outputs. Where the block structure says so (decided at convert time, dropout checked per
+call), the second site's Functions save ``(H0, R0, b0, y0)`` (saved anyway) and recompute ``H1``
+in backward instead of saving it.
 """
 
 import pytest
@@ -27,18 +28,22 @@ def trained(case: str, variant: str, dropout: float = 0.0):
     return model.train()
 
 
-def run(model, ids):
-    """Gradients, saved-activation bytes, and how many sites recomputed their streams."""
+def run(model, ids, recompute: bool = True):
+    """Gradients, saved-activation bytes, and how many layer calls recomputed their streams."""
     from bench._common import saved_activation_bytes
 
+    layers = patch.decoder_layers(model)
+    allowed = [layer._hc_recompute for layer in layers]
     calls = []
-    original = patch._recompute_source
+    for layer in layers:
+        layer._hc_recompute = layer._hc_recompute and recompute
+    original = patch._recomputes
 
-    def spy(routed, streams):
-        calls.append(original(routed, streams))
+    def spy(layer):
+        calls.append(original(layer))
         return calls[-1]
 
-    patch._recompute_source = spy
+    patch._recomputes = spy
     try:
         torch.manual_seed(0)
         model.zero_grad()
@@ -46,19 +51,20 @@ def run(model, ids):
             loss = model(ids, labels=ids).loss
         loss.backward()
     finally:
-        patch._recompute_source = original
+        patch._recomputes = original
+        for layer, flag in zip(layers, allowed, strict=True):
+            layer._hc_recompute = flag
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return grads, saved["bytes"], sum(c is not None for c in calls)
+    return grads, saved["bytes"], sum(calls)
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_recomputed_streams_give_the_same_gradients_and_save_memory(case, variant, monkeypatch):
+def test_recomputed_streams_give_the_same_gradients_and_save_memory(case, variant):
     model = trained(case, variant)
     ids = torch.randint(3, VOCAB, (2, 10))
     grads, saved, recomputed = run(model, ids)
-    monkeypatch.setattr(patch, "_recompute_source", lambda routed, streams: None)
-    ref_grads, ref_saved, _ = run(model, ids)
+    ref_grads, ref_saved, _ = run(model, ids, recompute=False)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5)
@@ -69,12 +75,22 @@ def test_recomputed_streams_give_the_same_gradients_and_save_memory(case, varian
         assert recomputed == layers and saved < ref_saved
 
 
-def test_dropout_between_exit_and_add_falls_back_to_saving():
-    # phi3 applies resid_attn_dropout to the exit's output before the add: the graph shows it.
-    model = trained("phi3", "mhc", dropout=0.1)
+@pytest.mark.parametrize(("case", "config_key"), [("phi3", None), ("falcon-sequential-alibi", "attention_dropout")])
+def test_dropout_between_exit_and_add_falls_back_to_saving(case, config_key):
+    # phi3 applies resid_attn_dropout to the exit's output before the add; falcon's dropout_add
+    # reads config.attention_dropout. Either, active while training, turns recomputation off.
+    model = trained(case, "mhc", dropout=0.1)
+    if config_key:
+        setattr(model.config, config_key, 0.1)
     ids = torch.randint(3, VOCAB, (2, 10))
-    _, _, recomputed = run(model, ids)
+    grads, _, recomputed = run(model, ids)
     assert recomputed == 0
+    model.eval()  # no dropout at evaluation: recomputation is back, and matches saving
+    grads, _, recomputed = run(model, ids)
+    ref_grads, _, _ = run(model, ids, recompute=False)
+    assert recomputed == len(patch.decoder_layers(model))
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5)
 
 
 def test_shared_recomputation_survives_a_retained_graph():
