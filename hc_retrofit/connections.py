@@ -34,8 +34,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hc_retrofit import formulas
 from hc_retrofit.config import HCConfig
+from hc_retrofit.formulas import ablated_coefficients, hc_coefficients, mhc_coefficients
+from hc_retrofit.formulas import depth as plain_depth
+from hc_retrofit.formulas import mix as plain_mix
+from hc_retrofit.formulas import outer as plain_outer
+from hc_retrofit.formulas import rms_project as plain_rms_project
+from hc_retrofit.formulas import sinkhorn as plain_sinkhorn
+from hc_retrofit.formulas import width as plain_width
 
 __all__ = [
     "Coefficients",
@@ -65,7 +71,7 @@ def reduce_streams(streams: torch.Tensor) -> torch.Tensor:
 def width_connection(streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``x = sum_k a_k H_k``; ``a`` is ``(n,)`` (static) or ``(..., n)`` (per token)."""
     if torch.compiler.is_compiling():
-        return formulas.width(streams, a)
+        return plain_width(streams, a)
     if not torch.is_grad_enabled():
         return _width_no_grad(streams, a)
     return _WidthConnection.apply(streams, a)
@@ -74,7 +80,7 @@ def width_connection(streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def stream_mix(streams: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """``(R H)_j = sum_k R_jk H_k``; ``R`` is ``(n, n)`` or ``(..., n, n)``."""
     if torch.compiler.is_compiling():
-        return formulas.mix(streams, r)
+        return plain_mix(streams, r)
     if not torch.is_grad_enabled():
         return _mix_no_grad(streams, r)
     return _DepthConnection.apply(streams, r, None, None)
@@ -83,7 +89,7 @@ def stream_mix(streams: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 def depth_connection(streams: torch.Tensor, r: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``H'_j = sum_k R_jk H_k + b_j y``; ``b`` is ``(n,)`` or ``(..., n)``, ``y`` is ``(..., D)``."""
     if torch.compiler.is_compiling():
-        return formulas.depth(streams, r, b, y)
+        return plain_depth(streams, r, b, y)
     if not torch.is_grad_enabled():
         b, y = _cast(b, streams.dtype), _cast(y, streams.dtype)
         return _mix_no_grad(streams, r).addcmul_(b.unsqueeze(-1), y.unsqueeze(-2))
@@ -326,7 +332,7 @@ class _Outer(torch.autograd.Function):
 def outer_streams(b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``b_j y`` for every stream j: ``(n,)`` or ``(..., n)`` with ``(..., D)`` -> ``(..., n, D)``."""
     if torch.compiler.is_compiling():
-        return formulas.outer(b, y)
+        return plain_outer(b, y)
     if not torch.is_grad_enabled():
         return _cast(b, y.dtype).unsqueeze(-1) * y.unsqueeze(-2)
     return _Outer.apply(b, y)
@@ -380,7 +386,7 @@ def _rms_project_parts(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, 
 def rms_project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``RMSNorm(x) @ w`` over the last dim of ``x``, in (at least) float32: the dynamic coefficients' input."""
     if torch.compiler.is_compiling():
-        return formulas.rms_project(x, w)
+        return plain_rms_project(x, w)
     if not torch.is_grad_enabled():
         p, inv = _rms_project_parts(x, w)
         return p.mul_(inv)
@@ -396,7 +402,7 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     limit); see :class:`_Sinkhorn`.
     """
     if torch.compiler.is_compiling():
-        return formulas.sinkhorn(logits, iters)
+        return plain_sinkhorn(logits, iters)
     if not torch.is_grad_enabled() and logits.numel() <= _SMALL_BATCH * logits.shape[-1] * logits.shape[-2]:
         return _sinkhorn_log_domain(logits, iters)
     return _Sinkhorn.apply(logits, iters)
@@ -624,13 +630,13 @@ class HyperConnection(nn.Module):
         fast projection and Sinkhorn; ``source``: what ``streams`` are recomputed from in backward
         (see ``_mid_layer_streams``), or ``None`` to save them."""
         if self.ablate:
-            return Coefficients(*formulas.ablated_coefficients(self.num_streams, next(self.parameters()).device))
+            return Coefficients(*ablated_coefficients(self.num_streams, next(self.parameters()).device))
         dynamic = self.is_dynamic
         proj = self.dynamic_proj if dynamic else None
         scale = self.dynamic_scale if dynamic else None
         project = rms_project if source is None else functools.partial(_project_recomputed, source=source)
         if self.variant == "mhc":
-            a_r_b = formulas.mhc_coefficients(
+            a_r_b = mhc_coefficients(
                 self.width_logits,
                 self.residual_logits,
                 self.depth_logits,
@@ -642,7 +648,7 @@ class HyperConnection(nn.Module):
                 sinkhorn=sinkhorn,
             )
         else:
-            a_r_b = formulas.hc_coefficients(self.width, self.residual, self.depth, proj, scale, streams, project)
+            a_r_b = hc_coefficients(self.width, self.residual, self.depth, proj, scale, streams, project)
         return Coefficients(*a_r_b)
 
     # -- coefficients without autograd (evaluation, generate()) ----------------------------------
