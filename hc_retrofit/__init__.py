@@ -6,26 +6,78 @@ Public API::
     model = hc_retrofit.convert(model, hc_retrofit.HCConfig(num_streams=4, variant="mhc"))
 """
 
-from hc_retrofit.config import HCConfig
-from hc_retrofit.connections import (
-    HyperConnection,
-    depth_connection,
-    expand_streams,
-    reduce_streams,
-    sinkhorn,
-    stream_mix,
-    width_connection,
-)
-from hc_retrofit.errors import (
-    AlreadyConvertedError,
-    ConfigError,
-    HCRetrofitError,
-    NotConvertedError,
-    UnsupportedArchitectureError,
-)
-from hc_retrofit.families import FAMILIES, Block, Family, Site, register_family, supported_model_types
-from hc_retrofit.patch import convert, hyper_connection_sites, is_converted
-from hc_retrofit.persist import load_converted, save_converted
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names below load on first use (PEP 562), so `import hc_retrofit` stays light
+    from hc_retrofit.config import HCConfig
+    from hc_retrofit.connections import (
+        HyperConnection,
+        depth_connection,
+        expand_streams,
+        reduce_streams,
+        sinkhorn,
+        stream_mix,
+        width_connection,
+    )
+    from hc_retrofit.errors import (
+        AlreadyConvertedError,
+        ConfigError,
+        HCRetrofitError,
+        NotConvertedError,
+        UnsupportedArchitectureError,
+    )
+    from hc_retrofit.families import FAMILIES, Block, Family, Site, register_family, supported_model_types
+    from hc_retrofit.patch import convert, hyper_connection_sites, is_converted
+    from hc_retrofit.persist import load_converted, save_converted
+
+# public name -> the module that defines it. Importing torch and transformers takes seconds, so the
+# package imports them only when one of these names is used: `hc-retrofit --help` and the light
+# modules (errors, config, families) never pay for them.
+_LAZY = {
+    "HCConfig": "config",
+    **dict.fromkeys(
+        (
+            "HyperConnection",
+            "depth_connection",
+            "expand_streams",
+            "reduce_streams",
+            "sinkhorn",
+            "stream_mix",
+            "width_connection",
+        ),
+        "connections",
+    ),
+    **dict.fromkeys(
+        (
+            "AlreadyConvertedError",
+            "ConfigError",
+            "HCRetrofitError",
+            "NotConvertedError",
+            "UnsupportedArchitectureError",
+        ),
+        "errors",
+    ),
+    **dict.fromkeys(("FAMILIES", "Block", "Family", "Site", "register_family", "supported_model_types"), "families"),
+    **dict.fromkeys(("convert", "hyper_connection_sites", "is_converted"), "patch"),
+    **dict.fromkeys(("load_converted", "save_converted"), "persist"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hc_retrofit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"hc_retrofit.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

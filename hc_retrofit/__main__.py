@@ -1,6 +1,6 @@
 """``python -m hc_retrofit``: the same as the ``hc-retrofit`` command."""
 
-from hc_retrofit.cli.app import main
+from hc_retrofit.cli import main
 
 if __name__ == "__main__":
     main()

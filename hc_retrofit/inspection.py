@@ -140,36 +140,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> InspectionReport:
 
 
 def plot_report(report: InspectionReport, file: str | os.PathLike) -> Path:
-    """Heatmaps of ``a``, ``b`` and ``R - I`` per site, and the stream divergence per layer, as a PNG."""
-    import matplotlib
+    """Draw ``report`` as a PNG (see :func:`hc_retrofit.plots.plot_report`)."""
+    from hc_retrofit.plots import plot_report as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = report.num_streams
-    width = torch.tensor([s.width for s in report.sites])
-    depth = torch.tensor([s.depth for s in report.sites])
-    mix = torch.stack([torch.tensor(s.residual) - torch.eye(n) for s in report.sites]).flatten(1)
-    fig, axes = plt.subplots(1, 4, figsize=(16, max(3.0, 0.25 * len(report.sites) + 1.5)))
-    for ax, data, title, cmap in (
-        (axes[0], width, "width a (site x stream)", "viridis"),
-        (axes[1], depth, "depth b (site x stream)", "viridis"),
-        (axes[2], mix, "R - I (site x row-major entries)", "coolwarm"),
-    ):
-        limit = float(data.abs().max()) or 1.0
-        image = ax.imshow(
-            data, aspect="auto", cmap=cmap, **({"vmin": -limit, "vmax": limit} if cmap == "coolwarm" else {})
-        )
-        ax.set_title(title, fontsize=9)
-        ax.set_ylabel("site")
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    axes[3].bar(range(len(report.stream_divergence)), report.stream_divergence)
-    axes[3].set_title("stream divergence per layer", fontsize=9)
-    axes[3].set_xlabel("layer")
-    fig.suptitle(f"hyper-connections: {report.variant}, {n} streams")
-    fig.tight_layout()
-    out = Path(file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return draw(report, file)

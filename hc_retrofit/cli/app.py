@@ -18,6 +18,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from hc_retrofit.errors import HCRetrofitError
+from hc_retrofit.extras import missing_extra_hint
 
 try:  # typer >= 0.2x vendors click as typer._click; older typer uses click itself
     from typer._click import exceptions as click_exceptions
@@ -49,7 +50,8 @@ def quiet_library_progress() -> None:
 
     The command's own status lines and progress bar own the screen; Hub download bars (huggingface_hub)
     stay, since a long download with no sign of life looks like a hang. Called only when a command
-    really runs (not for ``--help``), so start-up stays free of the transformers import.
+    Each command calls it right after importing the modules that import transformers (which it needs
+    anyway), so ``--help`` and argument errors stay free of that import, which takes seconds.
     """
     from transformers.utils import logging as transformers_logging
 
@@ -66,15 +68,8 @@ class _OneLineErrors(TyperGroup):
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         command = super().get_command(ctx, cmd_name)
-        if command is not None and not getattr(command, "_hc_wrapped", False):
+        if command is not None:
             _show_flags_as_flags(command.get_params(ctx))
-            callback = command.callback
-
-            def run(*args: Any, **kwargs: Any) -> Any:
-                quiet_library_progress()
-                return callback(*args, **kwargs)
-
-            command.callback, command._hc_wrapped = run, True
         return command
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, *a: Any, **kw: Any) -> Any:
@@ -90,6 +85,11 @@ class _OneLineErrors(TyperGroup):
             fail(err.format_message() + hint, 2)
         except (typer.Abort, KeyboardInterrupt):
             fail("interrupted", 130)
+        except ImportError as err:  # an optional extra (train, plot) is not installed
+            hint = missing_extra_hint(err)
+            if hint is None:
+                raise
+            fail(hint, 1)
         except click_exceptions.ClickException as err:
             fail(err.format_message(), err.exit_code)
         code = result if isinstance(result, int) else 0

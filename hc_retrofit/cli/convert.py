@@ -9,11 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hc_retrofit.cli.app import app, console, err_console
+from hc_retrofit.cli.app import app, console, err_console, quiet_library_progress
 from hc_retrofit.config import VARIANTS, HCConfig
-from hc_retrofit.conversion import convert_checkpoint
-from hc_retrofit.persist import DTYPES, parse_dtype
-from hc_retrofit.streaming import CannotStream, stream_convert
 
 
 @app.command("convert")
@@ -27,7 +24,7 @@ def convert_command(
         str, typer.Option("--variant", help=f"Hyper-connection variant: {', '.join(VARIANTS)}.")
     ] = "mhc",
     dtype: Annotated[
-        str, typer.Option("--dtype", help=f"Weights dtype: {', '.join(DTYPES)} (auto = the checkpoint's).")
+        str, typer.Option("--dtype", help="Weights dtype: auto, float32, bfloat16, float16 (auto = the checkpoint's).")
     ] = "auto",
     revision: Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit of MODEL.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
@@ -61,6 +58,11 @@ def convert_command(
     plain transformers via AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True).
     """
     settings = HCConfig(num_streams=streams, variant=variant)  # bad settings fail before any loading
+    from hc_retrofit.conversion import convert_checkpoint  # torch + transformers: only when a command runs
+    from hc_retrofit.persist import parse_dtype
+    from hc_retrofit.streaming import CannotStream, stream_convert
+
+    quiet_library_progress()
     parse_dtype(dtype)
     start = time.perf_counter()
     with err_console.status("converting", spinner="dots") as status:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hc_retrofit.cli.app import app
+from hc_retrofit.cli.app import app, quiet_library_progress
 
 
 @app.command("demo")
@@ -26,6 +26,7 @@ def demo_command(
 
     from hc_retrofit.train.demo import run_demo
 
+    quiet_library_progress()
     console = Console()
     result = run_demo(
         out,

@@ -9,12 +9,26 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hc_retrofit.cli.app import app, console, err_console
-from hc_retrofit.inspection import inspect_checkpoint, plot_report
+from hc_retrofit.cli.app import app, console, err_console, quiet_library_progress
 
 
 def _vector(values: list[float]) -> str:
     return "[" + " ".join(f"{v:.2f}" for v in values) + "]"
+
+
+def divergence_line(divergence: list[float], *, last_layer: int) -> str:
+    """The stream divergence by layer index, or "0" when it is float noise (a model as converted)."""
+    from hc_retrofit.plots import DIVERGENCE_NOISE
+
+    if not divergence:
+        return "stream divergence: no layer outputs streams"
+    if max(divergence) < DIVERGENCE_NOISE:
+        return (
+            f"stream divergence: 0 after every layer, the streams are identical as at conversion "
+            f"(max {max(divergence):.0e} is float rounding)"
+        )
+    by_layer = ", ".join(f"layer {i}: {v:.2e}" for i, v in enumerate(divergence))
+    return f"stream divergence after {by_layer} (layer {last_layer} averages the streams back into one)"
 
 
 @app.command("inspect")
@@ -30,6 +44,9 @@ def inspect_command(
     R's distance from the identity (and, for mHC, from the doubly stochastic matrices) shows how far the
     streams mix; stream divergence is 0 at conversion and grows with training.
     """
+    from hc_retrofit.inspection import inspect_checkpoint, plot_report
+
+    quiet_library_progress()
     with err_console.status("loading and probing", spinner="dots"):
         report = inspect_checkpoint(directory)
     if as_json:
@@ -48,8 +65,7 @@ def inspect_command(
                 f"{s.residual_doubly_stochastic_distance:.2e}",
             )
         console.print(table)
-        spread = ", ".join(f"{v:.2e}" for v in report.stream_divergence)
-        console.print(f"stream divergence per layer (0 at init, grows with training): {spread}")
+        console.print(divergence_line(report.stream_divergence, last_layer=max(s.layer for s in report.sites)))
     if plot is not None:
         written = plot_report(report, plot)
         err_console.print(f"plot written to {written}")

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from hc_retrofit.cli.app import app, console, err_console
-from hc_retrofit.hub import push_checkpoint
 
 
 @app.command("push")
@@ -26,6 +25,8 @@ def push_command(
     Needs a token with write access (`hf auth login` or HF_TOKEN). A README.md you wrote yourself is kept.
     """
     with err_console.status(f"uploading to {repo_id}", spinner="dots") if not dry_run else _nothing():
+        from hc_retrofit.hub import push_checkpoint
+
         plan = push_checkpoint(directory, repo_id, private=private, revision=revision, dry_run=dry_run)
     where = f"{plan.endpoint}/{plan.repo_id}" + (f" (branch {plan.revision})" if plan.revision else "")
     card = "README.md model card: " + ("generated" if plan.card_generated else "yours, kept")

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from hc_retrofit.cli.app import app
+from hc_retrofit.cli.app import app, quiet_library_progress
 
 
 @app.command("train")
@@ -73,6 +73,7 @@ def train_command(
 
     from hc_retrofit.train import merge, train
 
+    quiet_library_progress()
     for name in ("config", "no_progress"):
         flags.pop(name)
     for name in ("no_hc", "grad_checkpointing", "resume", "overwrite"):  # flags only switch on

@@ -9,8 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hc_retrofit.cli.app import app, console, err_console
-from hc_retrofit.verify import KL_TOL, verify_checkpoint
+from hc_retrofit.cli.app import app, console, err_console, quiet_library_progress
 
 
 @app.command("verify")
@@ -26,6 +25,9 @@ def verify_command(
 
     Exit code 0 when they are equivalent within tolerance (or with --trained), 1 otherwise.
     """
+    from hc_retrofit.verify import KL_TOL, verify_checkpoint
+
+    quiet_library_progress()
     with err_console.status("loading both models and comparing", spinner="dots"):
         report = verify_checkpoint(directory, base, trained=trained)
     if as_json:

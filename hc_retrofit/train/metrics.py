@@ -57,30 +57,7 @@ class MetricsLog:
 def plot_losses(
     runs: dict[str, Iterable[dict[str, Any]]], out_png: str | Path, *, title: str = "hc-retrofit training"
 ) -> Path:
-    """Plot train loss (thin) and eval loss (markers) of one or more runs to a PNG (Agg backend)."""
-    import matplotlib
+    """Plot train and eval loss of one or more runs to a PNG (see :func:`hc_retrofit.plots.plot_losses`)."""
+    from hc_retrofit.plots import plot_losses as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for i, (label, rows) in enumerate(runs.items()):
-        rows = list(rows)
-        color = f"C{i}"
-        train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
-        evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
-        if train:
-            ax.plot(*zip(*train, strict=True), color=color, alpha=0.45, lw=0.9, label=f"{label} train")
-        if evals:
-            ax.plot(*zip(*evals, strict=True), color=color, marker="o", ms=3.5, lw=1.6, label=f"{label} eval")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
+    return draw(runs, out_png, title=title)

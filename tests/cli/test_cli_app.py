@@ -120,3 +120,66 @@ def test_commands_silence_transformers_progress_bars(cli, base_dir: Path, tmp_pa
     assert result.exit_code == 0, result.output
     assert "Loading weights" not in result.output and "Writing model shards" not in result.output
     assert not transformers_logging.is_progress_bar_enabled()
+
+
+def test_help_and_argument_errors_do_not_import_the_heavy_libraries(tmp_path: Path) -> None:
+    """`hc-retrofit --help` and usage errors must stay fast: torch & co. load only inside a running command."""
+    heavy = ("torch", "transformers", "accelerate", "datasets", "matplotlib", "safetensors", "huggingface_hub")
+    code = (
+        "import sys\n"
+        "import hc_retrofit, hc_retrofit.cli.app, hc_retrofit.cli.commands\n"
+        "from hc_retrofit.cli.app import main\n"
+        "for argv in (['--help'], ['convert', '--help'], ['train', '--help'], ['convert', 'x', '--bogus']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_convert_help_names_every_dtype(cli) -> None:
+    from hc_retrofit.persist import DTYPES
+
+    help_text = " ".join(cli("convert", "--help").output.split())
+    assert all(name in help_text for name in DTYPES)
+
+
+def test_the_package_imports_its_public_names_lazily() -> None:
+    import hc_retrofit
+
+    assert set(hc_retrofit.__all__) <= set(dir(hc_retrofit))
+    for name in hc_retrofit.__all__:
+        assert getattr(hc_retrofit, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = hc_retrofit.nope
+
+
+@pytest.mark.parametrize(
+    ("hidden", "argv", "extra"),
+    [
+        ("datasets", ["train", "m", "--data", "d.txt", "--out", "o"], "train"),
+        ("typer", ["--help"], "cli"),
+    ],
+)
+def test_a_missing_extra_is_one_line_naming_it(tmp_path: Path, hidden: str, argv: list[str], extra: str) -> None:
+    code = f"import sys\nsys.modules[{hidden!r}] = None\nfrom hc_retrofit.cli import main\nmain({argv!r})\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f'error: {hidden} is not installed, and this needs it: pip install "hc-retrofit[{extra}]" (or "hc-retrofit[all]")'
+    )
+
+
+def test_plots_name_the_plot_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hc_retrofit.errors import HCRetrofitError
+    from hc_retrofit.plots import new_figure
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(HCRetrofitError, match=r'pip install "hc-retrofit\[plot\]"'):
+        new_figure()

@@ -35,3 +35,10 @@ def test_inspect_plot(cli, converted_dir: Path, tmp_path: Path) -> None:
 def test_inspect_bad_input(cli, base_dir: Path) -> None:
     result = cli("inspect", base_dir)
     assert result.exit_code == 1 and result.output.startswith("error: ") and "not a converted" in result.output
+
+
+def test_inspect_names_the_layers_of_the_divergence(cli, converted_dir: Path, trained_dir: Path) -> None:
+    fresh = " ".join(cli("inspect", converted_dir).output.split())
+    assert "stream divergence: 0 after every layer" in fresh and "e-0" in fresh  # noise shown as rounding, not data
+    trained = " ".join(cli("inspect", trained_dir).output.split())
+    assert "after layer 0: " in trained and ", layer 1: " in trained and "layer 2 averages the streams" in trained
