@@ -18,6 +18,12 @@ from hc_retrofit.errors import ConfigError
 VARIANTS = ("static", "dynamic", "mhc")
 
 
+MAX_STREAMS = 64
+"""Upper bound on ``num_streams``: beyond it the n-fold residual state is a mistake, not a setting."""
+MAX_SINKHORN_ITERS = 1000
+"""Upper bound on ``sinkhorn_iters`` (a crafted config must not hang a command)."""
+
+
 @dataclass(frozen=True)
 class HCConfig:
     """Settings of a hyper-connection retrofit.
@@ -61,10 +67,19 @@ class HCConfig:
             raise ConfigError(
                 f"num_streams must be >= 2 (hyper-connections need several streams), got {self.num_streams}"
             )
+        if self.num_streams > MAX_STREAMS:
+            raise ConfigError(
+                f"num_streams must be <= {MAX_STREAMS}, got {self.num_streams}: activations grow n-fold "
+                "(the papers use 4)"
+            )
         if self.variant not in VARIANTS:
             raise ConfigError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
-        if not isinstance(self.sinkhorn_iters, int) or self.sinkhorn_iters < 1:
-            raise ConfigError(f"sinkhorn_iters must be a positive integer, got {self.sinkhorn_iters!r}")
+        if isinstance(self.sinkhorn_iters, bool) or not isinstance(self.sinkhorn_iters, int):
+            raise ConfigError(f"sinkhorn_iters must be an integer, got {self.sinkhorn_iters!r}")
+        if not (1 <= self.sinkhorn_iters <= MAX_SINKHORN_ITERS):
+            raise ConfigError(
+                f"sinkhorn_iters must be in [1, {MAX_SINKHORN_ITERS}], got {self.sinkhorn_iters} (default 20)"
+            )
         main = self.width_init_main
         if main is not None:
             upper = 1.0 if self.variant != "mhc" else 1.0 - 1e-6

@@ -21,13 +21,13 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hc_retrofit.errors import AlreadyConvertedError, CheckpointError, ConfigError, NotConvertedError, OutputExistsError
+from hc_retrofit import outputs
+from hc_retrofit.errors import AlreadyConvertedError, CheckpointError, ConfigError, NotConvertedError
 from hc_retrofit.patch import CONFIG_KEY, is_converted
 from hc_retrofit.remote_code import write_remote_code
 from hc_retrofit.remote_model import (
@@ -103,31 +103,8 @@ def _one_line(err: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- saving
 def check_output_dir(out_dir: Path, *, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
-    """Refuse an existing ``out_dir`` without ``overwrite``, a file, or a path inside ``source``."""
-    out = Path(out_dir).expanduser().resolve()
-    if source is not None and Path(source).expanduser().is_dir():
-        src = Path(source).expanduser().resolve()
-        if out == src or src in out.parents:
-            raise OutputExistsError(f"output {out} is inside the source model directory {src}; choose another --out")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output {out} exists and is not a directory")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(
-            f"output directory {out} already exists; pass --overwrite (overwrite=True) to replace it"
-        )
-    return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing ``out`` is swapped out first, then removed."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        old.rmdir()
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    """Refuse an ``out_dir`` this tool may not write; see :func:`hc_retrofit.outputs.check_output_dir`."""
+    return outputs.check_output_dir(out_dir, overwrite=overwrite, inputs=[source])
 
 
 def write_converted_files(
@@ -150,6 +127,7 @@ def write_converted_files(
     data = json.loads(config_file.read_text(encoding="utf-8"))
     data.update(keys)
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    outputs.write_marker(directory, "checkpoint")
     return keys
 
 
@@ -182,12 +160,11 @@ def save_converted(
     if base and Path(base).expanduser().is_dir():  # a local base: absolute, so verify works from any cwd
         base = str(Path(base).expanduser().resolve())
     metadata = {**(getattr(config, METADATA_KEY, None) or {}), **(extra_metadata or {})}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = outputs.staging_dir(out)
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         keys = write_converted_files(tmp, model, tokenizer, base=base, metadata=metadata)
-        _replace_dir(tmp, out)
+        outputs.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from hc_retrofit import outputs
 from hc_retrofit.config import HCConfig
 from hc_retrofit.connections import HyperConnection
 from hc_retrofit.conversion import ConvertSummary, count_parameters
@@ -38,7 +38,6 @@ from hc_retrofit.errors import HCRetrofitError
 from hc_retrofit.families import family_for
 from hc_retrofit.patch import convert, decoder_layers, hyper_connection_sites
 from hc_retrofit.persist import (
-    _replace_dir,
     check_output_dir,
     load_base_config,
     load_tokenizer,
@@ -333,8 +332,7 @@ def write_plan(
 
     say = progress or (lambda _msg: None)
     out = check_output_dir(Path(out_dir), overwrite=overwrite, source=str(plan.local_dir))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = outputs.staging_dir(out)
     linked = 0
     try:
         weight_map: dict[str, str] = {}
@@ -367,7 +365,7 @@ def write_plan(
         write_converted_files(tmp, model, tokenizer, base=base)
         if check is not None:
             check(tmp)
-        _replace_dir(tmp, out)
+        outputs.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

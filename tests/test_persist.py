@@ -138,9 +138,15 @@ def test_save_refuses_existing_dir_and_overwrites_on_request(tmp_path: Path) -> 
     with pytest.raises(OutputExistsError, match="overwrite"):
         persist.save_converted(model, out)
     assert (out / "keep.txt").read_text() == "mine"
-    persist.save_converted(model, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and persist.is_converted_dir(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    with pytest.raises(OutputExistsError, match="not written by hc-retrofit"):  # not ours: never replaced
+        persist.save_converted(model, out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    persist.save_converted(model, ours)
+    (ours / "stale.txt").write_text("from the earlier conversion")
+    persist.save_converted(model, ours, overwrite=True)
+    assert not (ours / "stale.txt").exists() and persist.is_converted_dir(ours)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ours"]
 
 
 def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,9 +26,10 @@ def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     root = Path(out_dir) / CHECKPOINTS
     found = []
     for path in root.glob("step-*") if root.is_dir() else []:
-        state = path / STATE_FILE
-        if state.is_file():
-            found.append((int(json.loads(state.read_text())["step"]), path))
+        try:
+            found.append((int(json.loads((path / STATE_FILE).read_text())["step"]), path))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # incomplete (no state file yet) or damaged: never "the latest checkpoint"
     return sorted(found)
 
 

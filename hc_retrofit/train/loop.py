@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hc_retrofit import outputs
 from hc_retrofit.patch import hyper_connection_sites, is_converted
 from hc_retrofit.train import checkpoint as ckpt
 from hc_retrofit.train.data import BatchSchedule, PackedData, build_data, eval_shards
@@ -43,6 +44,7 @@ from hc_retrofit.train.recipe import TrainConfig
 
 FINAL_DIR = "final"
 PLOT_FILE = "loss.png"
+SUMMARY_FILE = "summary.json"
 
 
 @dataclass
@@ -115,16 +117,85 @@ def _check_fsdp_dtype(cfg: TrainConfig, accelerator: Any) -> None:
         )
 
 
-def _prepare_out_dir(cfg: TrainConfig, out: Path, accelerator: Any) -> None:
-    exists = out.exists() and any(out.iterdir())
-    if exists and not (cfg.resume or cfg.overwrite):
+def _prepare_out_dir(cfg: TrainConfig, out: Path, accelerator: Any) -> Path | None:
+    """Check ``out`` before anything is loaded; with ``--overwrite``, set the old run aside (not delete it).
+
+    Returns where an overwritten run was moved (it is removed only once the new run is complete).
+    """
+    if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise TrainingError(f"{out} exists and is not empty: pass --resume to continue that run or --overwrite")
+    outputs.check_output_dir(out, overwrite=True, inputs=[cfg.model, cfg.data])
+    if cfg.resume:
+        _check_resumable(cfg, out)
+    replace = cfg.overwrite and out.is_dir() and any(out.iterdir())
+    aside = None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if exists and cfg.overwrite:
-            shutil.rmtree(out)
+        if replace:
+            aside = outputs.set_aside(out)
         out.mkdir(parents=True, exist_ok=True)
+        if not (out / outputs.MARKER).exists():
+            outputs.write_marker(out, "run")
     accelerator.wait_for_everyone()
+    return aside
+
+
+def _completed_steps(out: Path) -> int | None:
+    """Steps of the finished run in ``out`` (its ``summary.json``), or ``None``."""
+    import json
+
+    try:
+        return int(json.loads((out / SUMMARY_FILE).read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_resumable(cfg: TrainConfig, out: Path) -> None:
+    """``--resume`` never restarts or shortens a run: refuse when there is nothing to continue."""
+    if not out.is_dir() or not any(p.name != outputs.MARKER for p in out.iterdir()):
+        return  # nothing there yet: a fresh start loses nothing
+    done = _completed_steps(out)
+    found = ckpt.latest_checkpoint(out)
+    if done is not None and done >= cfg.max_steps:
+        raise TrainingError(
+            f"the run in {out} is complete ({done} steps): nothing to resume; pass a larger --max-steps to "
+            "train on from its last checkpoint, or choose a new --out"
+        )
+    if found is None:
+        if done is not None:
+            raise TrainingError(
+                f"the run in {out} is complete ({done} steps) and kept no checkpoint (save_every 0) to continue "
+                "from; start a new run in another --out"
+            )
+        raise TrainingError(
+            f"nothing to resume in {out}: it has no complete checkpoint; pass --overwrite to start over"
+        )
+    step, path = found
+    if step >= cfg.max_steps:
+        raise TrainingError(
+            f"the newest checkpoint {path} is at step {step}, not below --max-steps {cfg.max_steps}: resuming would "
+            f"save later weights as a shorter run; pass --max-steps > {step}"
+        )
+
+
+def _check_checkpoint_matches(state: dict[str, Any], model: nn.Module, cfg: TrainConfig, path: Path) -> list[str]:
+    """Refuse a checkpoint of another model shape; return warnings for settings that only change the run."""
+    hc_cfg = getattr(model, "hc_config", None)
+    now = {
+        "hc": hc_cfg is not None,
+        "streams": getattr(hc_cfg, "num_streams", None),
+        "variant": getattr(hc_cfg, "variant", None),
+    }
+    for key, value in now.items():
+        if key in state and state[key] != value:
+            raise TrainingError(
+                f"--resume: checkpoint {path} was trained with {key}={state[key]}, this run has {key}={value}; "
+                "use the same settings, or --overwrite / a new --out for a new run"
+            )
+    warnings = []
+    if "seed" in state and state["seed"] != cfg.seed:
+        warnings.append(f"the checkpoint was trained with seed {state['seed']}, now {cfg.seed}: the data order differs")
+    return warnings
 
 
 @torch.no_grad()
@@ -160,11 +231,34 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = 
         NonFiniteLossError: the loss diverged; the last good checkpoint is kept.
     """
     cfg.validate()
-    out = Path(cfg.out)
+    out = Path(cfg.out).expanduser().resolve()
     accelerator = make_accelerator(cfg, out)
     warn_if_alone(accelerator.num_processes)
     _check_fsdp_dtype(cfg, accelerator)
-    _prepare_out_dir(cfg, out, accelerator)
+    aside = _prepare_out_dir(cfg, out, accelerator)
+    try:
+        result = _train_in(cfg, out, accelerator, model, tokenizer)
+    except BaseException:
+        if aside is not None and accelerator.is_main_process:
+            _after_failed_overwrite(out, aside, accelerator)
+        raise
+    if aside is not None and accelerator.is_main_process:
+        shutil.rmtree(aside, ignore_errors=True)  # the new run is complete: now the old one may go
+    return result
+
+
+def _after_failed_overwrite(out: Path, aside: Path, accelerator: Any) -> None:
+    """An ``--overwrite`` run failed: put the old run back unless the new one has a checkpoint to resume."""
+    if ckpt.latest_checkpoint(out) is None:
+        shutil.rmtree(out, ignore_errors=True)  # ours, just created, nothing worth keeping
+        os.rename(aside, out)
+        accelerator.print(f"the run failed; the previous contents of {out} are back in place")
+    else:
+        accelerator.print(f"the run failed; its checkpoints are in {out}, the run it replaced is kept in {aside}")
+
+
+def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | None, tokenizer: Any) -> TrainResult:
+    """The run itself, in the prepared ``out``."""
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
 
@@ -202,24 +296,20 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = 
 
     start_step, last_ckpt = 0, None
     if cfg.resume:
-        found = ckpt.latest_checkpoint(out)
-        if found is not None:
-            start_step, last_ckpt = found
-            state = ckpt.read_state(last_ckpt)
-            if state.get("num_processes") != world or state.get("batch_size") != cfg.batch_size:
-                accelerator.print(
-                    f"warning: the checkpoint was written with {state.get('num_processes')} process(es) x batch "
-                    f"{state.get('batch_size')}; now {world} x {cfg.batch_size}: the data order will differ"
-                )
-            accelerator.load_state(str(last_ckpt))
-            accelerator.print(f"resuming from {last_ckpt} (step {start_step})")
-        else:
-            accelerator.print(f"--resume: no checkpoint in {out / ckpt.CHECKPOINTS}, starting at step 0")
+        start_step, last_ckpt = _load_latest(cfg, out, model, accelerator)
     metrics = MetricsLog(out / METRICS_FILE, enabled=main, resume_step=start_step if cfg.resume else None)
     if cfg.report_to:
         accelerator.init_trackers("hc-retrofit", config=_tracker_config(cfg))
 
-    ckpt_state = {"num_processes": world, "batch_size": cfg.batch_size, "seed": cfg.seed, "hc": hc}
+    hc_cfg = getattr(accelerator.unwrap_model(model), "hc_config", None)
+    ckpt_state = {
+        "num_processes": world,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "hc": hc,
+        "streams": getattr(hc_cfg, "num_streams", None),
+        "variant": getattr(hc_cfg, "variant", None),
+    }
     step0_loss = last_loss = initial_eval = final_eval = None
     train_seconds, trained_tokens = 0.0, 0
 
@@ -276,11 +366,15 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = 
                 log(row)
             progress.update(step + 1, loss, tokens_per_step / dt)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
+                if not _weights_finite(model, accelerator):
+                    _stop(accelerator, metrics, step, "non-finite weights after the update", last_ckpt, cfg)
                 last_ckpt = ckpt.save_checkpoint(accelerator, out, step + 1, ckpt_state, keep=cfg.keep_checkpoints)
         if data.eval is not None:
             final_eval = run_eval(cfg.max_steps)
             progress.note_eval(cfg.max_steps, final_eval)
 
+    if not _weights_finite(model, accelerator):
+        _stop(accelerator, metrics, cfg.max_steps - 1, "non-finite weights after the update", last_ckpt, cfg)
     final_dir = _save_model(accelerator, model, tokenizer, out, cfg, hc)
     plot = None
     if main:
@@ -306,9 +400,48 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = 
     if main:
         import json
 
-        (out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
+        (out / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2))
     accelerator.wait_for_everyone()
     return result
+
+
+def _load_latest(cfg: TrainConfig, out: Path, model: nn.Module, accelerator: Any) -> tuple[int, Path | None]:
+    """Load the newest intact checkpoint (an unreadable one is skipped with a warning); return its step."""
+    found = ckpt.list_checkpoints(out)
+    if not found:
+        accelerator.print(f"--resume: {out} holds no run yet, starting at step 0")
+        return 0, None
+    for step, path in reversed(found):
+        state = ckpt.read_state(path)
+        for warning in _check_checkpoint_matches(state, accelerator.unwrap_model(model), cfg, path):
+            accelerator.print(f"warning: {warning}")
+        if state.get("num_processes") != accelerator.num_processes or state.get("batch_size") != cfg.batch_size:
+            accelerator.print(
+                f"warning: the checkpoint was written with {state.get('num_processes')} process(es) x batch "
+                f"{state.get('batch_size')}; now {accelerator.num_processes} x {cfg.batch_size}: the data order differs"
+            )
+        try:
+            accelerator.load_state(str(path))
+        except Exception as err:  # a damaged checkpoint: fall back to the one before it
+            accelerator.print(
+                f"warning: checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); trying an older one"
+            )
+            continue
+        accelerator.print(f"resuming from {path} (step {step})")
+        return step, path
+    raise TrainingError(
+        f"--resume: no checkpoint in {out / ckpt.CHECKPOINTS} can be loaded; pass --overwrite to start over"
+    )
+
+
+@torch.no_grad()
+def _weights_finite(model: nn.Module, accelerator: Any) -> bool:
+    """Whether every parameter (every process's shard) is finite: checked before anything is saved."""
+    bad = torch.zeros((), device=accelerator.device)
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        bad += (~torch.isfinite(local)).any().float()
+    return float(accelerator.reduce(bad, reduction="sum")) == 0.0
 
 
 def _forward_backward(

@@ -9,13 +9,14 @@ would otherwise silently train with a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from hc_retrofit.config import VARIANTS
+from hc_retrofit.config import MAX_STREAMS, VARIANTS
 from hc_retrofit.train.errors import TrainingError
 
 #: Learning-rate multiplier of the HC parameters relative to ``lr``. Measured on the real corpus
@@ -98,8 +99,24 @@ class TrainConfig:
             raise TrainingError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
         if not (0.0 <= self.eval_fraction < 1.0):
             raise TrainingError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.lr <= 0 or self.hc_lr_multiplier <= 0:
-            raise TrainingError("lr and hc_lr_multiplier must be > 0")
+        for name in ("lr", "hc_lr_multiplier", "min_lr_ratio", "weight_decay", "beta1", "beta2", "max_grad_norm"):
+            if not math.isfinite(float(getattr(self, name))):
+                raise TrainingError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not (0 < self.lr <= 1):
+            raise TrainingError(f"lr must be in (0, 1], got {self.lr} (typical: 1e-5 to 1e-3)")
+        if not (0 < self.hc_lr_multiplier <= 1e4):
+            raise TrainingError(f"hc_lr_multiplier must be in (0, 10000], got {self.hc_lr_multiplier} (default 10)")
+        if self.lr * self.hc_lr_multiplier > 10:
+            raise TrainingError(
+                f"the HC learning rate lr x hc_lr_multiplier = {self.lr * self.hc_lr_multiplier:g} is far too high; "
+                "lower --lr or --hc-lr-multiplier"
+            )
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise TrainingError("weight_decay and max_grad_norm must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise TrainingError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.streams > MAX_STREAMS:
+            raise TrainingError(f"streams must be <= {MAX_STREAMS}, got {self.streams} (the papers use 4)")
         if not (0.0 <= self.min_lr_ratio <= 1.0):
             raise TrainingError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.mixed_precision not in MIXED_PRECISION:

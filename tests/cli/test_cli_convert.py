@@ -58,8 +58,33 @@ def test_convert_overwrite(cli, base_dir: Path, tmp_path: Path) -> None:
     result = cli("convert", base_dir, "--out", out)
     assert result.exit_code == 1 and "already exists" in _one_error_line(result)
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
-    assert cli("convert", base_dir, "--out", out, "--overwrite").exit_code == 0
-    assert persist.is_converted_dir(out) and not (out / "old.txt").exists()
+    result = cli("convert", base_dir, "--out", out, "--overwrite")  # not ours: never replaced
+    assert result.exit_code == 1 and "not written by hc-retrofit" in _one_error_line(result)
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    ours = tmp_path / "ours"
+    assert cli("convert", base_dir, "--out", ours).exit_code == 0
+    (ours / "stale.txt").write_text("x")
+    assert cli("convert", base_dir, "--out", ours, "--overwrite").exit_code == 0
+    assert persist.is_converted_dir(ours) and not (ours / "stale.txt").exists()
+
+
+def test_convert_overwrite_never_touches_the_source_or_cwd(
+    cli, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reported data-loss paths: --out = the parent of the source, the source itself, `.`."""
+    import shutil
+
+    src = tmp_path / "models" / "mine"
+    shutil.copytree(base_dir, src)
+    (tmp_path / "models" / "sibling.txt").write_text("keep")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    for out, message in ((src.parent, "holds the input"), (src, "holds the input"), (src / "sub", "inside the input")):
+        result = cli("convert", src, "--out", out, "--overwrite")
+        assert result.exit_code == 1 and message in _one_error_line(result)
+    monkeypatch.chdir(src.parent)
+    result = cli("convert", src, "--out", ".", "--overwrite")
+    assert result.exit_code == 1 and "current directory" in _one_error_line(result)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
 @pytest.mark.parametrize(
@@ -73,10 +98,11 @@ def test_convert_overwrite(cli, base_dir: Path, tmp_path: Path) -> None:
         (lambda b, t: [b, "--streams", "1"], "num_streams must be >= 2"),
         (lambda b, t: [b, "--streams", "0"], "num_streams must be >= 2"),
         (lambda b, t: [b, "--streams", "-3"], "num_streams must be >= 2"),
+        (lambda b, t: [b, "--streams", "10000"], "num_streams must be <= 64"),
         (lambda b, t: [b, "--variant", "hyper"], "unknown variant 'hyper'"),
         (lambda b, t: [b, "--dtype", "int4"], "unknown dtype 'int4'"),
-        (lambda b, t: [b, "--out", b / "inside"], "inside the source model"),
-        (lambda b, t: [b, "--out", b], "inside the source model"),
+        (lambda b, t: [b, "--out", b / "inside"], "inside the input directory"),
+        (lambda b, t: [b, "--out", b], "holds the input"),
     ],
     ids=[
         "unknown-id",
@@ -87,6 +113,7 @@ def test_convert_overwrite(cli, base_dir: Path, tmp_path: Path) -> None:
         "streams-1",
         "streams-0",
         "streams-neg",
+        "streams-huge",
         "variant",
         "dtype",
         "out-inside-source",
