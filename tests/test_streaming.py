@@ -109,7 +109,9 @@ def test_output_safety_and_atomicity(sharded_base: Path, tmp_path: Path) -> None
     (out / "mine.txt").write_text("keep")
     with pytest.raises(OutputExistsError, match="already exists"):
         stream_convert(str(sharded_base), out, HCConfig())
-    with pytest.raises(OutputExistsError, match="inside the source"):
+    with pytest.raises(OutputExistsError, match="not written by hc-retrofit"):
+        stream_convert(str(sharded_base), out, HCConfig(), overwrite=True)
+    with pytest.raises(OutputExistsError, match="inside the input directory"):
         stream_convert(str(sharded_base), sharded_base / "out", HCConfig())
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
 
@@ -117,12 +119,15 @@ def test_output_safety_and_atomicity(sharded_base: Path, tmp_path: Path) -> None
         assert (directory / INDEX_FILE).is_file()  # checked on the finished directory, before the rename
         raise RuntimeError("check failed")
 
+    ours = tmp_path / "ours"
+    stream_convert(str(sharded_base), ours, HCConfig())
+    before = sorted(p.name for p in ours.iterdir())
     with pytest.raises(RuntimeError, match="check failed"):
-        stream_convert(str(sharded_base), out, HCConfig(), overwrite=True, check=refuse)
-    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+        stream_convert(str(sharded_base), ours, HCConfig(), overwrite=True, check=refuse)
+    assert sorted(p.name for p in ours.iterdir()) == before
     with pytest.raises(RuntimeError, match="check failed"):
         stream_convert(str(sharded_base), tmp_path / "new", HCConfig(), check=refuse)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out"]
 
 
 def test_refuses_what_it_cannot_prove(tmp_path: Path) -> None:
