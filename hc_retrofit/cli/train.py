@@ -54,6 +54,9 @@ def train_command(
     eval_fraction: Annotated[
         float | None, typer.Option(help="Held-out fraction of the packed data (default 0.05).")
     ] = None,
+    heldout_fraction: Annotated[
+        float | None, typer.Option(help="A second held-out split after the eval one, 0 = none (default 0).")
+    ] = None,
     eval_batches: Annotated[int | None, typer.Option(help="Max eval batches per process (default 50).")] = None,
     text_column: Annotated[
         str | None, typer.Option(help="Text column of jsonl/parquet/dataset data (default text).")

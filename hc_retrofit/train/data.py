@@ -9,8 +9,10 @@
 * Both maps carry explicit fingerprints (source, tokenizer, block size), so `datasets` caches
   them on disk and a second run with the same inputs loads the packed blocks without
   re-tokenising.
-* The held-out split is the *last* ``eval_fraction`` of the blocks: contiguous text the model
-  never trains on (a random split of adjacent passages would leak).
+* The eval split is the *last* ``eval_fraction`` of the blocks: contiguous text the model
+  never trains on (a random split of adjacent passages would leak). With ``heldout_fraction``
+  the blocks are [train | eval | held-out]: a second untouched split after the eval one, so a
+  setting chosen on the eval (validation) loss can be reported on text it was not chosen on.
 * :class:`BatchSchedule` maps (micro-batch number, process) to sample indices from a seeded
   permutation per epoch, so the data order depends only on the seed and the step: resuming at
   step k sees exactly the batches an uninterrupted run sees, on any process.
@@ -123,25 +125,32 @@ def _hash(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def split_blocks(blocks: datasets.Dataset, eval_fraction: float) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """(train, held-out): the held-out split is the last ``eval_fraction`` of the blocks."""
+def split_blocks(
+    blocks: datasets.Dataset, eval_fraction: float, heldout_fraction: float = 0.0
+) -> tuple[datasets.Dataset, datasets.Dataset | None, datasets.Dataset | None]:
+    """(train, eval, held-out): the last ``heldout_fraction`` of the blocks, before it the last
+    ``eval_fraction``, the rest is train (each fraction of all blocks; a split of 0 is ``None``)."""
     n = len(blocks)
+    n_held = math.ceil(n * heldout_fraction) if heldout_fraction > 0 else 0
     n_eval = math.ceil(n * eval_fraction) if eval_fraction > 0 else 0
-    if n - n_eval < 1:
+    n_train = n - n_eval - n_held
+    if n_train < 1:
         raise TrainingError(
-            f"the data gives only {n} block(s) ({n_eval} held out): use more text, a smaller --block-size "
+            f"the data gives only {n} block(s) ({n_eval + n_held} held out): use more text, a smaller --block-size "
             "or a smaller --eval-fraction"
         )
-    train = blocks.select(range(n - n_eval))
-    return train, (blocks.select(range(n - n_eval, n)) if n_eval else None)
+    train = blocks.select(range(n_train))
+    evals = blocks.select(range(n_train, n_train + n_eval)) if n_eval else None
+    return train, evals, (blocks.select(range(n - n_held, n)) if n_held else None)
 
 
 @dataclass
 class PackedData:
-    """The packed training and held-out blocks."""
+    """The packed training, eval (validation) and, optionally, second held-out blocks."""
 
     train: datasets.Dataset
     eval: datasets.Dataset | None
+    heldout: datasets.Dataset | None = None
 
     @property
     def block_size(self) -> int:
@@ -154,6 +163,7 @@ def build_data(
     block_size: int,
     *,
     eval_fraction: float = 0.05,
+    heldout_fraction: float = 0.0,
     text_column: str = "text",
     config_name: str | None = None,
     split: str = "train",
@@ -161,8 +171,8 @@ def build_data(
 ) -> PackedData:
     """Load, tokenise, pack and split ``source`` (see the module docstring)."""
     docs = load_documents(source, text_column=text_column, config_name=config_name, split=split, cache_dir=cache_dir)
-    train, held_out = split_blocks(pack_documents(docs, tokenizer, block_size, text_column=text_column), eval_fraction)
-    return PackedData(train, held_out)
+    blocks = pack_documents(docs, tokenizer, block_size, text_column=text_column)
+    return PackedData(*split_blocks(blocks, eval_fraction, heldout_fraction))
 
 
 class BatchSchedule:

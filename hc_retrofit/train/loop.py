@@ -65,6 +65,7 @@ class TrainResult:
     tokens_per_s: float
     train_seconds: float
     plot: str | None
+    final_heldout_loss: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -199,11 +200,14 @@ def _check_checkpoint_matches(state: dict[str, Any], model: nn.Module, cfg: Trai
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: PackedData, cfg: TrainConfig, accelerator: Any) -> float | None:
-    """Mean next-token loss over the held-out blocks (at most ``eval_batches`` per process)."""
-    if data.eval is None:
+def evaluate(
+    model: nn.Module, data: PackedData, cfg: TrainConfig, accelerator: Any, split: str = "eval"
+) -> float | None:
+    """Mean next-token loss over the ``split`` blocks (``eval`` or ``heldout``; at most ``eval_batches`` per process)."""
+    blocks = getattr(data, split)
+    if blocks is None:
         return None
-    n = len(data.eval)
+    n = len(blocks)
     if cfg.eval_batches:
         n = min(n, cfg.eval_batches * cfg.batch_size * accelerator.num_processes)
     was_training = model.training
@@ -212,7 +216,7 @@ def evaluate(model: nn.Module, data: PackedData, cfg: TrainConfig, accelerator: 
     for idx, weights in eval_shards(
         n, cfg.batch_size, world_size=accelerator.num_processes, rank=accelerator.process_index
     ):
-        x = data.eval[idx]["input_ids"].to(accelerator.device)
+        x = blocks[idx]["input_ids"].to(accelerator.device)
         logits = model(input_ids=x).logits.float()
         per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none")
         per_sample = per_token.view(x.shape[0], -1).mean(dim=1).double()
@@ -273,6 +277,7 @@ def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | 
             tokenizer,
             cfg.block_size,
             eval_fraction=cfg.eval_fraction,
+            heldout_fraction=cfg.heldout_fraction,
             text_column=cfg.text_column,
             config_name=cfg.dataset_config,
             split=cfg.dataset_split,
@@ -310,7 +315,7 @@ def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | 
         "streams": getattr(hc_cfg, "num_streams", None),
         "variant": getattr(hc_cfg, "variant", None),
     }
-    step0_loss = last_loss = initial_eval = final_eval = None
+    step0_loss = last_loss = initial_eval = final_eval = final_heldout = None
     train_seconds, trained_tokens = 0.0, 0
 
     def log(row: dict[str, Any]) -> None:
@@ -319,9 +324,14 @@ def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | 
             accelerator.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
 
     def run_eval(step: int) -> float | None:
+        nonlocal final_heldout
         value = evaluate(model, data, cfg, accelerator)
         if value is not None:
-            log({"step": step, "eval_loss": value, "eval_ppl": math.exp(min(value, 50.0))})
+            row = {"step": step, "eval_loss": value, "eval_ppl": math.exp(min(value, 50.0))}
+            final_heldout = evaluate(model, data, cfg, accelerator, "heldout")
+            if final_heldout is not None:
+                row["heldout_loss"] = final_heldout
+            log(row)
         return value
 
     model.train()
@@ -396,6 +406,7 @@ def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | 
         tokens_per_s=trained_tokens / train_seconds if train_seconds else 0.0,
         train_seconds=train_seconds,
         plot=plot,
+        final_heldout_loss=final_heldout,
     )
     if main:
         import json

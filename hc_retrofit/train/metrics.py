@@ -1,7 +1,7 @@
 """Metrics: ``metrics.jsonl`` (one JSON row per logged step), loss plots, trackers pass-through.
 
 Rows: train rows have ``step`` and ``loss`` (plus ``lr``, ``hc_lr``, ``grad_norm``, ``tokens``,
-``tokens_per_s``); eval rows have ``step``, ``eval_loss`` and ``eval_ppl``. Row ``step = k``
+``tokens_per_s``); eval rows have ``step``, ``eval_loss`` and ``eval_ppl`` (and ``heldout_loss`` with a ``heldout_fraction``). Row ``step = k``
 describes the weights after ``k`` optimiser updates, so ``step 0`` is the converted model as
 loaded: its loss is the base model's loss (the retrofit is exact).
 

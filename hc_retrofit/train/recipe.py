@@ -54,6 +54,7 @@ class TrainConfig:
     dataset_split: str = "train"
     block_size: int = 256
     eval_fraction: float = 0.05
+    heldout_fraction: float = 0.0
     eval_batches: int | None = 50
     cache_dir: str | None = None
     # optimisation
@@ -99,6 +100,10 @@ class TrainConfig:
             raise TrainingError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
         if not (0.0 <= self.eval_fraction < 1.0):
             raise TrainingError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not (0.0 <= self.heldout_fraction < 1.0 - self.eval_fraction):
+            raise TrainingError(f"heldout_fraction must be in [0, 1 - eval_fraction), got {self.heldout_fraction}")
+        if self.heldout_fraction and not self.eval_fraction:
+            raise TrainingError("heldout_fraction is evaluated with the eval split: set eval_fraction > 0 too")
         for name in ("lr", "hc_lr_multiplier", "min_lr_ratio", "weight_decay", "beta1", "beta2", "max_grad_norm"):
             if not math.isfinite(float(getattr(self, name))):
                 raise TrainingError(f"{name} must be a finite number, got {getattr(self, name)}")

@@ -70,6 +70,17 @@ def test_held_out_split_is_the_tail_and_never_trained_on(tokenizer, corpus, cach
         split_blocks(all_blocks.select(range(1)), 0.5)
 
 
+def test_heldout_split_follows_the_eval_split(tokenizer, corpus, cache_dir):
+    all_blocks = build_data(corpus, tokenizer, 32, eval_fraction=0.0, cache_dir=cache_dir).train
+    data = build_data(corpus, tokenizer, 32, eval_fraction=0.1, heldout_fraction=0.1, cache_dir=cache_dir)
+    n, k = len(all_blocks), -(-len(all_blocks) // 10)
+    assert len(data.eval) == len(data.heldout) == k and len(data.train) == n - 2 * k
+    ids = [b.tolist() for b in all_blocks["input_ids"]]
+    assert [b.tolist() for b in data.eval["input_ids"]] == ids[n - 2 * k : n - k]
+    assert [b.tolist() for b in data.heldout["input_ids"]] == ids[n - k :]
+    assert build_data(corpus, tokenizer, 32, eval_fraction=0.1, cache_dir=cache_dir).heldout is None
+
+
 def test_second_run_reuses_the_tokenised_cache(tokenizer, corpus, tmp_path):
     cache = tmp_path / "cache"
 

@@ -1,0 +1,144 @@
+"""`hc-retrofit compare`: plain vs HC variants over seeds, each arm at its own best LR.
+
+A thin layer over :func:`hc_retrofit.compare.run_compare`: parses the grids, prints one line per
+trial and the final table (or ``--json``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hc_retrofit.cli.app import app
+
+
+def _list(text: str, kind: type, flag: str) -> tuple:
+    from hc_retrofit.train.errors import TrainingError
+
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise TrainingError(f"{flag} takes comma-separated {kind.__name__}s, got {text!r}") from err
+
+
+def _settings(pairs: list[str]) -> dict[str, str]:
+    from hc_retrofit.train.errors import TrainingError
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise TrainingError(f"--set takes KEY=VALUE (a train setting, e.g. weight_decay=0.05), got {pair!r}")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+@app.command("compare")
+def compare_command(
+    model: Annotated[str, typer.Argument(help="Plain model (dir or Hub id): every arm starts from it.")],
+    data: Annotated[str, typer.Option(help=".txt/.jsonl/.parquet/.csv file, directory or dataset id.")],
+    out: Annotated[Path, typer.Option(help="Comparison dir: runs/, results.json, compare.png.")] = Path(
+        "hc-retrofit-compare"
+    ),
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML train recipe for every run.")] = None,
+    variants: Annotated[str, typer.Option(help="HC variants to compare with plain, comma-separated.")] = "mhc",
+    streams: Annotated[str, typer.Option(help="HC stream counts, comma-separated (each x each variant).")] = "4",
+    seeds: Annotated[str, typer.Option(help="Seeds (data order), comma-separated.")] = "0",
+    lr_grid: Annotated[str, typer.Option(help="Base LRs tried per arm, comma-separated.")] = "1e-4,3e-4,1e-3",
+    hc_lr_multiplier_grid: Annotated[
+        str, typer.Option(help="HC LR multipliers tried per HC arm (x each LR), comma-separated.")
+    ] = "10",
+    tune_seeds: Annotated[
+        int | None,
+        typer.Option(help="Choose the LRs on the first K seeds; the others run only the chosen ones (default: all)."),
+    ] = None,
+    validation_fraction: Annotated[float, typer.Option(help="Fraction of blocks that chooses each arm's LR.")] = 0.05,
+    heldout_fraction: Annotated[float, typer.Option(help="Last fraction of blocks, reported.")] = 0.05,
+    max_steps: Annotated[int | None, typer.Option(help="Optimiser steps per run.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Tokens per packed sequence.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear LR warmup steps, then cosine.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Validation + held-out eval every N steps.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (resume granularity).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Any other train setting, KEY=VALUE (repeatable).")
+    ] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="datasets cache dir for the tokenised data.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Delete the comparison in --out first (only its own files).")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as JSON (progress goes to stderr).")
+    ] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No live progress bars.")] = False,
+) -> None:
+    """Plain (--no-hc) vs HC variants over seeds, each arm at its best LR (chosen on validation, reported held-out)."""
+    from rich.console import Console
+
+    from hc_retrofit.compare import CompareSpec, run_compare
+
+    train = {
+        k: v
+        for k, v in dict(
+            max_steps=max_steps,
+            batch_size=batch_size,
+            block_size=block_size,
+            warmup_steps=warmup_steps,
+            eval_every=eval_every,
+            save_every=save_every,
+            cache_dir=cache_dir,
+        ).items()
+        if v is not None
+    }
+    train.update(_settings(set_ or []))
+    spec = CompareSpec(
+        model=model,
+        data=data,
+        out=str(out),
+        variants=_list(variants, str, "--variants"),
+        streams=_list(streams, int, "--streams"),
+        seeds=_list(seeds, int, "--seeds"),
+        lr_grid=_list(lr_grid, float, "--lr-grid"),
+        hc_lr_multiplier_grid=_list(hc_lr_multiplier_grid, float, "--hc-lr-multiplier-grid"),
+        tune_seeds=tune_seeds,
+        validation_fraction=validation_fraction,
+        heldout_fraction=heldout_fraction,
+        recipe=str(config) if config else None,
+        train=train,
+    )
+    result = run_compare(
+        spec, overwrite=overwrite, progress=not no_progress, log=lambda line: typer.echo(line, err=True)
+    )
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    print_table(result, Console())
+
+
+def print_table(result: object, console: object) -> None:
+    """The per-arm table: best setting, validation and held-out loss, gain over plain, speed."""
+    from rich.table import Table
+
+    from hc_retrofit.compare.report import gain_text
+
+    table = Table(title="each arm at its best LR (chosen on validation; loss on the held-out split)")
+    for col in ("arm", "LR", "HC LR x", "validation", "held-out", "gain vs plain (mean ± sd, min)", "tok/s", "train s"):
+        table.add_column(col, justify="left" if col == "arm" else "right")
+    for s in result.arms:
+        table.add_row(
+            s.arm,
+            f"{s.lr:g}",
+            "-" if s.hc_lr_multiplier is None else f"{s.hc_lr_multiplier:g}",
+            f"{s.validation_loss:.4f}",
+            f"{s.heldout_loss:.4f}",
+            gain_text(s),
+            f"{s.tokens_per_s:,.0f}",
+            f"{s.train_seconds:,.0f}",
+        )
+    console.print(table)
+    seeds = len(result.arms[0].heldout_by_seed)
+    console.print(f"{seeds} seed(s); gain = plain held-out loss - arm held-out loss (positive: HC better)")
+    console.print(f"results: {Path(result.out_dir) / 'results.json'}\nplot: {result.plot}")

@@ -1,0 +1,196 @@
+"""Run the trials of a comparison: skip finished runs, resume interrupted ones, record divergence.
+
+Layout of ``OUT``: ``compare.json`` (the settings; a later call must share them to resume),
+``runs/ARM/lrLR[-xMULT]/seedS/`` (one ordinary ``train`` run dir per trial), and what
+:mod:`hc_retrofit.compare.report` writes (``results.json``, ``compare.png``).
+
+A trial is *finished* when its run dir has ``summary.json`` (written by ``train`` at the very
+end) or ``diverged.json`` (written here when the loss went non-finite: that setting counts as
+infinitely bad, and re-running it would diverge again). Any other existing run dir is resumed
+from its newest checkpoint with ``--resume`` semantics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hc_retrofit.compare.spec import CompareSpec, Trial
+from hc_retrofit.train.errors import NonFiniteLossError, TrainingError
+from hc_retrofit.train.metrics import read_metrics
+
+COMPARE_FILE = "compare.json"
+DIVERGED_FILE = "diverged.json"
+SUMMARY_FILE = "summary.json"
+#: what ``--overwrite`` may delete: only files a comparison writes
+OWNED = (COMPARE_FILE, "runs", "results.json", "compare.png")
+
+
+@dataclass
+class CurvePoint:
+    """One eval of a run: after ``step`` updates, ``tokens`` trained in ``seconds`` of training."""
+
+    step: int
+    tokens: int
+    seconds: float
+    validation_loss: float | None
+    heldout_loss: float | None
+
+
+@dataclass
+class TrialOutcome:
+    """A finished trial: its final validation / held-out losses, speed and eval curve."""
+
+    trial: Trial
+    out_dir: str
+    validation_loss: float
+    heldout_loss: float
+    tokens: int = 0
+    train_seconds: float = 0.0
+    diverged: str | None = None
+    curve: list[CurvePoint] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+def prepare_out(spec: CompareSpec, *, overwrite: bool = False) -> Path:
+    """Create ``spec.out``, or check that the comparison already in it shares ``spec``'s settings.
+
+    ``overwrite`` deletes only what a comparison writes (:data:`OWNED`), never other files.
+    """
+    out = Path(spec.out)
+    marker = out / COMPARE_FILE
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        raise TrainingError(f"{out} exists and holds no comparison ({COMPARE_FILE}): pick another --out")
+    if marker.exists():
+        if overwrite:
+            for name in OWNED:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        else:
+            previous = json.loads(marker.read_text()).get("fingerprint")
+            mine = spec.fingerprint()
+            if previous != mine:
+                diff = sorted(
+                    k for k in set(previous["train"]) | set(mine["train"])
+                    if previous["train"].get(k) != mine["train"].get(k)
+                )  # fmt: skip
+                raise TrainingError(
+                    f"{out} holds a comparison with other settings ({', '.join(diff)}): "
+                    "use the same settings to resume it, another --out, or --overwrite"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"spec": spec.to_dict(), "fingerprint": spec.fingerprint()}, indent=2))
+    return out
+
+
+def run_trial(
+    spec: CompareSpec, trial: Trial, *, progress: bool = True, model: Any = None, tokenizer: Any = None
+) -> TrialOutcome:
+    """Train ``trial`` unless it is finished (then just read it); return its outcome."""
+    from hc_retrofit.train.loop import train
+
+    cfg = spec.trial_config(trial, progress=progress)
+    run_dir = Path(cfg.out)
+    if not is_finished(run_dir):
+        cfg.resume = run_dir.exists() and any(run_dir.iterdir())
+        try:
+            train(cfg, model=model, tokenizer=tokenizer)
+        except NonFiniteLossError as err:
+            (run_dir / DIVERGED_FILE).write_text(json.dumps({"error": str(err), "step": err.step}))
+    return read_outcome(trial, run_dir)
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / SUMMARY_FILE).exists() or (run_dir / DIVERGED_FILE).exists()
+
+
+def read_outcome(trial: Trial, run_dir: Path) -> TrialOutcome:
+    """A finished trial's outcome from its run dir (``summary.json``/``diverged.json``, ``metrics.jsonl``)."""
+    rows = read_metrics(run_dir)
+    curve, seconds, tokens = _curve(rows)
+    if (run_dir / DIVERGED_FILE).exists():
+        error = json.loads((run_dir / DIVERGED_FILE).read_text())["error"]
+        return TrialOutcome(trial, str(run_dir), math.inf, math.inf, tokens, seconds, diverged=error, curve=curve)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    validation, heldout = summary.get("final_eval_loss"), summary.get("final_heldout_loss")
+    if validation is None or heldout is None:
+        raise TrainingError(f"{run_dir} has no validation/held-out loss: was it written by another version?")
+    return TrialOutcome(trial, str(run_dir), validation, heldout, tokens, seconds, curve=curve)
+
+
+def _curve(rows: list[dict[str, Any]]) -> tuple[list[CurvePoint], float, int]:
+    """Eval points with the training time and tokens before them; total (seconds, tokens).
+
+    Training time is summed from the train rows (``tokens / tokens_per_s`` is that step's time;
+    a step that was not logged counts as the last logged one), so it excludes eval and start-up,
+    and a resumed run counts each step once.
+    """
+    train = sorted((r for r in rows if r.get("loss") is not None and r.get("tokens_per_s")), key=lambda r: r["step"])
+    per_step_tokens = train[0]["tokens"] // (train[0]["step"] + 1) if train else 0
+    elapsed: dict[int, float] = {0: 0.0}  # step k -> training seconds of the first k updates
+    total, prev = 0.0, -1
+    for r in train:
+        dt = per_step_tokens / r["tokens_per_s"]
+        total += dt * (r["step"] - prev)
+        prev = r["step"]
+        elapsed[r["step"] + 1] = total
+    known = sorted(elapsed)
+    points = []
+    for r in rows:
+        if r.get("eval_loss") is None:
+            continue
+        step = r["step"]
+        at = max((k for k in known if k <= step), default=0)
+        points.append(CurvePoint(step, step * per_step_tokens, elapsed[at], r["eval_loss"], r.get("heldout_loss")))
+    return points, total, (prev + 1) * per_step_tokens
+
+
+def run_all(
+    spec: CompareSpec,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    load: Callable[[], tuple[Any, Any]] | None = None,
+) -> list[TrialOutcome]:
+    """Run (or read) the grid on the tuning seeds, then each arm's best setting on the other seeds.
+
+    ``load`` returns a fresh (model, tokenizer) per trial instead of loading ``spec.model``.
+    """
+    from hc_retrofit.compare.report import best_settings
+
+    outcomes: list[TrialOutcome] = []
+
+    def run(trials: list[Trial], phase: str) -> None:
+        for i, trial in enumerate(trials, 1):
+            done = is_finished(Path(spec.out) / trial.relpath)
+            model, tokenizer = load() if load and not done else (None, None)
+            outcome = run_trial(spec, trial, progress=progress, model=model, tokenizer=tokenizer)
+            outcomes.append(outcome)
+            mult = "" if trial.hc_lr_multiplier is None else f" x{trial.hc_lr_multiplier:g}"
+            result = (
+                f"diverged ({outcome.diverged.split(':')[0]})"
+                if outcome.diverged
+                else f"validation {outcome.validation_loss:.4f}  held-out {outcome.heldout_loss:.4f}"
+            )
+            log(
+                f"[{phase} {i}/{len(trials)}] {trial.arm.name:<12} lr {trial.lr:g}{mult:<6} seed {trial.seed}: "
+                f"{result}{'  (already done)' if done else ''}"
+            )
+
+    run(spec.grid_trials(), "grid")
+    rest = [s for s in spec.seeds if s not in spec.tuning_seeds]
+    if rest:
+        best = best_settings(spec, outcomes)
+        run([Trial(arm, *best[arm], seed) for seed in rest for arm in spec.arms], "seeds")
+    return outcomes

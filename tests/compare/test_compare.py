@@ -1,0 +1,154 @@
+"""`run_compare` on a tiny llama: LR grid per arm, selection on validation, held-out report, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from hc_retrofit.compare import CompareSpec, Trial, run_compare
+from hc_retrofit.compare.spec import Arm
+from hc_retrofit.train.errors import TrainingError
+from hc_retrofit.train.metrics import read_metrics
+
+from .conftest import tiny_spec
+
+
+def _summary(out, trial: Trial) -> dict:
+    return json.loads((out / trial.relpath / "summary.json").read_text())
+
+
+def test_grid_then_best_setting_on_other_seeds(plain_model, corpus, cache_dir, tmp_path):
+    out = tmp_path / "cmp"
+    spec = tiny_spec(out, plain_model, corpus, cache_dir, seeds=(0, 1), tune_seeds=1, hc_lr_multiplier_grid=(1.0, 30.0))
+    lines: list[str] = []
+    result = run_compare(spec, progress=False, log=lines.append)
+
+    plain, hc = Arm(), Arm("mhc", 2)
+    # grid on seed 0: 2 plain + 2x2 HC runs; seed 1: each arm only at its chosen setting
+    assert len(lines) == 6 + 2
+    runs = sorted(p.relative_to(out).as_posix() for p in out.glob("runs/*/*/seed*"))
+    assert len(runs) == 8 and sum(r.endswith("seed1") for r in runs) == 2
+    # the chosen setting is the lowest validation loss on seed 0, read back from the run dirs
+    for arm, summary in ((plain, result.arms[0]), (hc, result.arms[1])):
+        val = {s: _summary(out, Trial(arm, *s, 0))["final_eval_loss"] for s in spec.settings(arm)}
+        assert (summary.lr, summary.hc_lr_multiplier) == min(val, key=val.get)
+        # ... and it is reported on the held-out split, for both seeds
+        for seed in (0, 1):
+            held = _summary(out, Trial(arm, summary.lr, summary.hc_lr_multiplier, seed))["final_heldout_loss"]
+            assert summary.heldout_by_seed[seed] == held
+    # gain per seed = plain held-out - HC held-out, each at its own best LR
+    gains = {s: result.arms[0].heldout_by_seed[s] - result.arms[1].heldout_by_seed[s] for s in (0, 1)}
+    assert result.arms[1].gain_by_seed == pytest.approx(gains)
+    assert result.arms[1].gain_mean == pytest.approx(sum(gains.values()) / 2)
+    assert result.arms[1].gain_min == min(gains.values()) and result.arms[1].gain_std > 0
+    assert result.arms[0].gain_mean is None
+    assert all(a.tokens == 4 * 2 * 32 and a.tokens_per_s > 0 and a.train_seconds > 0 for a in result.arms)
+    # held-out and validation are different text
+    assert result.arms[0].validation_loss != result.arms[0].heldout_loss
+    # grid: every setting once, one chosen per arm
+    assert len(result.grid) == 2 + 4 and sum(g["chosen"] for g in result.grid) == 2
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["arms"][1]["gain_by_seed"] == {str(k): v for k, v in result.arms[1].gain_by_seed.items()}
+    assert (out / "compare.png").stat().st_size > 5000
+    # every run dir is an ordinary train run with a held-out curve (eval at 0, 2, 4)
+    rows = [r for r in read_metrics(out / runs[0]) if "heldout_loss" in r]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+
+
+def test_interrupted_compare_resumes_to_the_same_result(plain_model, corpus, cache_dir, tmp_path, monkeypatch):
+    import hc_retrofit.train.loop as loop
+
+    full = tiny_spec(tmp_path / "full", plain_model, corpus, cache_dir, lr_grid=(1e-2,))
+    full.train["save_every"] = 2  # checkpoints at step 2: what the interrupted run resumes from
+    reference = run_compare(full, progress=False, log=lambda _: None)
+
+    spec = tiny_spec(tmp_path / "cut", plain_model, corpus, cache_dir, lr_grid=(1e-2,))
+    spec.train["save_every"] = 2
+    real = loop._forward_backward
+
+    def crash_hc_at_step_3(model, data, schedule, step, cfg, accelerator):
+        if step == 3 and not cfg.no_hc:
+            raise KeyboardInterrupt
+        return real(model, data, schedule, step, cfg, accelerator)
+
+    monkeypatch.setattr(loop, "_forward_backward", crash_hc_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(spec, progress=False, log=lambda _: None)
+    monkeypatch.setattr(loop, "_forward_backward", real)
+    plain_dir = tmp_path / "cut" / Trial(Arm(), 1e-2, None, 0).relpath
+    plain_summary = (plain_dir / "summary.json").stat().st_mtime_ns
+
+    lines: list[str] = []
+    resumed = run_compare(spec, progress=False, log=lines.append)
+    assert "already done" in lines[0] and "already done" not in lines[1]
+    assert (plain_dir / "summary.json").stat().st_mtime_ns == plain_summary  # finished runs are not re-run
+    hc_dir = tmp_path / "cut" / Trial(Arm("mhc", 2), 1e-2, 10.0, 0).relpath
+    assert [r["step"] for r in read_metrics(hc_dir) if "loss" in r] == [0, 1, 2, 3]  # one clean curve
+    assert json.loads((hc_dir / "summary.json").read_text())["start_step"] == 2  # resumed from step 2
+    for a, b in zip(resumed.arms, reference.arms, strict=True):
+        assert a.heldout_by_seed == b.heldout_by_seed
+
+
+def test_a_diverged_setting_is_never_chosen(plain_model, corpus, cache_dir, tmp_path, monkeypatch):
+    import hc_retrofit.train.loop as loop
+
+    real = loop._forward_backward
+
+    def nan_at_high_lr(model, data, schedule, step, cfg, accelerator):
+        loss = real(model, data, schedule, step, cfg, accelerator)
+        return math.nan if cfg.lr == 1e-2 and step == 2 else loss
+
+    monkeypatch.setattr(loop, "_forward_backward", nan_at_high_lr)
+    spec = tiny_spec(tmp_path / "cmp", plain_model, corpus, cache_dir)
+    lines: list[str] = []
+    result = run_compare(spec, progress=False, log=lines.append)
+    assert sum("diverged" in line for line in lines) == 2
+    assert all(a.lr == 3e-4 for a in result.arms)
+    assert [g["diverged"] for g in result.grid] == [False, True, False, True]
+    assert json.loads((tmp_path / "cmp" / "results.json").read_text())["grid"][1]["validation_loss"] is None
+    # a second call reads the divergence back instead of re-running it
+    monkeypatch.setattr(loop, "_forward_backward", real)
+    again: list[str] = []
+    run_compare(spec, progress=False, log=again.append)
+    assert all("already done" in line for line in again)
+
+
+def test_out_dir_guards(plain_model, corpus, cache_dir, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    spec = tiny_spec(foreign, plain_model, corpus, cache_dir, lr_grid=(1e-2,))
+    with pytest.raises(TrainingError, match="holds no comparison"):
+        run_compare(spec, progress=False, log=lambda _: None)
+
+    out = tmp_path / "cmp"
+    spec = tiny_spec(out, plain_model, corpus, cache_dir, lr_grid=(1e-2,))
+    run_compare(spec, progress=False, log=lambda _: None)
+    (out / "notes.txt").write_text("mine")
+    other = tiny_spec(out, plain_model, corpus, cache_dir, lr_grid=(1e-2,))
+    other.train["max_steps"] = 5
+    with pytest.raises(TrainingError, match=r"other settings \(max_steps\)"):
+        run_compare(other, progress=False, log=lambda _: None)
+    run_compare(other, overwrite=True, progress=False, log=lambda _: None)
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite deletes only what compare wrote
+    assert json.loads((out / "results.json").read_text())["arms"][0]["tokens"] == 5 * 2 * 32
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(variants=("nope",)), "unknown variant"),
+        (dict(streams=(1,)), "must be >= 2"),
+        (dict(lr_grid=(1e-3, 1e-3)), "repeats a value"),
+        (dict(tune_seeds=2), r"tune-seeds must be in \[1, 1\]"),
+        (dict(train=dict(lr=1e-3)), "lr is set by compare per run: use --lr-grid"),
+        (dict(train=dict(bogus=1)), "unknown setting"),
+    ],
+)
+def test_bad_specs_are_one_clear_error(change, message, tmp_path):
+    spec = CompareSpec(model="m", data="d", out=str(tmp_path / "x"), **change)
+    with pytest.raises(TrainingError, match=message):
+        spec.validate()
+    assert not (tmp_path / "x").exists()
