@@ -67,6 +67,9 @@ def compare_command(
         list[str] | None, typer.Option("--set", help="Any other train setting, KEY=VALUE (repeatable).")
     ] = None,
     cache_dir: Annotated[str | None, typer.Option(help="datasets cache dir for the tokenised data.")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads (1 is fastest for small models on a busy machine).")
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Delete the comparison in --out first (only its own files).")
     ] = False,
@@ -79,6 +82,11 @@ def compare_command(
     from rich.console import Console
 
     from hc_retrofit.compare import CompareSpec, run_compare
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     train = {
         k: v

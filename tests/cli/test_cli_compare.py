@@ -11,7 +11,7 @@ SMALL = [
     "--variants", "mhc", "--streams", "2", "--seeds", "0", "--lr-grid", "1e-2",
     "--validation-fraction", "0.1", "--heldout-fraction", "0.1", "--max-steps", "3", "--batch-size", "2",
     "--block-size", "32", "--warmup-steps", "1", "--eval-every", "0", "--save-every", "0",
-    "--set", "eval_batches=2", "--no-progress",
+    "--set", "eval_batches=2", "--threads", "1", "--no-progress",
 ]  # fmt: skip
 
 
