@@ -13,25 +13,22 @@ from typing import Annotated
 import typer
 
 from hc_retrofit.cli.app import app
+from hc_retrofit.errors import HCRetrofitError
 
 
 def _list(text: str, kind: type, flag: str) -> tuple:
-    from hc_retrofit.train.errors import TrainingError
-
     try:
         return tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError as err:
-        raise TrainingError(f"{flag} takes comma-separated {kind.__name__}s, got {text!r}") from err
+        raise HCRetrofitError(f"{flag} takes comma-separated {kind.__name__}s, got {text!r}") from err
 
 
 def _settings(pairs: list[str]) -> dict[str, str]:
-    from hc_retrofit.train.errors import TrainingError
-
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise TrainingError(f"--set takes KEY=VALUE (a train setting, e.g. weight_decay=0.05), got {pair!r}")
+            raise HCRetrofitError(f"--set takes KEY=VALUE (a train setting, e.g. weight_decay=0.05), got {pair!r}")
         out[key.strip().replace("-", "_")] = value.strip()
     return out
 

@@ -180,12 +180,10 @@ def mean_curve(runs: list[TrialOutcome]) -> list[tuple[int, float, float]]:
 
 def plot_compare(curves: dict[str, list[TrialOutcome]], out_png: Path) -> Path:
     """Held-out loss against tokens (left) and training seconds (right), one line per arm."""
-    import matplotlib
+    from hc_retrofit.plots import new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_tok, ax_sec) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, sharey=True)
+    fig = new_figure(figsize=(11, 4.2), dpi=110)
+    ax_tok, ax_sec = fig.subplots(1, 2, sharey=True)
     for i, (name, runs) in enumerate(curves.items()):
         points = mean_curve(runs)
         if not points:
@@ -205,7 +203,6 @@ def plot_compare(curves: dict[str, list[TrialOutcome]], out_png: Path) -> Path:
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
-    plt.close(fig)
     return out_png
 
 
