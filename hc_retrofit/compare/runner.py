@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hc_retrofit import outputs
 from hc_retrofit.compare.spec import CompareSpec, Trial
 from hc_retrofit.train.errors import NonFiniteLossError, TrainingError
 from hc_retrofit.train.metrics import read_metrics
@@ -63,12 +64,15 @@ class TrialOutcome:
 def prepare_out(spec: CompareSpec, *, overwrite: bool = False) -> Path:
     """Create ``spec.out``, or check that the comparison already in it shares ``spec``'s settings.
 
-    ``overwrite`` deletes only what a comparison writes (:data:`OWNED`), never other files.
+    ``overwrite`` deletes only what a comparison writes (:data:`OWNED`), never other files. The
+    general output rules apply too (:func:`hc_retrofit.outputs.check_output_dir`: never the current
+    or home directory, never over or inside an input).
     """
     out = Path(spec.out)
     marker = out / COMPARE_FILE
-    if out.exists() and any(out.iterdir()) and not marker.exists():
+    if out.exists() and any(p.name != outputs.MARKER for p in out.iterdir()) and not marker.exists():
         raise TrainingError(f"{out} exists and holds no comparison ({COMPARE_FILE}): pick another --out")
+    outputs.check_output_dir(out, overwrite=True, inputs=[spec.model, spec.data, spec.recipe])
     if marker.exists():
         if overwrite:
             for name in OWNED:
@@ -90,6 +94,8 @@ def prepare_out(spec: CompareSpec, *, overwrite: bool = False) -> Path:
                     "use the same settings to resume it, another --out, or --overwrite"
                 )
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / outputs.MARKER).exists():
+        outputs.write_marker(out, "compare")
     marker.write_text(json.dumps({"spec": spec.to_dict(), "fingerprint": spec.fingerprint()}, indent=2))
     return out
 
@@ -97,13 +103,22 @@ def prepare_out(spec: CompareSpec, *, overwrite: bool = False) -> Path:
 def run_trial(
     spec: CompareSpec, trial: Trial, *, progress: bool = True, model: Any = None, tokenizer: Any = None
 ) -> TrialOutcome:
-    """Train ``trial`` unless it is finished (then just read it); return its outcome."""
+    """Train ``trial`` unless it is finished (then just read it); return its outcome.
+
+    An unfinished run dir continues from its newest checkpoint; one without a checkpoint (stopped
+    before the first save) is started over.
+    """
+    from hc_retrofit.train.checkpoint import latest_checkpoint
     from hc_retrofit.train.loop import train
 
     cfg = spec.trial_config(trial, progress=progress)
     run_dir = Path(cfg.out)
     if not is_finished(run_dir):
-        cfg.resume = run_dir.exists() and any(run_dir.iterdir())
+        started = run_dir.is_dir() and any(p.name != outputs.MARKER for p in run_dir.iterdir())
+        if started and latest_checkpoint(run_dir) is not None:
+            cfg.resume = True
+        elif started:
+            cfg.overwrite = True
         try:
             train(cfg, model=model, tokenizer=tokenizer)
         except NonFiniteLossError as err:

@@ -57,7 +57,11 @@ def test_grid_then_best_setting_on_other_seeds(plain_model, corpus, cache_dir, t
     assert [r["step"] for r in rows] == [0, 2, 4]
 
 
-def test_interrupted_compare_resumes_to_the_same_result(plain_model, corpus, cache_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("crash_at", "resumed_from"), [(3, 2), (1, 0)])
+def test_interrupted_compare_resumes_to_the_same_result(
+    crash_at, resumed_from, plain_model, corpus, cache_dir, tmp_path, monkeypatch
+):
+    """Killed after the step-2 checkpoint: the run resumes from it; killed before: it starts over."""
     import hc_retrofit.train.loop as loop
 
     full = tiny_spec(tmp_path / "full", plain_model, corpus, cache_dir, lr_grid=(1e-2,))
@@ -68,12 +72,12 @@ def test_interrupted_compare_resumes_to_the_same_result(plain_model, corpus, cac
     spec.train["save_every"] = 2
     real = loop._forward_backward
 
-    def crash_hc_at_step_3(model, data, schedule, step, cfg, accelerator):
-        if step == 3 and not cfg.no_hc:
+    def crash_hc(model, data, schedule, step, cfg, accelerator):
+        if step == crash_at and not cfg.no_hc:
             raise KeyboardInterrupt
         return real(model, data, schedule, step, cfg, accelerator)
 
-    monkeypatch.setattr(loop, "_forward_backward", crash_hc_at_step_3)
+    monkeypatch.setattr(loop, "_forward_backward", crash_hc)
     with pytest.raises(KeyboardInterrupt):
         run_compare(spec, progress=False, log=lambda _: None)
     monkeypatch.setattr(loop, "_forward_backward", real)
@@ -86,7 +90,7 @@ def test_interrupted_compare_resumes_to_the_same_result(plain_model, corpus, cac
     assert (plain_dir / "summary.json").stat().st_mtime_ns == plain_summary  # finished runs are not re-run
     hc_dir = tmp_path / "cut" / Trial(Arm("mhc", 2), 1e-2, 10.0, 0).relpath
     assert [r["step"] for r in read_metrics(hc_dir) if "loss" in r] == [0, 1, 2, 3]  # one clean curve
-    assert json.loads((hc_dir / "summary.json").read_text())["start_step"] == 2  # resumed from step 2
+    assert json.loads((hc_dir / "summary.json").read_text())["start_step"] == resumed_from
     for a, b in zip(resumed.arms, reference.arms, strict=True):
         assert a.heldout_by_seed == b.heldout_by_seed
 
