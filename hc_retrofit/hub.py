@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hc_retrofit.errors import HubError, NotConvertedError
+from hc_retrofit.outputs import MARKER
 from hc_retrofit.patch import CONFIG_KEY
 from hc_retrofit.persist import BASE_KEY, METADATA_KEY, VERSION_KEY, is_converted_dir, read_config_dict
 from hc_retrofit.remote_model import BASE_ARCH_KEY, BASE_TYPE_KEY
@@ -47,8 +48,14 @@ def _count_parameters(path: Path) -> tuple[int, int] | None:
 
 
 def _find(path: Path, names: tuple[str, ...]) -> Path | None:
-    """A training artefact in the checkpoint dir or, for ``OUT/final``, in the run dir above it."""
-    for folder in (path, path.parent):
+    """A training artefact in the checkpoint dir or, for ``OUT/final``, in the hc-retrofit run dir above it.
+
+    Any other parent directory is none of the card's business: it is never read.
+    """
+    folders = [path]
+    if path.name == "final" and (path.parent / MARKER).is_file():
+        folders.append(path.parent)
+    for folder in folders:
         for name in names:
             if (folder / name).is_file():
                 return folder / name
@@ -90,15 +97,37 @@ def _training_section(path: Path, config: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _is_local_path(value: str) -> bool:
+    """Absolute (or home-relative) local paths: what must not be published."""
+    return value.startswith(("/", "~", "\\")) or (len(value) > 2 and value[1] == ":" and value[2] in "\\/")
+
+
+def public_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` as it may be published: every absolute local path (base model, data files) cut to its last part."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str) and _is_local_path(value):
+            return Path(value.replace("\\", "/")).name or value
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(config)
+
+
 def model_card(path: str | os.PathLike, repo_id: str | None = None) -> str:
-    """The ``README.md`` model card of a converted checkpoint directory."""
+    """The ``README.md`` model card of a converted checkpoint directory (no local paths in it)."""
     path = Path(path)
-    config = read_config_dict(path)
+    raw = read_config_dict(path)
+    local_base = _is_local_path(str(raw.get(BASE_KEY) or ""))
+    config = public_config(raw)
     hc = config.get(CONFIG_KEY) or {}
     base = config.get(BASE_KEY) or "unknown"
     counts = _count_parameters(path)
     repo = repo_id or "OWNER/NAME"
-    base_is_hub_id = base != "unknown" and not base.startswith(("/", ".", "~")) and base.count("/") <= 1
+    base_is_hub_id = base != "unknown" and not local_base and not base.startswith(".") and base.count("/") <= 1
     front = ["---", "library_name: transformers", "tags:", "- hc-retrofit", "- hyper-connections"]
     if base_is_hub_id:
         front.append(f"base_model: {base}")
@@ -170,10 +199,21 @@ class PushPlan:
 
 
 def _files_to_upload(path: Path) -> list[str]:
+    """The checkpoint's files, without following any link out of it (a link out is refused)."""
     from huggingface_hub.utils import filter_repo_objects
 
-    every = sorted(str(p.relative_to(path)).replace(os.sep, "/") for p in path.rglob("*") if p.is_file())
-    return list(filter_repo_objects(every, ignore_patterns=IGNORE_PATTERNS))
+    root = path.resolve()
+    every = []
+    for folder, dirs, names in os.walk(path, followlinks=False):
+        for name in [*names, *dirs]:
+            item = Path(folder) / name
+            if item.is_symlink() and root not in item.resolve().parents:
+                raise HubError(
+                    f"{item} is a link to {item.resolve()}, outside the checkpoint: push uploads only the "
+                    "checkpoint's own files; replace the link with a copy or remove it"
+                )
+        every += [str((Path(folder) / n).relative_to(path)).replace(os.sep, "/") for n in names]
+    return sorted(filter_repo_objects(every, ignore_patterns=IGNORE_PATTERNS))
 
 
 def _card_is_ours(path: Path) -> bool:
@@ -218,13 +258,15 @@ def push_checkpoint(
         plan.notes.append("no Hugging Face token found: a real push would fail (run `hf auth login` or set HF_TOKEN)")
     if dry_run:
         return plan
+    generated = {"config.json": (json.dumps(public_config(read_config_dict(path)), indent=2, sort_keys=True) + "\n")}
     if regenerate:
-        (path / CARD_FILE).write_text(model_card(path, repo_id), encoding="utf-8")
-    return _upload(plan, token)
+        generated[CARD_FILE] = model_card(path, repo_id)  # uploaded from memory: the user's directory is not written
+    return _upload(plan, token, {k: v.encode("utf-8") for k, v in generated.items()})
 
 
-def _upload(plan: PushPlan, token: str) -> PushPlan:
-    from huggingface_hub import HfApi
+def _upload(plan: PushPlan, token: str, generated: dict[str, bytes]) -> PushPlan:
+    """One commit: the checkpoint's files as they are, ``generated`` files (card, public config) from memory."""
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=token)
@@ -233,12 +275,15 @@ def _upload(plan: PushPlan, token: str) -> PushPlan:
         url = api.create_repo(plan.repo_id, private=True if plan.private else None, exist_ok=True, repo_type="model")
         if plan.revision:
             api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True)
-        info = api.upload_folder(
+        operations = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=generated.get(name, str(Path(plan.folder) / name)))
+            for name in plan.files
+        ]
+        info = api.create_commit(
             repo_id=plan.repo_id,
-            folder_path=plan.folder,
+            operations=operations,
             revision=plan.revision,
             commit_message="Upload hyper-connection checkpoint (hc-retrofit)",
-            ignore_patterns=IGNORE_PATTERNS,
         )
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None

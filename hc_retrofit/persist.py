@@ -34,6 +34,7 @@ from hc_retrofit.remote_model import (
     BASE_ARCH_KEY,
     BASE_TYPE_KEY,
     HCRetrofitModelMixin,
+    check_load_report,
     register_conversions,
     retrofit_model_type,
 )
@@ -226,18 +227,6 @@ def _converted_classes(path: str | os.PathLike) -> tuple[type, type]:
 
 def _converted_config(path: str | os.PathLike) -> Any:
     return _converted_classes(path)[0].from_pretrained(path)
-
-
-def check_load_report(info: dict[str, Any], path: str | os.PathLike) -> None:
-    """Fail on missing/unexpected/mismatched keys: transformers leaves missing parameters uninitialised."""
-    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    problems = {k: v for k, v in problems.items() if v}
-    if problems:
-        detail = "; ".join(
-            f"{k.replace('_', ' ')}: {', '.join(map(str, v[:5]))}{' ...' if len(v) > 5 else ''}"
-            for k, v in problems.items()
-        )
-        raise CheckpointError(f"{path} does not match the model it describes ({detail})")
 
 
 def load_converted(

@@ -115,11 +115,31 @@ def base_classes(model: Any) -> tuple[type, type]:
     return _first_library_class(type(model.config)), _first_library_class(type(model))
 
 
+def remote_code_files(model: Any) -> dict[str, str]:
+    """``{file name: source}`` of every modeling file a checkpoint of ``model`` ships."""
+    return {**package_module_closure(), MODELING_FILE: modeling_source(model)}
+
+
+def remote_code_problems(directory: str | Path, model: Any) -> list[str]:
+    """How the modeling files shipped in ``directory`` differ from what this hc-retrofit writes for ``model``.
+
+    ``trust_remote_code`` users run those files, not the installed package, so ``verify`` vouches
+    for a checkpoint only when they are exactly the ones this version writes.
+    """
+    problems = []
+    for name, source in remote_code_files(model).items():
+        path = Path(directory) / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.read_text(encoding="utf-8", errors="replace") != source:
+            problems.append(f"{name} differs from what this hc-retrofit writes")
+    return problems
+
+
 def write_remote_code(out_dir: Path, model: Any) -> dict[str, Any]:
     """Write the modeling files into ``out_dir``; return the ``config.json`` keys that point at them."""
-    for name, source in package_module_closure().items():
+    for name, source in remote_code_files(model).items():
         (out_dir / name).write_text(source, encoding="utf-8")
-    (out_dir / MODELING_FILE).write_text(modeling_source(model), encoding="utf-8")
     _, model_cls = base_classes(model)
     module = MODELING_FILE.removesuffix(".py")
     base_type = base_model_type(model.config)

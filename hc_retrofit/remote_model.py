@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from hc_retrofit.config import HCConfig
-from hc_retrofit.errors import NotConvertedError
+from hc_retrofit.errors import CheckpointError, NotConvertedError
 from hc_retrofit.patch import CONFIG_KEY, convert
 
 MODEL_TYPE_PREFIX = "hc_retrofit_"
@@ -84,6 +84,18 @@ def register_conversions(model_type: str, base_type: str, base_architecture: str
         cm.register_checkpoint_conversion_mapping(model_type, mapping, overwrite=True)
 
 
+def check_load_report(info: dict[str, Any], path: Any) -> None:
+    """Fail on missing/unexpected/mismatched keys: transformers leaves missing parameters uninitialised."""
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        detail = "; ".join(
+            f"{k.replace('_', ' ')}: {', '.join(map(str, v[:5]))}{' ...' if len(v) > 5 else ''}"
+            for k, v in problems.items()
+        )
+        raise CheckpointError(f"{path} does not match the model it describes ({detail})")
+
+
 class HCRetrofitModelMixin:
     """Put in front of a family's ``*ForCausalLM``: builds the base model, then retrofits it."""
 
@@ -96,3 +108,15 @@ class HCRetrofitModelMixin:
             )
         with _base_type_config(self):
             convert(self, HCConfig.from_dict(dict(settings)))
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """``from_pretrained`` that fails on any missing or unexpected tensor.
+
+        transformers only warns and leaves a missing parameter uninitialised; for a converted
+        checkpoint that would be a silently wrong model (e.g. an HC tensor deleted from the shard).
+        """
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        check_load_report(info, args[0] if args else kwargs.get("pretrained_model_name_or_path", "the checkpoint"))
+        return (model, info) if wants_info else model

@@ -24,6 +24,7 @@ from hc_retrofit.persist import (
     read_config_dict,
 )
 from hc_retrofit.probe import probe_batch
+from hc_retrofit.remote_code import remote_code_problems
 
 LOGIT_ATOL = 1e-4
 LOGIT_RTOL = 1e-4
@@ -46,6 +47,12 @@ class VerifyReport:
     greedy_agreement: float
     greedy_identical: bool
     trained: bool
+    remote_code_problems: tuple[str, ...] = ()
+
+    @property
+    def remote_code_ok(self) -> bool:
+        """The shipped modeling files (what ``trust_remote_code`` users run) are the ones verified here."""
+        return not self.remote_code_problems
 
     @property
     def equivalent(self) -> bool:
@@ -54,11 +61,18 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        """What the exit code reports: equivalent, or a trained model (expected to differ)."""
-        return self.equivalent or self.trained
+        """What the exit code reports: equivalent (or a trained model, expected to differ) with intact shipped code."""
+        return (self.equivalent or self.trained) and self.remote_code_ok
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "probe_shape": list(self.probe_shape), "equivalent": self.equivalent, "ok": self.ok}
+        return {
+            **asdict(self),
+            "probe_shape": list(self.probe_shape),
+            "remote_code_problems": list(self.remote_code_problems),
+            "remote_code_ok": self.remote_code_ok,
+            "equivalent": self.equivalent,
+            "ok": self.ok,
+        }
 
 
 def _kl(base_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
@@ -144,4 +158,5 @@ def verify_checkpoint(
         greedy_agreement=float((gen_ref == gen_got).float().mean()),
         greedy_identical=bool(torch.equal(gen_ref, gen_got)),
         trained=trained,
+        remote_code_problems=tuple(remote_code_problems(converted_dir, converted)),
     )

@@ -33,6 +33,9 @@ def test_model_card(checkpoint: Path) -> None:
 
 
 def test_model_card_training_summary(checkpoint: Path) -> None:
+    from hc_retrofit import outputs
+
+    outputs.write_marker(checkpoint.parent, "run")  # `train` marks its run dir; only then is it read
     (checkpoint.parent / "summary.json").write_text(json.dumps({"steps": 400, "final_eval_loss": 1.7271}))
     (checkpoint.parent / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
     card = hub.model_card(checkpoint)

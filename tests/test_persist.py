@@ -193,6 +193,19 @@ def test_load_converted_rejects_incomplete_checkpoint(tmp_path: Path) -> None:
     )
     with pytest.raises(CheckpointError, match="missing keys"):
         persist.load_converted(out)
+    # the shipped code (what trust_remote_code users run) refuses it too, without hc-retrofit installed
+    script = (
+        "import sys; sys.modules['hc_retrofit'] = None\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "try:\n"
+        f"    AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+        "except Exception as err:\n"
+        "    print(type(err).__name__, err)\n"
+        "else:\n"
+        "    print('LOADED')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert "CheckpointError" in done.stdout and "missing keys" in done.stdout, done.stdout + done.stderr
 
 
 # ----------------------------------------------------------------------------- trust_remote_code, no hc_retrofit

@@ -42,8 +42,17 @@ def verify_command(
             "KL(base || converted)", f"mean {report.mean_kl:.3e}, max {report.max_kl:.3e} (tolerance {KL_TOL:.0e})"
         )
         table.add_row("greedy generation", f"{100 * report.greedy_agreement:.1f}% of tokens agree")
+        table.add_row(
+            "shipped modeling code",
+            "intact" if report.remote_code_ok else "; ".join(report.remote_code_problems),
+        )
         console.print(table)
-        if report.equivalent:
+        if not report.remote_code_ok:
+            console.print(
+                "[red]NOT vouched for[/red]: users loading with trust_remote_code run the shipped files, which are "
+                "not the ones this hc-retrofit writes; re-save the checkpoint with this version"
+            )
+        elif report.equivalent:
             console.print("[green]equivalent[/green]: the converted model computes the base model's function")
         elif report.trained:
             console.print("[yellow]trained[/yellow]: the model differs from its base, as expected after training")

@@ -37,19 +37,10 @@ def load_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
     dtype = resolve_dtype(cfg.model_dtype)
     if persist.is_converted_dir(cfg.model):
         model = persist.load_converted(cfg.model, dtype=dtype)
-        return model, _tokenizer_from(cfg.model)
+        return model, persist.load_tokenizer(cfg.model)  # with our config: never asks to run checkpoint code
     return persist.load_base_model(
         cfg.model, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code
     )
-
-
-def _tokenizer_from(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return None
 
 
 def prepare_model(cfg: TrainConfig, model: nn.Module, tokenizer: Any) -> nn.Module:

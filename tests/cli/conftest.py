@@ -60,9 +60,10 @@ def trained_dir(tmp_path_factory: pytest.TempPathFactory, converted_dir: Path) -
 
     from checkpoints import train_a_few_steps
 
-    from hc_retrofit import persist
+    from hc_retrofit import outputs, persist
 
     run = tmp_path_factory.mktemp("run")
+    outputs.write_marker(run, "run")  # a run dir as `train` writes it
     model = train_a_few_steps(persist.load_converted(converted_dir), steps=20, lr=3e-2)
     out = persist.save_converted(model, run / "final", extra_metadata={"training": {"lr": 3e-2, "steps": 20}})
     (run / "summary.json").write_text(json.dumps({"steps": 20, "initial_eval_loss": 4.6, "final_eval_loss": 3.9}))

@@ -50,3 +50,36 @@ def test_push_refusals(cli, base_dir: Path, own_copy: Path, tmp_path: Path, fake
     result = cli("push", own_copy, "me/x")
     assert result.exit_code == 1 and "no Hugging Face token" in result.output and "Traceback" not in result.output
     assert fake_hub.requests == [] and not (own_copy / "README.md").exists()
+
+
+def test_push_writes_nothing_into_the_directory_and_publishes_no_local_path(
+    cli, own_copy: Path, fake_hub: FakeHub
+) -> None:
+    import json
+
+    before = sorted(p.name for p in own_copy.iterdir())
+    local_base = json.loads((own_copy / "config.json").read_text())["hc_retrofit_base"]
+    assert local_base.startswith("/")  # converted from a local directory: an absolute path on this machine
+    assert cli("push", own_copy, "me/clean").exit_code == 0
+    assert sorted(p.name for p in own_copy.iterdir()) == before  # no README.md left behind
+    uploaded = fake_hub.files[("me/clean", "main")]
+    for name in ("README.md", "config.json"):
+        assert local_base.encode() not in uploaded[name], name
+    assert json.loads(uploaded["config.json"])["hc_retrofit_base"] == Path(local_base).name
+    assert b"base_model:" not in uploaded["README.md"]  # a local base is not a Hub id
+
+
+def test_push_refuses_a_link_out_of_the_checkpoint(cli, own_copy: Path, tmp_path: Path, fake_hub: FakeHub) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("hf_secret")
+    (own_copy / "extra.txt").symlink_to(secret)
+    result = cli("push", own_copy, "me/leak")
+    assert result.exit_code == 1 and "outside the checkpoint" in result.output and "Traceback" not in result.output
+    assert fake_hub.requests == []
+
+
+def test_push_reads_training_files_only_from_its_own_run(cli, own_copy: Path, fake_hub: FakeHub) -> None:
+    """A checkpoint that merely sits in a folder with someone's summary.json does not publish it."""
+    (own_copy.parent / "summary.json").write_text('{"steps": 999, "final_eval_loss": 0.123}')
+    assert cli("push", own_copy, "me/alone").exit_code == 0
+    assert b"0.123" not in fake_hub.files[("me/alone", "main")]["README.md"]

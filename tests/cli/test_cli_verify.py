@@ -58,3 +58,41 @@ def test_verify_needs_a_base_when_none_is_recorded(cli, converted_dir: Path, tmp
     (copy / "config.json").write_text(json.dumps(data))
     result = cli("verify", copy)
     assert result.exit_code == 1 and "--base" in result.output and result.output.startswith("error: ")
+
+
+def test_verify_checks_the_shipped_modeling_code(cli, converted_dir: Path, tmp_path: Path) -> None:
+    """trust_remote_code users run the shipped files: an edited or missing one is not vouched for."""
+    import shutil
+
+    edited = Path(shutil.copytree(converted_dir, tmp_path / "edited"))
+    with (edited / "connections.py").open("a") as f:
+        f.write("\nimport os  # something else now\n")
+    result = cli("verify", edited, "--json")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and report["equivalent"] and not report["ok"]
+    assert report["remote_code_problems"] == ["connections.py differs from what this hc-retrofit writes"]
+    missing = Path(shutil.copytree(converted_dir, tmp_path / "missing"))
+    (missing / "modeling_hc_retrofit.py").unlink()
+    result = cli("verify", missing)
+    assert result.exit_code == 1 and "modeling_hc_retrofit.py is missing" in result.output
+
+
+def test_training_a_converted_dir_never_asks_to_run_its_code(converted_dir: Path, monkeypatch) -> None:
+    """hc-retrofit loads its own format with its own code: transformers' remote-code prompt is never reached."""
+    import transformers.dynamic_module_utils as dynamic
+
+    from hc_retrofit.train.model import load_model
+    from hc_retrofit.train.recipe import TrainConfig
+
+    def no_remote_code(*args, **kwargs):
+        raise AssertionError("asked whether to run the checkpoint's code")
+
+    monkeypatch.setattr(dynamic, "resolve_trust_remote_code", no_remote_code)
+    for module in ("transformers.models.auto.tokenization_auto", "transformers.models.auto.configuration_auto"):
+        import importlib
+
+        mod = importlib.import_module(module)
+        if hasattr(mod, "resolve_trust_remote_code"):
+            monkeypatch.setattr(mod, "resolve_trust_remote_code", no_remote_code)
+    model, tokenizer = load_model(TrainConfig(model=str(converted_dir), data="x", out="y"))
+    assert tokenizer is not None and len(tokenizer) > 0 and hasattr(model, "hc_config")
