@@ -92,6 +92,8 @@ class StreamPlan:
     dtype: torch.dtype
     shards: list[Shard]
     hc_tensors: dict[str, torch.Tensor]
+    revision: str | None = None
+    trust_remote_code: bool = False
 
 
 # ----------------------------------------------------------------------------- safetensors headers
@@ -288,7 +290,7 @@ def plan_streaming(
     for names in groups.values():
         if not any(n in present for n in names):
             raise CannotStream(f"it lacks {names[0]}")
-    return StreamPlan(model_id_or_dir, local, base_config, model, target, shards, hc)
+    return StreamPlan(model_id_or_dir, local, base_config, model, target, shards, hc, revision, trust_remote_code)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -360,7 +362,8 @@ def write_plan(
         generation = _generation_config(plan)
         if generation is not None:
             generation.save_pretrained(tmp)
-        tokenizer = load_tokenizer(str(plan.local_dir))
+        # as the in-memory path loads it (by the name the user gave: tokenizer_config records is_local)
+        tokenizer = load_tokenizer(plan.source, revision=plan.revision, trust_remote_code=plan.trust_remote_code)
         base = str(plan.local_dir.resolve()) if Path(plan.source).expanduser().is_dir() else plan.source
         write_converted_files(tmp, model, tokenizer, base=base)
         if check is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import word_tokenizer
+from checkpoints import HUB_OFFLINE_ENV, populate_hf_cache, word_tokenizer
 from tiny import tiny_model
 
 from hc_retrofit import persist
@@ -172,3 +172,24 @@ def test_write_safetensors_round_trips(tmp_path: Path) -> None:
         assert back[key].dtype == tensors[key].dtype and torch.equal(back[key], tensors[key])
     entries, metadata, _ = read_header(tmp_path / "x.safetensors")
     assert metadata == {"format": "pt"} and entries["a"]["dtype"] == "F16"
+
+
+def test_hub_id_streams_from_its_downloaded_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Hub id is resolved to its (here: cached, offline) snapshot, whose files are streamed."""
+    import huggingface_hub.constants
+
+    for key, value in HUB_OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hub"
+    snapshot = populate_hf_cache(cache, "tiny-org/sharded", _sharded_base(tmp_path / "src"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    messages: list[str] = []
+    summary = stream_convert("tiny-org/sharded", tmp_path / "streamed", HCConfig(), progress=messages.append)
+    assert summary.base_model == "tiny-org/sharded" and any("downloading tiny-org/sharded" in m for m in messages)
+    assert persist.read_config_dict(tmp_path / "streamed")["hc_retrofit_base"] == "tiny-org/sharded"
+    convert_checkpoint("tiny-org/sharded", tmp_path / "memory", HCConfig())
+    _assert_same_checkpoint(tmp_path / "streamed", tmp_path / "memory")
+    for shard in snapshot.glob("*.safetensors"):
+        assert (tmp_path / "streamed" / shard.name).read_bytes() == shard.read_bytes()
