@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,8 +245,8 @@ def push_checkpoint(
         raise NotConvertedError(
             f"{path} is not a converted hc-retrofit checkpoint; push only what hc-retrofit convert wrote"
         )
-    if not repo_id or repo_id.count("/") > 1 or not all(repo_id.split("/")):
-        raise HubError(f"repository id {repo_id!r} must look like OWNER/NAME (or NAME)")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?", repo_id or "") or ".." in repo_id:
+        raise HubError(f"repository id {repo_id!r} must look like OWNER/NAME (or NAME): letters, digits, '-', '_', '.'")
     token = token or get_token()
     regenerate = _card_is_ours(path)
     files = _files_to_upload(path)

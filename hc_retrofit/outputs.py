@@ -122,6 +122,8 @@ def _check_writable(out: Path, flag: str) -> None:
     probe = out
     while not probe.exists():
         probe = probe.parent
+    if probe == out and not out.is_dir():
+        probe = out.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise OutputExistsError(f"{flag} {out}: {probe} is not writable; choose a directory you can write to")
 
@@ -153,3 +155,12 @@ def set_aside(out: Path) -> Path:
     aside.rmdir()
     os.rename(out, aside)
     return aside
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Fail now (before any work) if file ``path`` cannot be written; return it resolved."""
+    out = Path(path).expanduser().resolve()
+    if out.is_dir():
+        raise OutputExistsError(f"{flag} {out} is a directory; give a file name such as {out / 'plot.png'}")
+    _check_writable(out, flag)
+    return out

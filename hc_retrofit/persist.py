@@ -240,11 +240,58 @@ def load_converted(
     path = resolve_checkpoint(path)
     config = _converted_config(path)
     _, model_cls = _converted_classes(path)
-    model, info = model_cls.from_pretrained(path, config=config, dtype=parse_dtype(dtype), output_loading_info=True)
+    check_weight_files(path)
+    try:
+        model, info = model_cls.from_pretrained(path, config=config, dtype=parse_dtype(dtype), output_loading_info=True)
+    except RuntimeError as err:  # transformers raises on tensor shapes that disagree with config.json
+        if "mismatched" not in str(err) and "size mismatch" not in str(err):
+            raise
+        raise CheckpointError(
+            f"{path}: tensor shapes disagree with config.json (was it edited, e.g. num_streams?); restore the config "
+            "or convert again"
+        ) from err
     check_load_report(info, path)
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def check_weight_files(directory: str | os.PathLike) -> None:
+    """Fail with one line on a truncated or garbage ``*.safetensors`` file, reading only its header.
+
+    A damaged file would otherwise surface as a ``SafetensorError`` or a ``MemoryError`` (a garbage
+    header length) from deep inside ``from_pretrained``.
+    """
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        size = file.stat().st_size
+        problem = None
+        with file.open("rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 2 or length > size - 8:
+                problem = "is not a safetensors file or is truncated (bad header)"
+            else:
+                try:
+                    header = json.loads(f.read(length))
+                    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+                except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                    problem = "has a damaged header"
+                else:
+                    if 8 + length + end > size:
+                        problem = f"is truncated ({size:,} bytes, its header needs {8 + length + end:,})"
+        if problem:
+            raise CheckpointError(f"{file} {problem}; download or copy the checkpoint again")
+
+
+def check_repo_id(name: str) -> None:
+    """A Hub id must look like ``NAME`` or ``OWNER/NAME`` (letters, digits, ``-_.``), else one clear line."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?", name) or ".." in name or "--" in name:
+        raise CheckpointError(
+            f"{name!r} is neither a local directory nor a valid Hub id (OWNER/NAME with letters, digits, '-', '_', "
+            "'.'); check the spelling or the path"
+        )
 
 
 # ----------------------------------------------------------------------------- loading base models
@@ -262,6 +309,8 @@ def load_base_config(model_id_or_dir: str, *, revision: str | None = None, trust
             )
     elif _looks_like_path(name):
         raise CheckpointError(f"{name}: no such directory")
+    else:
+        check_repo_id(name)
     try:
         config = AutoConfig.from_pretrained(
             str(local) if local.exists() else name, revision=revision, trust_remote_code=trust_remote_code
@@ -322,6 +371,8 @@ def load_base_model(
     config = load_base_config(model_id_or_dir, revision=revision, trust_remote_code=trust_remote_code)
     local = Path(model_id_or_dir).expanduser()
     name = str(local) if local.exists() else str(model_id_or_dir)
+    if local.is_dir():
+        check_weight_files(local)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, config=config, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code

@@ -39,6 +39,7 @@ from hc_retrofit.families import family_for
 from hc_retrofit.patch import convert, decoder_layers, hyper_connection_sites
 from hc_retrofit.persist import (
     check_output_dir,
+    check_weight_files,
     load_base_config,
     load_tokenizer,
     parse_dtype,
@@ -163,6 +164,7 @@ def _local_dir(source: str, revision: str | None, progress: Callable[[str], None
 
 def _base_shards(local: Path) -> list[tuple[Path, str]]:
     """``(file, output name)`` of every weight shard, from the index or the single file."""
+    check_weight_files(local)  # a damaged shard is the user's to fix, not a reason to fall back
     index = local / INDEX_FILE
     if (local / SINGLE_FILE).is_file():
         return [(local / SINGLE_FILE, SINGLE_RENAMED)]

@@ -9,6 +9,7 @@ No traceback is shown for any of them.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -58,6 +59,11 @@ def quiet_library_progress() -> None:
     transformers_logging.disable_progress_bar()
 
 
+_ENVIRONMENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EFBIG") if hasattr(errno, name)
+)
+
+
 class _OneLineErrors(TyperGroup):
     """Runs the commands and turns user errors into one line instead of a traceback or a panel."""
 
@@ -92,6 +98,11 @@ class _OneLineErrors(TyperGroup):
             fail(hint, 1)
         except click_exceptions.ClickException as err:
             fail(err.format_message(), err.exit_code)
+        except OSError as err:  # the machine's, not ours: a full disk, no permission, a read-only filesystem
+            if err.errno not in _ENVIRONMENT_ERRNOS:
+                raise
+            where = f": {err.filename}" if err.filename else ""
+            fail(f"{err.strerror or err}{where}; free some space or choose another location (nothing was replaced)", 1)
         code = result if isinstance(result, int) else 0
         if standalone:
             sys.exit(code)

@@ -44,8 +44,12 @@ def inspect_command(
     R's distance from the identity (and, for mHC, from the doubly stochastic matrices) shows how far the
     streams mix; stream divergence is 0 at conversion and grows with training.
     """
+    from hc_retrofit.errors import OutputExistsError
     from hc_retrofit.inspection import inspect_checkpoint, plot_report
+    from hc_retrofit.outputs import check_output_file
 
+    if plot is not None:
+        plot = check_output_file(plot, "--plot")
     quiet_library_progress()
     with err_console.status("loading and probing", spinner="dots"):
         report = inspect_checkpoint(directory)
@@ -67,5 +71,10 @@ def inspect_command(
         console.print(table)
         console.print(divergence_line(report.stream_divergence, last_layer=max(s.layer for s in report.sites)))
     if plot is not None:
-        written = plot_report(report, plot)
+        try:
+            written = plot_report(report, plot)
+        except OSError as err:
+            raise OutputExistsError(
+                f"--plot {plot}: cannot write it ({err.strerror or err}); choose another path"
+            ) from err
         err_console.print(f"plot written to {written}")

@@ -20,8 +20,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,18 @@ _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "par
 PACK_BATCH = 4096
 
 
+@contextlib.contextmanager
+def _quiet_datasets_errors() -> Iterator[None]:
+    """Keep ``datasets`` from logging a traceback for a file we report ourselves."""
+    logger = logging.getLogger("datasets")
+    before = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def load_documents(
     source: str | Path,
     *,
@@ -46,25 +61,36 @@ def load_documents(
 ) -> datasets.Dataset:
     """The documents of ``source`` as a `datasets.Dataset` with a string column ``text_column``."""
     path = Path(source)
+    if path.is_file() and not path.read_bytes()[:65536].strip():
+        raise TrainingError(f"data {path} is empty; pass a file with text in it")
     try:
-        if path.is_file():
-            builder = _BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise TrainingError(
-                    f"cannot read {path}: use a .txt, .jsonl, .json, .parquet or .csv file, a directory, or a dataset id"
+        with _quiet_datasets_errors():  # a bad file is reported below in one line, not logged with a traceback
+            if path.is_file():
+                builder = _BUILDERS.get(path.suffix.lower())
+                if builder is None:
+                    raise TrainingError(
+                        f"cannot read {path}: use a .txt, .jsonl, .json, .parquet or .csv file, a directory, or a dataset id"
+                    )
+                kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
+                ds = datasets.load_dataset(
+                    builder, data_files=str(path.resolve()), split="train", cache_dir=cache_dir, **kwargs
                 )
-            kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
-            ds = datasets.load_dataset(
-                builder, data_files=str(path.resolve()), split="train", cache_dir=cache_dir, **kwargs
-            )
-        else:
-            ds = datasets.load_dataset(str(source), config_name, split=split, cache_dir=cache_dir)
+            else:
+                ds = datasets.load_dataset(str(source), config_name, split=split, cache_dir=cache_dir)
     except TrainingError:
         raise
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
         raise TrainingError(f"cannot load data {source!s}: {err}") from err
+    except datasets.exceptions.DatasetGenerationError as err:  # malformed jsonl/csv/parquet, undecodable text
+        cause = err.__cause__ or err.__context__ or err
+        raise TrainingError(
+            f"cannot read data {source!s}: {type(cause).__name__}: {' '.join(str(cause).split())[:200]}; "
+            "check the file's format (UTF-8 text, one JSON object per line for .jsonl)"
+        ) from err
     if isinstance(ds, datasets.DatasetDict):  # pragma: no cover - split= makes this rare
         ds = ds[split]
+    if len(ds) == 0:
+        raise TrainingError(f"data {source!s} holds no documents; pass a file or dataset with text in it")
     if text_column not in ds.column_names:
         raise TrainingError(
             f"data {source!s} has no column {text_column!r} (columns: {', '.join(ds.column_names)}); pass --text-column"

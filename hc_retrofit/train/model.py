@@ -15,9 +15,12 @@ import torch
 from torch import nn
 
 from hc_retrofit.config import HCConfig
+from hc_retrofit.log import get_logger
 from hc_retrofit.patch import convert, is_converted
 from hc_retrofit.train.errors import TrainingError
 from hc_retrofit.train.recipe import TrainConfig
+
+log = get_logger(__name__)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -50,12 +53,31 @@ def prepare_model(cfg: TrainConfig, model: nn.Module, tokenizer: Any) -> nn.Modu
             f"no tokenizer found for {cfg.model or type(model).__name__}: training tokenises the data with the "
             "model's tokenizer, so save one beside the weights"
         )
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        limit = getattr(config, attr, None)
+        if isinstance(limit, int) and limit > 0:
+            if cfg.block_size > limit:
+                raise TrainingError(
+                    f"--block-size {cfg.block_size} is longer than the model's {limit} positions ({attr}); "
+                    f"pass --block-size {limit} or less"
+                )
+            break
     if cfg.no_hc and is_converted(model):
         raise TrainingError(
             "--no-hc trains the plain model, but this model already has hyper-connections: pass the base model"
         )
     if not cfg.no_hc and not is_converted(model):
         convert(model, HCConfig(num_streams=cfg.streams, variant=cfg.variant))
+    elif is_converted(model) and (cfg.streams, cfg.variant) != (model.hc_config.num_streams, model.hc_config.variant):
+        log.warning(
+            "the model is already converted (%s, %d streams); the streams/variant settings (%s, %d) apply only when "
+            "converting a plain model and are not used",
+            model.hc_config.variant,
+            model.hc_config.num_streams,
+            cfg.variant,
+            cfg.streams,
+        )
     if cfg.grad_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name

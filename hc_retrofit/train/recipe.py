@@ -156,6 +156,10 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
+        if kind.startswith("str") and not isinstance(value, str):
+            raise ValueError
+        if kind.startswith("list") and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ValueError
         if kind == "bool":
             if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
                 return value.lower() in ("true", "yes", "1")
