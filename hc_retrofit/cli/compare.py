@@ -127,11 +127,13 @@ def print_table(result: object, console: object) -> None:
     """The per-arm table: best setting, validation and held-out loss, gain over plain, speed."""
     from rich.table import Table
 
-    from hc_retrofit.compare.report import gain_text
-
     table = Table(title="each arm at its best LR (chosen on validation; loss on the held-out split)")
-    for col in ("arm", "LR", "HC LR x", "validation", "held-out", "gain vs plain (mean ± sd, min)", "tok/s", "train s"):
+    for col in ("arm", "LR", "HC x", "val loss", "held-out", "gain", "gain sd", "min gain", "tok/s", "train s"):
         table.add_column(col, justify="left" if col == "arm" else "right")
+
+    def signed(value: float | None) -> str:
+        return "-" if value is None else f"{value:+.4f}"
+
     for s in result.arms:
         table.add_row(
             s.arm,
@@ -139,11 +141,16 @@ def print_table(result: object, console: object) -> None:
             "-" if s.hc_lr_multiplier is None else f"{s.hc_lr_multiplier:g}",
             f"{s.validation_loss:.4f}",
             f"{s.heldout_loss:.4f}",
-            gain_text(s),
+            signed(s.gain_mean),
+            "-" if s.gain_std is None else f"{s.gain_std:.4f}",
+            signed(s.gain_min),
             f"{s.tokens_per_s:,.0f}",
             f"{s.train_seconds:,.0f}",
         )
     console.print(table)
     seeds = len(result.arms[0].heldout_by_seed)
-    console.print(f"{seeds} seed(s); gain = plain held-out loss - arm held-out loss (positive: HC better)")
+    console.print(
+        f"{seeds} seed(s); gain = plain held-out loss - arm held-out loss, per seed, each arm at its own best LR "
+        "(positive: HC better)"
+    )
     console.print(f"results: {Path(result.out_dir) / 'results.json'}\nplot: {result.plot}")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hc_retrofit.compare.runner import TrialOutcome
-from hc_retrofit.compare.spec import PLAIN, Arm, CompareSpec
+from hc_retrofit.compare.spec import Arm, CompareSpec
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "compare.png"
@@ -204,10 +204,3 @@ def plot_compare(curves: dict[str, list[TrialOutcome]], out_png: Path) -> Path:
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
     return out_png
-
-
-def gain_text(s: ArmSummary) -> str:
-    """``+0.0123 ± 0.0040 (min +0.0080)`` or ``-`` for plain."""
-    if s.gain_mean is None:
-        return "-" if s.arm == PLAIN else "n/a"
-    return f"{s.gain_mean:+.4f} ± {s.gain_std:.4f} (min {s.gain_min:+.4f})"

@@ -1,14 +1,19 @@
-"""`hc-retrofit demo`: the whole story offline, in minutes on a laptop CPU.
+"""`hc-retrofit demo`: the product's story on a real pretrained model, offline, in minutes on a CPU.
 
-Everything is bundled in ``hc_retrofit/data/``: ~200 KB of Shakespeare (public domain, the
-first part of karpathy's tinyshakespeare) and a byte-level BPE tokenizer trained on it
-(:func:`build_tokenizer` made it). The demo
+Everything is bundled in ``hc_retrofit/data/``: ``stories260K/`` (a real 260K-parameter llama
+pretrained on TinyStories, from llama2.c, MIT licence, ~1 MB) and ~200 KB of Shakespeare (public
+domain, the first part of karpathy's tinyshakespeare). The demo
 
-1. builds a small llama locally (random init, fixed seed; no Hub access),
-2. converts a copy to mHC and checks the retrofit is exact (max |logit difference|),
-3. trains the plain copy (``--no-hc``) and the converted copy through the same
-   :func:`~hc_retrofit.train.train` pipeline, same data order and settings,
-4. prints a comparison table and writes a loss plot with both runs.
+1. loads the pretrained model and converts a copy per HC variant,
+2. checks each retrofit is exact (max |logit difference| and identical greedy continuations;
+   it refuses to go on otherwise),
+3. continues plain (``--no-hc``) and HC on the Shakespeare with :func:`hc_retrofit.compare.run_compare`:
+   each arm over its own LR grid, best LR chosen on a validation split, reported on a held-out one,
+4. prints the table; ``OUT/demo.json`` holds it all, ``OUT/compare/compare.png`` the held-out loss
+   against tokens and seconds.
+
+The bundled byte-level BPE tokenizer (``demo_tokenizer.json``, :func:`build_tokenizer`) and the
+random :func:`demo_model` are kept for tests that need a model of a given size without a file.
 """
 
 from __future__ import annotations
@@ -23,19 +28,27 @@ from typing import Any
 
 import torch
 
+from hc_retrofit import outputs
 from hc_retrofit.config import HCConfig
+from hc_retrofit.errors import HCRetrofitError
 from hc_retrofit.patch import convert, hyper_connection_sites
 from hc_retrofit.train.errors import TrainingError
-from hc_retrofit.train.loop import TrainResult, train
-from hc_retrofit.train.metrics import plot_losses, read_metrics
-from hc_retrofit.train.recipe import TrainConfig
 
 CORPUS = "shakespeare_200k.txt"
+PRETRAINED = "stories260K"
 TOKENIZER = "demo_tokenizer.json"
+DEMO_FILE = "demo.json"
+COMPARE_DIR = "compare"
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 1024
+#: a retrofit whose logits differ by more than this from the base model's is refused
+EXACT_ATOL = 1e-4
 
-#: model sizes: "default" for the demo, "tiny" for tests and --quick
+#: LR grid of every arm, and the HC LR multiplier grid (measured in the README's study)
+DEMO_LR_GRID = (1e-3, 3e-3)
+DEMO_HC_LR_MULTIPLIERS = (10.0,)
+
+#: random model sizes (tests): "default" and "tiny"
 SIZES: dict[str, dict[str, int]] = {
     "default": dict(
         hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2
@@ -47,12 +60,17 @@ SIZES: dict[str, dict[str, int]] = {
 
 
 def data_file(name: str) -> Path:
-    """Path of a file bundled in ``hc_retrofit/data``."""
+    """Path of a file (or directory) bundled in ``hc_retrofit/data``."""
     return Path(str(resources.files("hc_retrofit") / "data" / name))
 
 
 def corpus_path() -> Path:
     return data_file(CORPUS)
+
+
+def pretrained_path() -> Path:
+    """The bundled pretrained checkpoint (``stories260K``, a transformers llama dir)."""
+    return data_file(PRETRAINED)
 
 
 def build_tokenizer(corpus: str | Path, vocab_size: int = VOCAB_SIZE) -> Any:
@@ -104,108 +122,138 @@ def retrofit_error(base: Any, converted: Any, input_ids: torch.Tensor) -> float:
     return float((base(input_ids=input_ids).logits - converted(input_ids=input_ids).logits).abs().max())
 
 
+@torch.no_grad()
+def greedy_tokens(model: Any, prompt: torch.Tensor, new_tokens: int = 24) -> list[int]:
+    """Greedy continuation of ``prompt`` (through the KV cache, like generation in use)."""
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=model.config.eos_token_id,
+    )
+    return out[0, prompt.shape[1] :].tolist()
+
+
 @dataclass
 class DemoResult:
-    """The comparison: one :class:`TrainResult` per run, the retrofit error and the plot."""
+    """The retrofit check per variant and the comparison (:class:`~hc_retrofit.compare.CompareResult`)."""
 
     out_dir: str
     retrofit_max_abs_diff: float
-    runs: dict[str, TrainResult] = field(default_factory=dict)
+    greedy_identical: bool
     params: dict[str, int] = field(default_factory=dict)
-    plot: str = ""
+    compare: Any = None
     seconds: float = 0.0
 
-    def table(self) -> list[dict[str, Any]]:
-        rows = []
-        for name, r in self.runs.items():
-            rows.append(
-                {
-                    "run": name,
-                    "params": self.params[name],
-                    "step-0 loss": r.step0_loss,
-                    "eval loss start": r.initial_eval_loss,
-                    "eval loss end": r.final_eval_loss,
-                    "tok/s": r.tokens_per_s,
-                    "train s": r.train_seconds,
-                }
-            )
-        return rows
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": PRETRAINED,
+            "retrofit_max_abs_diff": self.retrofit_max_abs_diff,
+            "greedy_identical": self.greedy_identical,
+            "params": self.params,
+            "compare": self.compare.to_dict() if self.compare is not None else None,
+            "seconds": self.seconds,
+        }
+
+
+def demo_spec(
+    out: Path, *, steps: int, quick: bool, variants: tuple[str, ...], streams: int, seeds: tuple[int, ...]
+) -> Any:
+    """The comparison the demo runs: plain vs ``variants`` on the bundled Shakespeare, fair LRs."""
+    from hc_retrofit.compare import CompareSpec
+
+    return CompareSpec(
+        model=str(pretrained_path()),
+        data=str(corpus_path()),
+        out=str(out),
+        variants=variants,
+        streams=(streams,),
+        seeds=seeds,
+        lr_grid=DEMO_LR_GRID,
+        hc_lr_multiplier_grid=DEMO_HC_LR_MULTIPLIERS,
+        validation_fraction=0.1,
+        heldout_fraction=0.1,
+        train=dict(
+            max_steps=steps,
+            batch_size=4,
+            block_size=64,
+            warmup_steps=max(1, steps // 20),
+            eval_every=max(1, steps // 2),
+            eval_batches=4 if quick else 0,  # 0: the whole validation and held-out splits
+            save_every=0,
+            mixed_precision="no",
+        ),
+    )
+
+
+def check_exact(base: Any, tokenizer: Any, variants: tuple[str, ...], streams: int) -> tuple[float, bool, dict]:
+    """Convert a copy of ``base`` per variant; (max |logit diff|, greedy identical, parameter counts).
+
+    Raises :class:`HCRetrofitError` if any retrofit is not exact: the demo never continues from a
+    model that is not the pretrained one.
+    """
+    text = corpus_path().read_text()[:2000]
+    probe = torch.tensor([tokenizer(text)["input_ids"][:64]])
+    reference = greedy_tokens(base, probe[:, :16])
+    worst, same = 0.0, True
+    params = {"plain": sum(p.numel() for p in base.parameters())}
+    for variant in variants:
+        model = convert(copy.deepcopy(base), HCConfig(num_streams=streams, variant=variant)).eval()
+        worst = max(worst, retrofit_error(base, model, probe))
+        same = same and greedy_tokens(model, probe[:, :16]) == reference
+        params[f"{variant} n={streams}"] = sum(p.numel() for p in model.parameters())
+        params[f"{variant} n={streams} (HC only)"] = sum(
+            p.numel() for site in hyper_connection_sites(model) for p in site.parameters()
+        )
+    if worst > EXACT_ATOL or not same:
+        raise HCRetrofitError(
+            f"the retrofit of {PRETRAINED} is not exact (max |logit diff| {worst:.2e}, greedy identical: {same}); "
+            "this is a bug in hc-retrofit: please report it"
+        )
+    return worst, same, params
 
 
 def run_demo(
     out: str | Path,
     *,
-    steps: int = 300,
+    steps: int = 200,
     quick: bool = False,
     variants: tuple[str, ...] = ("mhc",),
     streams: int = 4,
     overwrite: bool = False,
     progress: bool = True,
-    seed: int = 0,
+    seeds: tuple[int, ...] = (0,),
+    log: Any = print,
 ) -> DemoResult:
-    """Build, convert, verify and train plain vs HC (see the module docstring).
+    """Load, convert, verify, compare (see the module docstring); ``out/demo.json`` and ``out/compare/``.
 
-    Like ``convert`` and ``train``, refuses a non-empty ``out`` (an earlier demo's results) unless
-    ``overwrite``; with it, each run directory is replaced as ``train(overwrite=True)`` does.
+    A second call with the same settings reads the finished runs of ``out/compare``; any other
+    non-empty ``out`` (an earlier demo with other settings, or of an older version) needs
+    ``overwrite``, which replaces only the demo's own files.
     """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hc_retrofit.compare import run_compare
+
     t_start = time.perf_counter()
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    resumable = (out / COMPARE_DIR / "compare.json").exists()
+    if out.is_dir() and any(p.name != outputs.MARKER for p in out.iterdir()) and not (overwrite or resumable):
         raise TrainingError(
             f"{out} exists and is not empty (an earlier demo?): pass --overwrite to replace its results"
         )
-    tokenizer = demo_tokenizer()
-    size = "tiny" if quick else "default"
-    base = demo_model(size, vocab_size=len(tokenizer), seed=seed)
-    common = dict(
-        data=str(corpus_path()),
-        block_size=64 if quick else 128,
-        batch_size=4 if quick else 8,
-        max_steps=steps,
-        lr=2e-3,
-        warmup_steps=max(1, steps // 10),
-        eval_fraction=0.1,
-        eval_every=max(1, steps // 6),
-        eval_batches=4 if quick else 8,
-        save_every=0,
-        seed=seed,
-        overwrite=overwrite,
-        progress=progress,
-        streams=streams,
-    )
-    probe = torch.tensor([tokenizer(Path(common["data"]).read_text()[:4000])["input_ids"][: common["block_size"]]])
-    runs: dict[str, tuple[Any, TrainConfig]] = {
-        "plain": (copy.deepcopy(base), TrainConfig(out=str(out / "plain"), no_hc=True, **common))
-    }
-    max_diff = 0.0
-    for variant in variants:
-        model = convert(copy.deepcopy(base), HCConfig(num_streams=streams, variant=variant))
-        max_diff = max(max_diff, retrofit_error(base, model, probe))
-        runs[f"{variant} n={streams}"] = (model, TrainConfig(out=str(out / variant), variant=variant, **common))
-    result = DemoResult(out_dir=str(out), retrofit_max_abs_diff=max_diff)
-    for name, (model, cfg) in runs.items():
-        result.params[name] = sum(p.numel() for p in model.parameters())
-        result.runs[name] = train(cfg, model=model, tokenizer=tokenizer)
-    result.plot = str(
-        plot_losses(
-            {name: read_metrics(r.out_dir) for name, r in result.runs.items()},
-            out / "comparison.png",
-            title="hc-retrofit demo: plain vs hyper-connections (same data order)",
-        )
-    )
-    result.seconds = time.perf_counter() - t_start
-    (out / "demo.json").write_text(
-        json.dumps(
-            {
-                "retrofit_max_abs_diff": max_diff,
-                "hc_params": {
-                    n: sum(p.numel() for s in hyper_connection_sites(m) for p in s.parameters())
-                    for n, (m, _) in runs.items()
-                },
-                "table": result.table(),
-                "seconds": result.seconds,
-            },
-            indent=2,
-        )
-    )
+    spec = demo_spec(out / COMPARE_DIR, steps=steps, quick=quick, variants=variants, streams=streams, seeds=seeds)
+    spec.validate()
+    base = AutoModelForCausalLM.from_pretrained(pretrained_path(), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_path())
+    max_diff, same, params = check_exact(base, tokenizer, variants, streams)
+    log(f"retrofit exact: max |logit diff| = {max_diff:.2e}, greedy continuation identical: {same}")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / outputs.MARKER).exists():
+        outputs.write_marker(out, "demo")
+    compared = run_compare(spec, overwrite=overwrite, progress=progress, log=log)
+    result = DemoResult(str(out), max_diff, same, params, compared, time.perf_counter() - t_start)
+    (out / DEMO_FILE).write_text(json.dumps(result.to_dict(), indent=2))
     return result

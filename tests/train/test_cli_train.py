@@ -75,16 +75,31 @@ def test_user_errors_are_one_line(plain_dir, tmp_path, capsys):
     assert err.startswith("error: no data given") and "\n" not in err
 
 
-def test_demo_quick(tmp_path):
+def test_demo_quick_retrofits_the_bundled_pretrained_model(tmp_path, capsys):
     out = tmp_path / "demo"
     assert run_cli("demo", "--quick", "--steps", "3", "--out", out, "--no-progress") == 0
     report = json.loads((out / "demo.json").read_text())
-    assert report["retrofit_max_abs_diff"] < 1e-4
-    plain, hc = report["table"]
-    assert plain["run"] == "plain" and hc["run"] == "mhc n=4"
-    assert plain["step-0 loss"] == pytest.approx(hc["step-0 loss"], abs=1e-5)
-    assert hc["params"] > plain["params"]
-    assert (out / "comparison.png").stat().st_size > 1000
+    assert report["model"] == "stories260K"
+    assert report["retrofit_max_abs_diff"] < 1e-4 and report["greedy_identical"]
+    assert report["params"]["mhc n=4"] > report["params"]["plain"] > 200_000  # the real 260K-parameter model
+    arms = report["compare"]["arms"]
+    assert [a["arm"] for a in arms] == ["plain", "mhc n=4"]
+    assert arms[1]["gain_mean"] == pytest.approx(arms[0]["heldout_loss"] - arms[1]["heldout_loss"])
+    # a pretrained start: the step-0 held-out loss of every run is the base model's, far below a random init's
+    step0 = {
+        json.loads(line).get("heldout_loss")
+        for p in out.glob("compare/runs/*/*/seed0/metrics.jsonl")
+        for line in p.read_text().splitlines()
+        if json.loads(line).get("step") == 0 and "heldout_loss" in line
+    }
+    assert len(step0) == 2 and max(step0) - min(step0) < 1e-5  # plain and HC: the same model at step 0
+    assert max(step0) < 6.0  # ln(512) = 6.24 for a uniform guess
+    assert len(list(out.glob("compare/runs/*/*/seed0/summary.json"))) == 4  # 2 LRs x (plain, mhc)
+    assert (out / "compare" / "compare.png").stat().st_size > 5000
+    assert "retrofit exact" in capsys.readouterr().out
+    # a second call reads the finished runs; another --steps in the same dir needs --overwrite
+    assert run_cli("demo", "--quick", "--steps", "3", "--out", out, "--no-progress") == 0
+    assert run_cli("demo", "--quick", "--steps", "4", "--out", out, "--no-progress") == 1
 
 
 def test_demo_refuses_to_replace_an_earlier_demo_without_overwrite(tmp_path, capsys):
