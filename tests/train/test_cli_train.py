@@ -96,7 +96,7 @@ def test_demo_quick_retrofits_the_bundled_pretrained_model(tmp_path, capsys):
     assert max(step0) < 6.0  # ln(512) = 6.24 for a uniform guess
     assert len(list(out.glob("compare/runs/*/*/seed0/summary.json"))) == 4  # 2 LRs x (plain, mhc)
     assert (out / "compare" / "compare.png").stat().st_size > 5000
-    assert "retrofit exact" in capsys.readouterr().out
+    assert "retrofit exact: max |logit diff|" in capsys.readouterr().err
     # a second call reads the finished runs; another --steps in the same dir needs --overwrite
     assert run_cli("demo", "--quick", "--steps", "3", "--out", out, "--no-progress") == 0
     assert run_cli("demo", "--quick", "--steps", "4", "--out", out, "--no-progress") == 1
