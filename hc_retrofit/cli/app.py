@@ -59,6 +59,9 @@ def quiet_library_progress() -> None:
     transformers_logging.disable_progress_bar()
 
 
+INTERRUPTED = 130
+"""Exit code of Ctrl-C (128 + SIGINT), as shells report it."""
+
 _ENVIRONMENT_ERRNOS = frozenset(
     getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EFBIG") if hasattr(errno, name)
 )
@@ -90,7 +93,7 @@ class _OneLineErrors(TyperGroup):
             hint = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
             fail(err.format_message() + hint, 2)
         except (typer.Abort, KeyboardInterrupt):
-            fail("interrupted", 130)
+            fail("interrupted", INTERRUPTED)
         except ImportError as err:  # an optional extra (train, plot) is not installed
             hint = missing_extra_hint(err)
             if hint is None:
@@ -104,6 +107,8 @@ class _OneLineErrors(TyperGroup):
             where = f": {err.filename}" if err.filename else ""
             fail(f"{err.strerror or err}{where}; free some space or choose another location (nothing was replaced)", 1)
         code = result if isinstance(result, int) else 0
+        if code == INTERRUPTED:  # typer turns Ctrl-C into a bare exit code 130: say what happened
+            fail("interrupted", INTERRUPTED)
         if standalone:
             sys.exit(code)
         return result

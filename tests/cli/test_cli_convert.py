@@ -165,6 +165,7 @@ def test_ctrl_c_leaves_no_partial_output(cli, base_dir: Path, tmp_path: Path, mo
     result = cli("convert", base_dir, "--out", tmp_path / "out")
     assert result.exit_code == 130
     assert "Traceback" not in result.output
+    assert _one_error_line(result) == "error: interrupted"  # one line says what happened
     assert list(tmp_path.iterdir()) == []
 
 
