@@ -19,10 +19,11 @@ Coefficients, per variant:
 
 Every function here is plain differentiable torch, with no state and no Python branching on
 tensor values: autograd differentiates it, ``torch.compile`` traces and fuses it, and the fast
-autograd Functions in :mod:`hc_retrofit.connections` are gradchecked against it. Coefficients are
-float32 and cast to the streams' dtype where they multiply activations. The coefficient functions
-take the projection and Sinkhorn as arguments so the fast path reuses the same equations with its
-own kernels (one copy of each formula).
+autograd Functions (:mod:`hc_retrofit.kernels`, :mod:`hc_retrofit.sinkhorn`) are gradchecked
+against it. Coefficients are float32 and cast to the streams' dtype where they multiply
+activations. The coefficient functions take the projection and Sinkhorn as arguments, so every
+path (autograd, no-grad, compiled, inspection) uses these equations with its own kernels: one
+copy of each formula.
 """
 
 from __future__ import annotations
@@ -76,55 +77,57 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     return log_p.exp()
 
 
-def hc_coefficients(
-    a: torch.Tensor,
-    r: torch.Tensor,
-    b: torch.Tensor,
-    proj: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-    streams: torch.Tensor | None = None,
-    project: Project = rms_project,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Static HC ``(a, R, b)``; with ``proj`` ``W`` ``(D, n + 2)`` and ``scale`` ``s`` ``(3,)``, dynamic HC.
+# ----------------------------------------------------------------------------- coefficients
+# The dynamic term of every coefficient is one projection of the streams, so each variant is
+# written as ``base + s * project(H) W`` in the projection's layout (one ``addcmul``), ``base``
+# and ``s`` gathered from the parameters by the ``*_layout`` functions. The same functions serve
+# autograd (the layout rebuilt per call), the no-grad path (the layout cached) and inspection.
 
-    Dynamic: row ``k`` of ``tanh(RMSNorm(H_k) W)`` is ``[a_k, R_.k (column k), b_k]``, so each
-    coefficient gets its input stream's term, scaled by its ``s``.
-    """
-    if proj is None:
-        return a, r, b
-    if streams is None:
-        raise ValueError("dynamic HC coefficients need the streams")
+
+def hc_layout(
+    a: torch.Tensor, r: torch.Tensor, b: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic HC's ``(base, s)``: row ``k`` is ``[a_k, R_.k (column k: input stream k), b_k]``."""
     n = a.shape[-1]
-    p = torch.tanh(project(streams, proj))  # (..., n_k, n + 2)
-    s_a, s_r, s_b = scale
-    return a + s_a * p[..., 0], r + s_r * p[..., 1 : n + 1].transpose(-1, -2), b + s_b * p[..., n + 1]
+    s_a, s_r, s_b = scale.unsqueeze(-1)
+    base = torch.cat([a.unsqueeze(-1), r.transpose(-1, -2), b.unsqueeze(-1)], dim=-1)  # (n, n + 2)
+    return base, torch.cat([s_a, s_r.expand(n), s_b])
 
 
-def mhc_coefficients(
-    a_logits: torch.Tensor,
-    r_logits: torch.Tensor,
-    b_logits: torch.Tensor,
-    iters: int,
-    proj: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-    streams: torch.Tensor | None = None,
-    project: Project = rms_project,
-    sinkhorn: Sinkhorn = sinkhorn,
+def hc_dynamic(
+    base: torch.Tensor, s: torch.Tensor, w: torch.Tensor, streams: torch.Tensor, project: Project = rms_project
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mHC ``(sigmoid(.), Sinkhorn(.), 2 sigmoid(.))`` of the logits; with ``proj`` ``phi``
-    ``(n D, 2n + n^2)`` and ``scale`` ``(3,)``, each logit gets ``s * (RMSNorm(vec H) phi)``."""
-    if proj is not None:
-        if streams is None:
-            raise ValueError("dynamic mHC coefficients need the streams")
-        n = a_logits.shape[-1]
-        p = project(streams.flatten(-2), proj)  # (..., [a (n), b (n), R (n * n)])
-        s_a, s_r, s_b = scale
-        a_logits = a_logits + s_a * p[..., :n]
-        b_logits = b_logits + s_b * p[..., n : 2 * n]
-        r_logits = r_logits + s_r * p[..., 2 * n :].unflatten(-1, (n, n))
-    return torch.sigmoid(a_logits), sinkhorn(r_logits, iters), 2 * torch.sigmoid(b_logits)
+    """Dynamic HC (DHC): ``[a_k, R_.k, b_k] = base_k + s * tanh(RMSNorm(H_k) W)`` for each stream ``k``."""
+    n = base.shape[-2]
+    coef = torch.addcmul(base, s, torch.tanh(project(streams, w)))  # (..., n_k, n + 2)
+    return coef[..., 0], coef[..., 1 : n + 1].transpose(-1, -2), coef[..., n + 1]
 
 
-def ablated_coefficients(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mhc_layout(
+    a_logits: torch.Tensor, r_logits: torch.Tensor, b_logits: torch.Tensor, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """mHC's logits ``[a (n), b (n), R (n * n)]`` and (dynamic) their scales ``s`` in the same layout."""
+    n = a_logits.shape[-1]
+    base = torch.cat([a_logits, b_logits, r_logits.flatten()])
+    if scale is None:
+        return base, None
+    s_a, s_r, s_b = scale.unsqueeze(-1)
+    return base, torch.cat([s_a.expand(n), s_b.expand(n), s_r.expand(n * n)])
+
+
+def mhc_dynamic_logits(
+    base: torch.Tensor, s: torch.Tensor, phi: torch.Tensor, streams: torch.Tensor, project: Project = rms_project
+) -> torch.Tensor:
+    """mHC's per-token logits ``base + s * (RMSNorm(vec H) phi)``, ``vec H`` the ``n D`` streams of a token."""
+    return torch.addcmul(base, s, project(streams.flatten(-2), phi))
+
+
+def mhc(logits: torch.Tensor, n: int, iters: int, sinkhorn: Sinkhorn = sinkhorn) -> tuple[torch.Tensor, ...]:
+    """mHC's ``a = sigmoid(.)``, ``R = Sinkhorn(exp(.))``, ``b = 2 sigmoid(.)`` of ``[a, b, R]`` logits."""
+    a_b = torch.sigmoid(logits[..., : 2 * n])
+    return a_b[..., :n], sinkhorn(logits[..., 2 * n :].unflatten(-1, (n, n)), iters), 2 * a_b[..., n:]
+
+
+def ablated(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A plain residual over ``n`` streams: ``a`` uniform, ``R = I``, ``b = 1``."""
     return torch.full((n,), 1.0 / n, device=device), torch.eye(n, device=device), torch.ones(n, device=device)

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from hc_retrofit.connections import HyperConnection, sinkhorn
 from hc_retrofit.errors import NotConvertedError
 from hc_retrofit.patch import HCDecoderLayerMixin, is_converted
 from hc_retrofit.persist import is_converted_dir, load_converted, load_tokenizer, read_config_dict
 from hc_retrofit.probe import probe_batch
+from hc_retrofit.site import HyperConnection
 
 
 @dataclass(frozen=True)
@@ -54,18 +54,11 @@ class InspectionReport:
 
 
 def static_coefficients(site: HyperConnection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``a, R, b`` without the input-dependent term of the dynamic variants (float32, detached)."""
+    """``a, R, b`` without the input-dependent term of the dynamic variants (float32, detached):
+    the site's own formula (:meth:`HyperConnection.static_coefficients`)."""
     with torch.no_grad():
-        if site.ablate or not site.is_dynamic:
-            c = site.coefficients()
-            return c.a.float(), c.r.float(), c.b.float()
-        if site.variant == "mhc":
-            return (
-                torch.sigmoid(site.width_logits),
-                sinkhorn(site.residual_logits, site.config.sinkhorn_iters),
-                2 * torch.sigmoid(site.depth_logits),
-            )
-        return site.width.detach().clone(), site.residual.detach().clone(), site.depth.detach().clone()
+        c = site.static_coefficients()
+        return c.a.detach().float().clone(), c.r.detach().float().clone(), c.b.detach().float().clone()
 
 
 def site_report(layer: int, site: HyperConnection) -> SiteReport:

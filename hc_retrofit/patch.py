@@ -16,69 +16,51 @@ are new keys ``<layer>.hyper_connections.<site>.*``).
 
 The HC work of a layer happens inside the layer's ``forward`` (we give each decoder layer a
 subclass of its own class), so transformers' gradient checkpointing, which wraps ``forward``,
-recomputes it too. Per-call state lives on the site module only for the duration of that call.
-Hooks are ``functools.partial`` objects bound to their site, so ``copy.deepcopy`` of a converted
-model gives a model whose hooks use the copy's own HC parameters.
+recomputes it too. The layer talks to its sites only through the site API of
+:mod:`hc_retrofit.site` (``width_connection``, ``mix``, ``outer``, ``delta``, ``depth_around``). Per-call state
+(each site's context between its entry and exit) is filled and emptied by the layer's ``forward``
+in a per-layer :class:`_LayerCalls`. What can be recomputed in backward is decided at convert time
+from the block structure: the hot path has no autograd-graph inspection, ``try`` or hidden state,
+so ``torch.compile`` traces a converted layer in one graph. Hooks are ``functools.partial`` objects
+bound to their site and layer state, so ``copy.deepcopy`` of a converted model gives a model whose
+hooks use the copy's own HC parameters.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from hc_retrofit.config import HCConfig
-from hc_retrofit.connections import (
-    Coefficients,
-    HyperConnection,
-    _DepthConnection,
-    _Recomputed,
-    _WidthConnection,
-    depth_connection,
-    expand_streams,
-    outer_streams,
-    reduce_streams,
-    stream_mix,
-    width_connection,
-)
 from hc_retrofit.errors import AlreadyConvertedError, UnsupportedArchitectureError
 from hc_retrofit.families import Block, Family, family_for
+from hc_retrofit.site import HyperConnection, SiteContext
+from hc_retrofit.stream_ops import expand_streams, reduce_streams
 
 CONFIG_KEY = "hc_retrofit"
-
-
-@dataclass
-class _Call:
-    """What one site computed at its entry, for its exit, during one layer call."""
-
-    x: torch.Tensor
-    r: torch.Tensor  # R for the routed site; R - I for the others, which add (R - I) H at the exit
-    b: torch.Tensor
-    streams: torch.Tensor | None = None  # non-routed sites: H_s
-    source: tuple | None = None  # non-routed, eager: what H_s is recomputed from in backward
-    y: torch.Tensor | None = None  # routed, eager with recomputation: the branch output y_0
 
 
 class _LayerCalls:
     """The per-call state of one converted layer, shared with its hooks.
 
     The layer's ``forward`` fills it at the start of every call and empties it at the end (plain
-    attribute stores, which ``torch.compile`` traces as ordinary side effects). ``routed``: the
-    first site, whose ``R H`` the layer receives as its input; ``calls[s]``: site ``s`` between its
-    entry and its exit. ``recompute``: whether this call lets the second site recompute its
-    streams in backward (see :func:`_recomputes`).
+    attribute stores, which ``torch.compile`` traces as ordinary side effects). ``contexts[s]``:
+    site ``s`` between its entry and its exit (site 0, the *routed* site whose ``R H`` the layer
+    receives as input, from the start); ``y0``: the routed site's branch output, kept when this
+    call lets the second site recompute its streams in backward (``recompute``, see
+    :func:`_recomputes`).
     """
 
     def __init__(self, num_sites: int) -> None:
         self.num_sites = num_sites
         self.reset()
 
-    def reset(self, routed: _Call | None = None, streams: torch.Tensor | None = None, recompute: bool = False) -> None:
-        self.routed, self.inputs, self.recompute = routed, streams, recompute
-        self.calls: list[_Call | None] = [routed] + [None] * (self.num_sites - 1)
+    def reset(self, routed: SiteContext | None = None, recompute: bool = False) -> None:
+        self.recompute, self.y0 = recompute, None
+        self.contexts: list[SiteContext | None] = [routed] + [None] * (self.num_sites - 1)
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -97,16 +79,6 @@ def _with_hidden(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple,
     if args:
         return (value, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": value}
-
-
-def _coefficients(site: HyperConnection, streams: torch.Tensor, minus_identity: bool = False) -> Coefficients:
-    """The site's coefficients for ``streams`` (``R - I`` in place of ``R`` if ``minus_identity``):
-    float32 with autograd; without it (evaluation, ``generate()``) from the site's cache where they
-    do not depend on ``streams``, already in the streams' dtype."""
-    if not torch.is_grad_enabled():
-        return site._no_grad_coefficients(streams, streams.dtype, minus_identity)
-    c = site.coefficients(streams)
-    return c.minus_identity() if minus_identity else c
 
 
 def _recomputes(layer: nn.Module) -> bool:
@@ -144,19 +116,15 @@ class HCDecoderLayerMixin:
         hidden = _split_hidden(args, kwargs)
         first_site: HyperConnection = self.hyper_connections[0]
         streams = expand_streams(hidden, first_site.num_streams) if self._hc_first else hidden
-        coeffs = _coefficients(first_site, streams)
-        x = width_connection(streams, coeffs.a)
+        x, ctx = first_site.width_connection(streams)
         if self._hc_block.kind == "layer":
             new_args, new_kwargs = _with_hidden(args, kwargs, x)
             out = super().forward(*new_args, **new_kwargs)
-            # F(x) = layer(x) - x, so H' = R H + b F(x) = (R H - b x) + b layer(x): exact at init.
-            # (R H - b x) first: with equal streams it is exactly 0 at init, so H' = layer(x) exactly.
-            new = depth_connection(streams, coeffs.r, -coeffs.b, x) + outer_streams(coeffs.b, _first(out))
+            new = first_site.depth_around(ctx, _first(out))  # F(x) = layer(x) - x
         else:
             calls = self._hc_calls
-            calls.reset(_Call(x, coeffs.r, coeffs.b), streams, _recomputes(self))
-            mixed = stream_mix(streams, coeffs.r)
-            new_args, new_kwargs = _with_hidden(args, kwargs, mixed)
+            calls.reset(ctx, _recomputes(self))
+            new_args, new_kwargs = _with_hidden(args, kwargs, first_site.mix(ctx))
             out = super().forward(*new_args, **new_kwargs)
             new = _first(out)
             calls.reset()  # (an exception above leaves it filled until the next call resets it)
@@ -181,25 +149,20 @@ def _entry_hook(
     calls: _LayerCalls, index: int, site: HyperConnection, module: nn.Module, args: tuple, kwargs: dict
 ) -> tuple[tuple, dict]:
     """Forward pre-hook on an entry module: feed it ``x = a . H`` instead of the streams."""
-    call = calls.calls[index]
-    if call is None:  # first entry of a non-routed site: read H_s here
-        streams = _split_hidden(args, kwargs)
-        routed = calls.routed
-        if index == 1 and calls.recompute and routed is not None and routed.y is not None:
-            # H_1 = R_0 H_0 + b_0 (x) y_0: saved as what it is made of, recomputed in backward.
-            source = (_Recomputed(), (calls.inputs, routed.r, routed.b, routed.y))
-            c = site._coefficients(streams, source).minus_identity()
-            call = _Call(_WidthConnection.apply(streams, c.a, source), c.r, c.b, streams, source)
-        else:
-            c = _coefficients(site, streams, minus_identity=True)
-            call = _Call(width_connection(streams, c.a), c.r, c.b, streams)
-        calls.calls[index] = call
-    return _with_hidden(args, kwargs, call.x)
+    ctx = calls.contexts[index]
+    if ctx is None:  # first entry of a non-routed site: read H_s here
+        made_of = None
+        if index == 1 and calls.recompute and calls.y0 is not None:
+            made_of = (calls.contexts[0], calls.y0)  # H_1 = R_0 H_0 + b_0 (x) y_0
+        _, ctx = site.width_connection(_split_hidden(args, kwargs), adds_input=True, made_of=made_of)
+        calls.contexts[index] = ctx
+    return _with_hidden(args, kwargs, ctx.x)
 
 
 def _exit_hook(
     calls: _LayerCalls,
     index: int,
+    site: HyperConnection,
     multiplier: float,
     module: nn.Module,
     args: tuple,
@@ -207,20 +170,13 @@ def _exit_hook(
     output: Any,
 ) -> Any:
     """Forward hook on an exit module: turn the branch output ``y`` into what the layer must add."""
-    call = calls.calls[index]
+    ctx = calls.contexts[index]
     y = _first(output)
-    if index == 0:  # routed site: the layer adds R H itself
+    if index == 0:  # routed site: the layer adds R H (its input) itself
         if calls.recompute:
-            call.y = y
-        return _replace_first(output, outer_streams(call.b, y))
-    if call.source is not None:  # (R - I) H, H recomputed in backward
-        delta = _DepthConnection.apply(call.streams, call.r, None, None, call.source)
-    else:
-        delta = stream_mix(call.streams, call.r)  # (R - I) H
-    if multiplier != 1.0:  # the layer computes H + m * exit
-        delta = delta / multiplier
-    b = call.b if call.b.dtype == y.dtype else call.b.to(y.dtype)
-    return _replace_first(output, delta.addcmul_(b.unsqueeze(-1), y.unsqueeze(-2)))
+            calls.y0 = y
+        return _replace_first(output, site.outer(ctx, y))
+    return _replace_first(output, site.delta(ctx, y, multiplier))  # the layer adds H + m * delta
 
 
 def _recompute_allowed(block: Block, multiplier: float) -> bool:
@@ -349,7 +305,7 @@ def convert(model: nn.Module, config: HCConfig | None = None) -> nn.Module:
                     )
             for name in spec.exits:
                 getattr(layer, name).register_forward_hook(
-                    functools.partial(_exit_hook, calls, index, multiplier), with_kwargs=True
+                    functools.partial(_exit_hook, calls, index, site, multiplier), with_kwargs=True
                 )
     model.hc_config = config
     model.config.hc_retrofit = config.to_dict()

@@ -1,4 +1,4 @@
-"""The custom autograd Functions of connections.py against the plain einsum formulas (float64).
+"""The fast autograd Functions (kernels.py, sinkhorn.py) against the formulas of formulas.py (float64).
 
 Each fast path (static and per-token coefficients, contiguous and stride-0 "expanded" streams,
 broadcast ``y``) must give the same values as the textbook formula and pass ``gradcheck``.
@@ -12,6 +12,7 @@ from hc_retrofit import (
     HyperConnection,
     depth_connection,
     expand_streams,
+    formulas,
     sinkhorn,
     stream_mix,
     width_connection,
@@ -21,20 +22,10 @@ from hc_retrofit.connections import outer_streams, rms_project
 F64 = {"dtype": torch.float64}
 
 
-def ref_width(h, a):
-    return torch.einsum("...k,...kd->...d", a, h)
-
-
-def ref_mix(h, r):
-    return torch.einsum("...jk,...kd->...jd", r, h)
-
-
-def ref_depth(h, r, b, y):
-    return ref_mix(h, r) + b.unsqueeze(-1) * y.unsqueeze(-2)
-
-
-def ref_rms_project(x, w):
-    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)) @ w
+ref_width = formulas.width
+ref_mix = formulas.mix
+ref_depth = formulas.depth
+ref_rms_project = formulas.rms_project
 
 
 def streams_of(kind: str, lead=(2, 3), n=3, d=5):
@@ -161,11 +152,7 @@ def test_outer_streams_matches_broadcast_and_gradchecks(per_token):
 @pytest.mark.parametrize("iters", [1, 3, 20])
 def test_sinkhorn_matches_log_domain_reference_and_its_gradient(iters):
     def reference(logits):
-        log_p = logits
-        for _ in range(iters):
-            log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)
-            log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
-        return log_p.exp()
+        return formulas.sinkhorn(logits, iters)
 
     torch.manual_seed(7)
     logits = (torch.randn(2, 3, 4, 4, **F64) * 3).requires_grad_(True)

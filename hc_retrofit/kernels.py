@@ -1,0 +1,280 @@
+"""The fast autograd Functions behind the stream operations (eager, with autograd).
+
+Each implements an equation of :mod:`hc_retrofit.formulas` and is gradchecked against it
+(tests/test_kernels.py). The stream operations are contractions over ``n`` (2-8) of large
+``(tokens, n, D)`` tensors, so they are memory bound. Autograd through einsum handles them poorly
+(e.g. the gradient of a static ``R`` goes through a generic contraction over all tokens, ~10x the
+cost of a copy), so each is an ``autograd.Function`` whose forward and backward are batched
+matmuls over the ``M`` tokens: one ``(n x n) @ (n x D)`` product per token, static coefficients
+broadcast as a stride-0 batch (no copy). They save only what is saved anyway (``H``, ``y`` and the
+small coefficients) and recompute the rest. Layer 0 receives ``expand_streams(h)`` (n views of one
+tensor, stride 0 over streams): there every product collapses to a scaling of ``h``.
+
+A Function may also save, in place of its streams, a *source* (:class:`Recomputed`): the tensors
+the streams were made of, recomputed once in backward for all the Functions that share it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "DepthConnection",
+    "Outer",
+    "RMSProject",
+    "Recomputed",
+    "WidthConnection",
+    "cast",
+    "expanded_streams",
+    "mid_layer_streams",
+    "project_recomputed",
+    "rms_project_parts",
+]
+
+EPS = 1e-6
+
+
+def cast(c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return c if c.dtype == dtype else c.to(dtype)
+
+
+def expanded_streams(streams: torch.Tensor) -> bool:
+    """Whether the ``n`` streams of ``(..., n, D)`` are views of one tensor (layer 0's input)."""
+    return streams.shape[-2] > 1 and streams.stride(-2) == 0
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """``(..., n, D) -> (M, n, D)``, a view (also of a stride-0 expanded tensor)."""
+    return t.reshape(-1, t.shape[-2], t.shape[-1])
+
+
+def _per_token(c: torch.Tensor, lead: torch.Size, base: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Coefficient ``c`` (``base`` or ``(..., *base)``) as an ``(M, *base)`` batch in ``dtype``."""
+    return c.to(dtype).expand(*lead, *base).reshape(-1, *base)
+
+
+def _grad_to(g: torch.Tensor, like: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """Per-token gradient ``(M, ...)`` summed back to the (possibly broadcast) shape of ``like``."""
+    return g.reshape(*lead, *g.shape[1:]).sum_to_size(like.shape).to(like.dtype)
+
+
+def _mix(streams: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``R H`` as a new ``(..., n, D)`` tensor (the forward of :func:`stream_mix`)."""
+    lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
+    h = _tokens(streams)
+    r_t = _per_token(r, lead, (n, n), streams.dtype)
+    result = streams.new_empty(*lead, n, d)  # not a view: see WidthConnection
+    if expanded_streams(h):
+        torch.mul(r_t.sum(-1, keepdim=True), h[:, :1], out=result.view(-1, n, d))
+    else:
+        torch.bmm(r_t, h, out=result.view(-1, n, d))
+    return result
+
+
+def _outer(b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``b (x) y`` as a new ``(..., n, D)`` tensor (the forward of :func:`outer_streams`)."""
+    lead, d, n = y.shape[:-1], y.shape[-1], b.shape[-1]
+    out = y.new_empty(*lead, n, d)
+    torch.mul(_per_token(b, lead, (n,), y.dtype).unsqueeze(-1), y.reshape(-1, 1, d), out=out.view(-1, n, d))
+    return out
+
+
+def mid_layer_streams(h0: torch.Tensor, r0: torch.Tensor, b0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+    """``R0 H0 + b0 (x) y0``, bit for bit as the forward pass made it (same kernels, same inputs).
+
+    A converted layer's mid-layer streams (the input of its second site) are exactly this sum of
+    the outputs of :func:`stream_mix` and :func:`outer_streams` of its first site. Their inputs
+    are saved for backward anyway, so the second site's Functions save those (``source``) and
+    recompute the streams in backward instead of keeping another ``n x D`` per token.
+    """
+    return _mix(h0, r0).add_(_outer(b0, y0))
+
+
+class Recomputed:
+    """One recomputation of a site's streams, shared by the Functions that need them in backward.
+
+    A ``source`` is ``(Recomputed(), (H0, R0, b0, y0))``; each Function saving it registers as a
+    consumer, the first to ask in backward recomputes, the last one drops the result. It holds no
+    tensor from the forward pass (those go through ``save_for_backward``, so checkpointing and
+    saved-tensor hooks see them).
+    """
+
+    def __init__(self) -> None:
+        self.consumers = self.uses = 0
+        self.value: torch.Tensor | None = None
+
+    def get(self, tensors: tuple) -> torch.Tensor:
+        if self.value is None:
+            self.value = mid_layer_streams(*tensors)
+        value, self.uses = self.value, self.uses + 1
+        if self.uses >= self.consumers:  # (reset: a retained graph may run backward again)
+            self.value, self.uses = None, 0
+        return value
+
+
+def _save(ctx, streams: torch.Tensor | None, source: tuple | None, *others: torch.Tensor | None) -> None:
+    """Save ``streams`` (or the ``source`` they are recomputed from) and ``others``."""
+    ctx.streams_shape = None if streams is None else streams.shape
+    ctx.recomputed = None
+    if source is None:
+        ctx.save_for_backward(*others, streams)
+        return
+    ctx.recomputed, tensors = source
+    ctx.recomputed.consumers += 1
+    ctx.save_for_backward(*others, *tensors)
+
+
+def _saved(ctx, count: int) -> tuple[list, torch.Tensor | None]:
+    """``(others, streams)`` as :func:`_save` stored them (``streams`` recomputed if needed)."""
+    saved = ctx.saved_tensors
+    others, rest = list(saved[:count]), saved[count:]
+    if ctx.recomputed is None:
+        return others, rest[0]
+    return others, ctx.recomputed.get(rest).reshape(ctx.streams_shape)
+
+
+class WidthConnection(torch.autograd.Function):
+    """``x = a . H``: forward ``bmm(a, H)``; backward ``dH = a (x) dx``, ``da_k = H_k . dx``."""
+
+    @staticmethod
+    def forward(ctx, streams: torch.Tensor, a: torch.Tensor, source: tuple | None = None) -> torch.Tensor:
+        lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
+        h = _tokens(streams)
+        a_t = _per_token(a, lead, (n,), streams.dtype).unsqueeze(1)  # (M, 1, n)
+        # Write into the final shape: an output that is a view would forbid in-place use later.
+        x = streams.new_empty(*lead, d)
+        if expanded_streams(h):
+            torch.mul(h[:, 0], a_t.sum(-1), out=x.view(-1, d))
+        else:
+            torch.bmm(a_t, h, out=x.view(-1, 1, d))
+        ctx.shape, ctx.dtype = streams.shape, streams.dtype
+        _save(ctx, streams if ctx.needs_input_grad[1] else None, source if ctx.needs_input_grad[1] else None, a)
+        return x
+
+    @staticmethod
+    def backward(ctx, gx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        lead, n = ctx.shape[:-2], ctx.shape[-2]
+        g = gx.reshape(-1, 1, gx.shape[-1])  # (M, 1, D)
+        (a,), streams = _saved(ctx, 1)
+        a_t = _per_token(a, lead, (n,), ctx.dtype).unsqueeze(-1)  # (M, n, 1)
+        d_streams = (a_t * g).reshape(ctx.shape) if ctx.needs_input_grad[0] else None
+        d_a = None
+        if ctx.needs_input_grad[1]:
+            h = _tokens(streams)
+            if expanded_streams(h):
+                dots = torch.bmm(g, h[:, :1].transpose(1, 2)).expand(-1, n, 1)
+            else:
+                dots = torch.bmm(h, g.transpose(1, 2))  # (M, n, 1): H_k . dx
+            d_a = _grad_to(dots.squeeze(-1), a, lead)
+        return d_streams, d_a, None
+
+
+class DepthConnection(torch.autograd.Function):
+    """``H' = R H (+ b (x) y)``: forward ``bmm(R, H)`` then ``baddbmm_(b, y)``; backward
+    ``dH = R^T dH'``, ``dR = dH' H^T``, ``db_j = dH'_j . y``, ``dy = b^T dH'`` (all per token).
+    ``b`` and ``y`` may both be ``None`` (:func:`stream_mix`)."""
+
+    @staticmethod
+    def forward(ctx, streams, r, b, y, source=None):  # type: ignore[override]
+        lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
+        result = _mix(streams, r)
+        if y is not None:
+            b_t = _per_token(b, lead, (n,), streams.dtype).unsqueeze(-1)  # (M, n, 1)
+            y_t = y.to(streams.dtype).expand(*lead, d).reshape(-1, 1, d)
+            result.view(-1, n, d).baddbmm_(b_t, y_t)
+        ctx.shape, ctx.dtype = streams.shape, streams.dtype
+        _save(ctx, streams if ctx.needs_input_grad[1] else None, source if ctx.needs_input_grad[1] else None, r, b, y)
+        return result
+
+    @staticmethod
+    def backward(ctx, g_out):  # type: ignore[override]
+        (r, b, y), streams = _saved(ctx, 3)
+        lead, n, d = ctx.shape[:-2], ctx.shape[-2], ctx.shape[-1]
+        g = _tokens(g_out.to(ctx.dtype))
+        d_streams = d_r = d_b = d_y = None
+        if ctx.needs_input_grad[0]:
+            r_t = _per_token(r, lead, (n, n), ctx.dtype)
+            d_streams = torch.bmm(r_t.transpose(1, 2), g).reshape(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            h = _tokens(streams)
+            if expanded_streams(h):
+                dots = torch.bmm(g, h[:, :1].transpose(1, 2)).expand(-1, n, n)
+            else:
+                dots = torch.bmm(g, h.transpose(1, 2))  # (M, n, n): dH'_j . H_k
+            d_r = _grad_to(dots, r, lead)
+        if y is not None:
+            y_t = y.to(ctx.dtype).expand(*lead, d).reshape(-1, 1, d)
+            if ctx.needs_input_grad[2]:
+                d_b = _grad_to(torch.bmm(g, y_t.transpose(1, 2)).squeeze(-1), b, lead)
+            if ctx.needs_input_grad[3]:
+                b_t = _per_token(b, lead, (n,), ctx.dtype).unsqueeze(1)  # (M, 1, n)
+                d_y = _grad_to(torch.bmm(b_t, g).squeeze(1), y, lead)
+        return d_streams, d_r, d_b, d_y, None
+
+
+class Outer(torch.autograd.Function):
+    """``b (x) y``: forward one broadcast multiply; backward ``db_j = dH_j . y``, ``dy = b^T dH`` as
+    batched matmuls (autograd of the multiply would materialise ``dH * y`` at full stream size)."""
+
+    @staticmethod
+    def forward(ctx, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(b, y)
+        return _outer(b, y)
+
+    @staticmethod
+    def backward(ctx, g_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        b, y = ctx.saved_tensors
+        lead, d, n = y.shape[:-1], y.shape[-1], b.shape[-1]
+        g = g_out.to(y.dtype).reshape(-1, n, d)
+        d_b = d_y = None
+        if ctx.needs_input_grad[0]:
+            d_b = _grad_to(torch.bmm(g, y.reshape(-1, d, 1)).squeeze(-1), b, lead)
+        if ctx.needs_input_grad[1]:
+            b_t = _per_token(b, lead, (n,), y.dtype).unsqueeze(1)  # (M, 1, n)
+            d_y = torch.bmm(b_t, g).reshape(y.shape)
+        return d_b, d_y
+
+
+class RMSProject(torch.autograd.Function):
+    """``RMSNorm(x) @ w`` (no norm weight) in float32, computed as ``(x @ w) * rsqrt(mean(x^2))``.
+
+    The normalisation is a per-row scalar, so it is applied after the (narrow) projection and
+    ``RMSNorm(x)`` is never materialised nor saved: backward recomputes from ``x`` (saved anyway
+    by the connections) and the small ``x @ w`` and ``rsqrt`` it keeps.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, source: tuple | None = None) -> torch.Tensor:
+        p, inv = rms_project_parts(x, w)
+        _save(ctx, x, source, w, p, inv)  # x, or what it is recomputed from (see mid_layer_streams)
+        return p * inv
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        (w, p, inv), x = _saved(ctx, 3)
+        xf, w_c = x.to(p.dtype), w.to(p.dtype)
+        g_p = g.to(p.dtype) * inv
+        d_x = d_w = None
+        if ctx.needs_input_grad[0]:
+            # d inv / d x = -inv^3 x / F, and d out / d inv = p.
+            coef = (g * p).sum(-1, keepdim=True) * inv.pow(3) * (-1.0 / x.shape[-1])
+            d_x = torch.addcmul(g_p @ w_c.T, xf, coef).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            # (g^T x)^T rather than x^T g: the same product, several times faster on CPU BLAS.
+            d_w = (g_p.reshape(-1, g_p.shape[-1]).T @ xf.reshape(-1, xf.shape[-1])).T.to(w.dtype)
+        return d_x, d_w, None
+
+
+def project_recomputed(x: torch.Tensor, w: torch.Tensor, source: tuple) -> torch.Tensor:
+    """:func:`rms_project` of streams that backward recomputes from ``source``."""
+    return RMSProject.apply(x, w, source)
+
+
+def rms_project_parts(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x @ w`` and ``rsqrt(mean(x^2) + eps)``, in (at least) float32."""
+    ct = torch.promote_types(x.dtype, torch.float32)  # at least float32
+    xf = cast(x, ct)
+    inv = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(EPS).rsqrt_()
+    # x @ w for a narrow w (n + 2 or 2n + n^2 columns) as (w^T x^T)^T: several times faster on CPU BLAS.
+    p = (cast(w, ct).T @ xf.reshape(-1, x.shape[-1]).T).T
+    return p.reshape(*x.shape[:-1], w.shape[-1]), inv

@@ -1,0 +1,312 @@
+"""One hyper-connection site: its parameters and initialisation, and the per-site API.
+
+    x, ctx = site.width_connection(H)       # x = a . H, the branch input; ctx: what the depth side needs
+    H' = site.depth_connection(ctx, f(x))   # H' = R H + b f(x)
+
+plus the pieces a patched layer uses when it adds the residual itself: ``site.mix(ctx)`` (``R H``)
+and ``site.outer(ctx, y)`` (``b (x) y``) for the site whose ``R H`` the layer receives as input,
+``site.delta(ctx, y)`` (``(R - I) H + b (x) y``) for the others, and ``site.depth_around`` for a
+whole layer as the branch. The coefficients are the equations of :mod:`hc_retrofit.formulas`,
+run with the fast kernels (autograd), from a cache (no grad) or as they are (``torch.compile``).
+
+Exactness at init: with ``expand`` = copy into n streams and ``reduce`` = mean, a converted model
+computes the original function iff ``sum_k a_k = 1``, every ``b_j = 1`` and every row of ``R``
+sums to 1. All inits below satisfy this, and none is uniform in ``a`` (that would lock all streams
+into identical gradients: the *symmetry lock*). Sinkhorn ends on a row normalisation, so ``R``
+stays exactly row-stochastic (the property exactness needs) whatever the number of iterations.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hc_retrofit.config import HCConfig
+from hc_retrofit.formulas import ablated, hc_dynamic, hc_layout, mhc, mhc_dynamic_logits, mhc_layout
+from hc_retrofit.kernels import DepthConnection, Recomputed, WidthConnection, cast, project_recomputed
+from hc_retrofit.sinkhorn import sinkhorn
+from hc_retrofit.site_cache import StaticParts, cache_key
+from hc_retrofit.stream_ops import depth_connection, outer_streams, rms_project, stream_mix, width_connection
+
+__all__ = ["Coefficients", "HyperConnection", "SiteContext", "initial_residual_logits", "initial_width"]
+
+
+@dataclass
+class Coefficients:
+    """``a`` ``(..., n)``, ``R`` ``(..., n, n)`` and ``b`` ``(..., n)``, float32.
+
+    Static coefficients have no leading dims; dynamic ones have the token dims of ``H``.
+    """
+
+    a: torch.Tensor
+    r: torch.Tensor
+    b: torch.Tensor
+
+    def to(self, dtype: torch.dtype) -> Coefficients:
+        return Coefficients(cast(self.a, dtype), cast(self.r, dtype), cast(self.b, dtype))
+
+    def minus_identity(self) -> Coefficients:
+        """``a, R - I, b``: what a site applies when the layer adds ``H`` itself."""
+        eye = torch.eye(self.r.shape[-1], device=self.r.device, dtype=self.r.dtype)
+        return Coefficients(self.a, self.r - eye, self.b)
+
+
+@dataclass
+class SiteContext:
+    """What :meth:`HyperConnection.width_connection` computed, for the depth side of the same call.
+
+    ``r`` is ``R``, or ``R - I`` when ``adds_input`` (the layer adds ``H`` itself). ``source``:
+    what ``streams`` are recomputed from in backward (see :meth:`HyperConnection.width_connection`), if any.
+    """
+
+    streams: torch.Tensor
+    x: torch.Tensor
+    a: torch.Tensor
+    r: torch.Tensor
+    b: torch.Tensor
+    adds_input: bool = False
+    source: tuple | None = None
+
+
+def initial_width(num_streams: int, main: float, site_index: int) -> torch.Tensor:
+    """Initial ``a``: ``main`` on stream ``site_index mod n``, the rest shared equally (sum 1).
+
+    Rotating the favoured stream across sites (``e_(site mod n)`` when ``main = 1``, as in the HC
+    paper) breaks the symmetry between streams, so they receive different gradients and diverge.
+    """
+    rest = (1.0 - main) / (num_streams - 1)
+    a = torch.full((num_streams,), rest, dtype=torch.float32)
+    a[site_index % num_streams] = main
+    return a
+
+
+def initial_residual_logits(num_streams: int, diagonal: float) -> torch.Tensor:
+    """Logits whose Sinkhorn projection is ``diagonal`` on the diagonal, the rest shared equally.
+
+    A matrix with a constant diagonal and constant off-diagonal is already doubly stochastic, so
+    the projection is exact after any number of iterations. A diagonal below 1 (0.9 by default)
+    keeps the exp/Sinkhorn gradients alive (identity needs infinite logits, whose gradients
+    vanish), while not too low a value keeps the off-diagonal mixing from averaging the streams
+    back together at every site (spread shrinks by ``diag - off`` per site).
+    """
+    off = (1.0 - diagonal) / (num_streams - 1)
+    logits = torch.zeros(num_streams, num_streams, dtype=torch.float32)
+    logits.fill_diagonal_(math.log(diagonal / off))
+    return logits
+
+
+class HyperConnection(nn.Module):
+    """One hyper-connection site: the coefficients ``a, R, b`` of a branch, and how to apply them.
+
+    Standalone use over any branch (the role of lucidrains' ``hyper-connections``)::
+
+        hc = HyperConnection(dim=512, config=HCConfig(num_streams=4, variant="mhc"), site_index=i)
+        H = expand_streams(h, 4)               # before the first block
+        H = hc(H, lambda x: attn(norm(x)))     # per block: branch runs once, on x (batch B)
+        h = reduce_streams(H)                  # after the last block
+
+    Parameters are created in float32 and stay float32 when the module is cast (``model.to(bf16)``):
+    the coefficients are tiny and precision-sensitive; they are cast to the stream dtype only where
+    they multiply activations. Set ``ablate = True`` to make the site a plain residual
+    (``a`` uniform, ``R = I``, ``b = 1``, which keeps identical streams identical).
+    """
+
+    def __init__(self, dim: int, config: HCConfig, site_index: int = 0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.config = config
+        self.num_streams = n = config.num_streams
+        self.variant = config.variant
+        self.site_index = site_index
+        self.ablate = config.ablate
+        a0 = initial_width(n, config.width_main, site_index)
+        f32 = {"dtype": torch.float32}
+        if config.variant == "mhc":
+            # a = sigmoid(logit a0) -> a0; b = 2 sigmoid(0) = 1; R = Sinkhorn(exp(logits)).
+            self.width_logits = nn.Parameter(torch.logit(a0.double()).float())
+            self.residual_logits = nn.Parameter(initial_residual_logits(n, config.residual_init_main))
+            self.depth_logits = nn.Parameter(torch.zeros(n, **f32))
+            if config.mhc_dynamic:
+                # phi maps RMSNorm(vec H) (n*D) to the n + n*n + n logits; zero so init is exact.
+                self.dynamic_proj = nn.Parameter(torch.zeros(n * dim, 2 * n + n * n, **f32))
+                self.dynamic_scale = nn.Parameter(torch.full((3,), config.dynamic_scale_init, **f32))
+        else:
+            self.width = nn.Parameter(a0)
+            self.residual = nn.Parameter(torch.eye(n, **f32))
+            self.depth = nn.Parameter(torch.ones(n, **f32))
+            if config.variant == "dynamic":
+                # W maps norm(H_k) (D) to [a_k, R_{.k} (n), b_k]; zero so init is exact.
+                self.dynamic_proj = nn.Parameter(torch.zeros(dim, n + 2, **f32))
+                self.dynamic_scale = nn.Parameter(torch.full((3,), config.dynamic_scale_init, **f32))
+
+    # -- parameters stay float32 -----------------------------------------------------------------
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        for p in self.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+        return self
+
+    @property
+    def is_dynamic(self) -> bool:
+        return not self.ablate and hasattr(self, "dynamic_proj")
+
+    def static_coefficients(self) -> Coefficients:
+        """``a, R, b`` without the input-dependent term of the dynamic variants (float32)."""
+        n = self.num_streams
+        if self.ablate:
+            return Coefficients(*ablated(n, next(self.parameters()).device))
+        if self.variant == "mhc":
+            base, _ = mhc_layout(self.width_logits, self.residual_logits, self.depth_logits)
+            return Coefficients(*mhc(base, n, self.config.sinkhorn_iters, sinkhorn))
+        return Coefficients(self.width, self.residual, self.depth)
+
+    def coefficients(self, streams: torch.Tensor | None = None) -> Coefficients:
+        """``a, R, b`` for ``streams`` ``(..., n, D)`` (needed only by dynamic variants), float32."""
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._no_grad_coefficients(streams, torch.float32)
+        return self._coefficients(streams)
+
+    def _coefficients(self, streams: torch.Tensor | None, source: tuple | None = None) -> Coefficients:
+        """:meth:`coefficients` with autograd (or under ``torch.compile``); ``source``: what
+        ``streams`` are recomputed from in backward, or ``None`` to save them."""
+        if not self.is_dynamic:
+            return self.static_coefficients()
+        if streams is None:
+            raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
+        project = rms_project if source is None else functools.partial(project_recomputed, source=source)
+        if self.variant == "mhc":
+            base, s = mhc_layout(self.width_logits, self.residual_logits, self.depth_logits, self.dynamic_scale)
+            logits = mhc_dynamic_logits(base, s, self.dynamic_proj, streams, project)
+            return Coefficients(*mhc(logits, self.num_streams, self.config.sinkhorn_iters, sinkhorn))
+        base, s = hc_layout(self.width, self.residual, self.depth, self.dynamic_scale)
+        return Coefficients(*hc_dynamic(base, s, self.dynamic_proj, streams, project))
+
+    # -- coefficients without autograd (evaluation, generate()) ----------------------------------
+    def _static_parts(self) -> StaticParts:
+        """The input-independent part of the coefficients, rebuilt only when a parameter changes
+        (see :mod:`hc_retrofit.site_cache`). No-grad only: it holds no graph."""
+        params = list(self._parameters.values())
+        key = cache_key(params, self.ablate, self.config.sinkhorn_iters)
+        cached: StaticParts | None = self.__dict__.get("_static_cache")
+        if key is not None and cached is not None and cached.key == key:
+            return cached
+        with torch.no_grad():
+            return self._build_static_parts(key, params)
+
+    def _build_static_parts(self, key: tuple | None, params: list[nn.Parameter]) -> StaticParts:
+        c = self.static_coefficients()
+        parts = StaticParts(key, tuple((p, p.detach()) for p in params), c.a.detach(), c.r.detach(), c.b.detach())
+        if self.is_dynamic:
+            if self.variant == "mhc":
+                layout = mhc_layout(self.width_logits, self.residual_logits, self.depth_logits, self.dynamic_scale)
+            else:
+                layout = hc_layout(self.width, self.residual, self.depth, self.dynamic_scale)
+            parts.base, parts.scale = (t.detach() for t in layout)
+            parts.proj = self.dynamic_proj.detach()
+        self._static_cache = parts if key is not None else None
+        return parts
+
+    def clear_cache(self) -> None:
+        """Drop the no-grad coefficient cache (needed only after writes through ``p.data``)."""
+        self._static_cache = None
+
+    def _no_grad_coefficients(
+        self, streams: torch.Tensor | None, dtype: torch.dtype, minus_identity: bool = False
+    ) -> Coefficients:
+        """:meth:`coefficients` without autograd, in ``dtype`` (with ``R - I`` in place of ``R`` if
+        ``minus_identity``): the same equations, the static part cached. Under ``torch.compile``
+        the equations as they are (the compiler fuses them; a cache would only add guards)."""
+        if torch.compiler.is_compiling():
+            c = self._coefficients(streams).to(dtype)
+            return c.minus_identity() if minus_identity else c
+        parts = self._static_parts()
+        if not self.is_dynamic:
+            return Coefficients(*parts.cast(dtype, minus_identity))
+        if streams is None:
+            raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
+        if self.variant == "mhc":
+            logits = mhc_dynamic_logits(parts.base, parts.scale, parts.proj, streams, rms_project)
+            c = Coefficients(*mhc(logits, self.num_streams, self.config.sinkhorn_iters, sinkhorn)).to(dtype)
+        else:
+            c = Coefficients(*hc_dynamic(parts.base, parts.scale, parts.proj, streams, rms_project)).to(dtype)
+        return c.minus_identity() if minus_identity else c
+
+    def _call_coefficients(self, streams: torch.Tensor, minus_identity: bool) -> Coefficients:
+        """The coefficients one call applies: float32 with autograd; without it already in the
+        streams' dtype, from the cache where they do not depend on ``streams``."""
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._no_grad_coefficients(streams, streams.dtype, minus_identity)
+        c = self._coefficients(streams)
+        return c.minus_identity() if minus_identity else c
+
+    # -- the per-site API ------------------------------------------------------------------------
+    def width_connection(
+        self,
+        streams: torch.Tensor,
+        adds_input: bool = False,
+        made_of: tuple[SiteContext, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, SiteContext]:
+        """``x = a . H``, the branch input, and the context :meth:`depth_connection` (or :meth:`delta`) needs.
+
+        ``adds_input``: the caller adds ``H`` itself after :meth:`delta` (a layer's own residual).
+        ``made_of = (ctx0, y0)``: ``streams`` are exactly ``mix(ctx0) + outer(ctx0, y0)`` of another
+        site, added unchanged. With autograd (eager) they are then not saved for backward but
+        recomputed there, once, from tensors saved anyway (``n x D`` per token less memory).
+        """
+        if made_of is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            ctx0, y0 = made_of
+            source = (Recomputed(), (ctx0.streams, ctx0.r, ctx0.b, y0))
+            c = self._coefficients(streams, source)
+            if adds_input:
+                c = c.minus_identity()
+            x = WidthConnection.apply(streams, c.a, source)
+            return x, SiteContext(streams, x, c.a, c.r, c.b, adds_input, source)
+        c = self._call_coefficients(streams, adds_input)
+        x = width_connection(streams, c.a)
+        return x, SiteContext(streams, x, c.a, c.r, c.b, adds_input)
+
+    def depth_connection(self, ctx: SiteContext, y: torch.Tensor) -> torch.Tensor:
+        """``H' = R H + b (x) y``."""
+        return depth_connection(ctx.streams, ctx.r, ctx.b, y)
+
+    def mix(self, ctx: SiteContext) -> torch.Tensor:
+        """``R H`` (what a layer that adds ``b (x) y`` to its input receives as input)."""
+        return stream_mix(ctx.streams, ctx.r)
+
+    def outer(self, ctx: SiteContext, y: torch.Tensor) -> torch.Tensor:
+        """``b (x) y``."""
+        return outer_streams(ctx.b, y)
+
+    def delta(self, ctx: SiteContext, y: torch.Tensor, divisor: float = 1.0) -> torch.Tensor:
+        """``(R - I) H / divisor + b (x) y``: what a layer computing ``H + divisor * delta`` must add
+        to reach ``R H + divisor b (x) y`` (``ctx`` from ``width_connection(H, adds_input=True)``)."""
+        if ctx.source is not None:  # H recomputed in backward
+            delta = DepthConnection.apply(ctx.streams, ctx.r, None, None, ctx.source)
+        else:
+            delta = stream_mix(ctx.streams, ctx.r)
+        if divisor != 1.0:
+            delta = delta / divisor
+        return delta.addcmul_(cast(ctx.b, y.dtype).unsqueeze(-1), y.unsqueeze(-2))
+
+    def depth_around(self, ctx: SiteContext, out: torch.Tensor) -> torch.Tensor:
+        """``H'`` for a whole layer as the branch, ``F(x) = out - x``: ``(R H - b x) + b out``.
+
+        ``R H - b x`` first: with equal streams it is exactly 0 at init, so ``H' = out`` exactly.
+        """
+        return depth_connection(ctx.streams, ctx.r, -ctx.b, ctx.x) + outer_streams(ctx.b, out)
+
+    def forward(self, streams: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``H -> R H + b f(a . H)``: one residual block over ``n`` streams ``(..., n, D)``."""
+        x, ctx = self.width_connection(streams)
+        return self.depth_connection(ctx, branch(x))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, streams={self.num_streams}, variant={self.variant!r}, site={self.site_index}" + (
+            ", ablated" if self.ablate else ""
+        )
