@@ -3,7 +3,7 @@
 Where each piece lives (one job per module):
 
 * :mod:`hc_retrofit.formulas` -- the papers' equations, plainly (notation and references there).
-* :mod:`hc_retrofit.kernels`, :mod:`hc_retrofit.sinkhorn` -- fast autograd Functions, gradchecked
+* :mod:`hc_retrofit.kernels`, :mod:`hc_retrofit.sinkhorn_knopp` -- fast autograd Functions, gradchecked
   against the formulas.
 * :mod:`hc_retrofit.stream_ops` -- expand/reduce and the stream operations, each choosing the
   formula (``torch.compile``), a kernel (autograd) or plain ops (no grad).
@@ -21,7 +21,7 @@ Standalone use over any branch (the role of lucidrains' ``hyper-connections``)::
 
 from __future__ import annotations
 
-from hc_retrofit.sinkhorn import sinkhorn
+from hc_retrofit.sinkhorn_knopp import sinkhorn
 from hc_retrofit.site import Coefficients, HyperConnection, SiteContext, initial_residual_logits, initial_width
 from hc_retrofit.stream_ops import (
     depth_connection,

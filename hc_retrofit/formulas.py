@@ -19,7 +19,7 @@ Coefficients, per variant:
 
 Every function here is plain differentiable torch, with no state and no Python branching on
 tensor values: autograd differentiates it, ``torch.compile`` traces and fuses it, and the fast
-autograd Functions (:mod:`hc_retrofit.kernels`, :mod:`hc_retrofit.sinkhorn`) are gradchecked
+autograd Functions (:mod:`hc_retrofit.kernels`, :mod:`hc_retrofit.sinkhorn_knopp`) are gradchecked
 against it. Coefficients are float32 and cast to the streams' dtype where they multiply
 activations. The coefficient functions take the projection and Sinkhorn as arguments, so every
 path (autograd, no-grad, compiled, inspection) uses these equations with its own kernels: one

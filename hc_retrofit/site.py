@@ -29,7 +29,7 @@ from torch import nn
 from hc_retrofit.config import HCConfig
 from hc_retrofit.formulas import ablated, hc_dynamic, hc_layout, mhc, mhc_dynamic_logits, mhc_layout
 from hc_retrofit.kernels import DepthConnection, Recomputed, WidthConnection, cast, project_recomputed
-from hc_retrofit.sinkhorn import sinkhorn
+from hc_retrofit.sinkhorn_knopp import sinkhorn
 from hc_retrofit.site_cache import StaticParts, cache_key
 from hc_retrofit.stream_ops import depth_connection, outer_streams, rms_project, stream_mix, width_connection
 

@@ -1,4 +1,4 @@
-"""The fast autograd Functions (kernels.py, sinkhorn.py) against the formulas of formulas.py (float64).
+"""The fast autograd Functions (kernels.py, sinkhorn_knopp.py) against the formulas of formulas.py (float64).
 
 Each fast path (static and per-token coefficients, contiguous and stride-0 "expanded" streams,
 broadcast ``y``) must give the same values as the textbook formula and pass ``gradcheck``.
