@@ -65,12 +65,12 @@ def test_verify_checks_the_shipped_modeling_code(cli, converted_dir: Path, tmp_p
     import shutil
 
     edited = Path(shutil.copytree(converted_dir, tmp_path / "edited"))
-    with (edited / "connections.py").open("a") as f:
+    with (edited / "site.py").open("a") as f:
         f.write("\nimport os  # something else now\n")
     result = cli("verify", edited, "--json")
     report = json.loads(result.stdout)
     assert result.exit_code == 1 and report["equivalent"] and not report["ok"]
-    assert report["remote_code_problems"] == ["connections.py differs from what this hc-retrofit writes"]
+    assert report["remote_code_problems"] == ["site.py differs from what this hc-retrofit writes"]
     missing = Path(shutil.copytree(converted_dir, tmp_path / "missing"))
     (missing / "modeling_hc_retrofit.py").unlink()
     result = cli("verify", missing)
