@@ -140,6 +140,24 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def prepare_compile() -> None:
+    """Make first-call compile times comparable: no cached graphs, one-time costs paid up front.
+
+    Inductor's on-disk caches would make a graph compiled in an earlier run (or earlier in this
+    one) nearly free, and the first compilation of a process pays imports and start-up for all
+    later ones; so both caches are off and a tiny function is compiled once before timing.
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = False
+    inductor_config.autotune_local_cache = False
+    with contextlib.suppress(AttributeError):
+        torch._functorch.config.enable_autograd_cache = False
+    x = torch.randn(8, requires_grad=True)
+    torch.compile(lambda t: (t.sin() * 2).sum())(x).backward()
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------- memory
 @contextlib.contextmanager
 def saved_activation_bytes(exclude: list[torch.Tensor] | None = None) -> Iterator[dict[str, int]]:

@@ -73,6 +73,8 @@ def main() -> None:
         args.widths, args.seq, args.repeats, args.warmup = [128], 64, 3, 1
 
     device, n = args.device, args.streams
+    if args.compile:
+        C.prepare_compile()
     print(
         f"llama layer, widths={args.widths} tokens={args.batch}x{args.seq} n={n} compile={args.compile} "
         f"device={device} threads={torch.get_num_threads()} clock={args.clock}"

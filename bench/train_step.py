@@ -55,6 +55,8 @@ def main() -> None:
         args.repeats, args.warmup, args.streams = 3, 1, [4]
 
     device = args.device
+    if args.compile:
+        C.prepare_compile()
     config = C.llama_config(args.hidden, args.layers, args.vocab)
     original = C.random_model(config, device=device).train()
     ids = torch.randint(3, args.vocab, (args.batch, args.seq), device=device)
