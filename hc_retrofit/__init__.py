@@ -30,8 +30,9 @@ if TYPE_CHECKING:  # the names below load on first use (PEP 562), so `import hc_
         UnsupportedArchitectureError,
     )
     from hc_retrofit.families import FAMILIES, Block, Family, Site, register_family, supported_model_types
-    from hc_retrofit.patch import convert, hyper_connection_sites, is_converted
+    from hc_retrofit.patch import hyper_connection_sites, is_converted
     from hc_retrofit.persist import load_converted, save_converted
+    from hc_retrofit.proof import convert
 
 # public name -> the module that defines it. Importing torch and transformers takes seconds, so the
 # package imports them only when one of these names is used: `hc-retrofit --help` and the light
@@ -61,7 +62,8 @@ _LAZY = {
         "errors",
     ),
     **dict.fromkeys(("FAMILIES", "Block", "Family", "Site", "register_family", "supported_model_types"), "families"),
-    **dict.fromkeys(("convert", "hyper_connection_sites", "is_converted"), "patch"),
+    **dict.fromkeys(("hyper_connection_sites", "is_converted"), "patch"),
+    "convert": "proof",
     **dict.fromkeys(("load_converted", "save_converted"), "persist"),
 }
 

@@ -16,8 +16,9 @@ from typing import Any
 
 from hc_retrofit.config import HCConfig
 from hc_retrofit.families import family_for
-from hc_retrofit.patch import convert, decoder_layers, hyper_connection_sites
+from hc_retrofit.patch import decoder_layers, hyper_connection_sites
 from hc_retrofit.persist import check_output_dir, load_base_config, load_base_model, parse_dtype, save_converted
+from hc_retrofit.proof import convert
 
 
 @dataclass(frozen=True)
@@ -73,15 +74,16 @@ def convert_checkpoint(
     out = check_output_dir(Path(out_dir), overwrite=overwrite, source=model_id_or_dir)
     say(f"reading the config of {model_id_or_dir}")
     base_config = load_base_config(model_id_or_dir, revision=revision, trust_remote_code=trust_remote_code)
-    family = family_for(base_config)  # unsupported architecture: fail before loading weights
-    block = family.block_for(base_config)
+    family_for(base_config)  # unsupported architecture: fail before loading weights
     say(f"loading {model_id_or_dir} ({base_config.model_type})")
     model, tokenizer = load_base_model(
         model_id_or_dir, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
     )
     base_params = count_parameters(model)
-    say(f"adding {config.variant} hyper-connections ({config.num_streams} streams)")
-    convert(model, config)
+    say(f"adding {config.variant} hyper-connections ({config.num_streams} streams) and checking them")
+    convert(model, config)  # proven exact on a probe batch, or refused with the model unchanged
+    family = family_for(model.config)  # the structure that was proven (recorded in the config)
+    block = family.block_for(model.config)
     added = count_parameters(model) - base_params
     say(f"saving to {out}")
     local = Path(model_id_or_dir).expanduser()

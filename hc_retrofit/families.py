@@ -56,6 +56,25 @@ class Block:
         if (self.kind == "layer") != (not self.sites):
             raise ValueError("a 'layer' block has no sites; every other kind needs at least one")
 
+    def module_names(self) -> tuple[str, ...]:
+        """Every submodule name the block hooks (entries and exits of all sites), in order."""
+        return tuple(dict.fromkeys(name for site in self.sites for name in site.entries + site.exits))
+
+    def describe(self) -> str:
+        """One line, e.g. ``sequential [input_layernorm -> self_attn; post_attention_layernorm -> mlp]``."""
+        if self.kind == "layer":
+            return "layer [F(h) = layer(h) - h]"
+        sites = "; ".join(f"{'+'.join(s.entries)} -> {'+'.join(s.exits)}" for s in self.sites)
+        return f"{self.kind} [{sites}]"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "sites": [{"entries": list(s.entries), "exits": list(s.exits)} for s in self.sites]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Block:
+        sites = tuple(Site(tuple(s["entries"]), tuple(s["exits"])) for s in data.get("sites", ()))
+        return cls(str(data["kind"]), sites)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -66,18 +85,64 @@ class Family:
         layers: dotted path from the ``*ForCausalLM`` model to the decoder-layer ``ModuleList``.
         block: the block structure, or a function of the config choosing one.
         residual_multiplier: config attribute that scales branch outputs (Granite), if any.
+        layer_blocks: one block per layer, for stacks that mix layer types (hybrid attention /
+            state-space models); when set it overrides ``block``.
     """
 
     model_types: tuple[str, ...]
     layers: str
     block: Block | Callable[[Any], Block]
     residual_multiplier: str | None = None
+    layer_blocks: tuple[Block, ...] | None = None
 
     def block_for(self, config: Any) -> Block:
         return self.block(config) if callable(self.block) else self.block
 
+    def blocks_for(self, config: Any, num_layers: int) -> list[Block]:
+        """The block of each of the ``num_layers`` layers."""
+        if self.layer_blocks is None:
+            return [self.block_for(config)] * num_layers
+        if len(self.layer_blocks) != num_layers:
+            raise UnsupportedArchitectureError(
+                f"the adapter describes {len(self.layer_blocks)} layers but the model has {num_layers}"
+            )
+        return list(self.layer_blocks)
+
     def multiplier_for(self, config: Any) -> float:
         return float(getattr(config, self.residual_multiplier)) if self.residual_multiplier else 1.0
+
+    def describe(self, config: Any) -> str:
+        """One line naming the layer list and the block(s), for messages and reports."""
+        if self.layer_blocks is None:
+            return f"{self.layers}: {self.block_for(config).describe()}"
+        kinds = dict.fromkeys(b.describe() for b in self.layer_blocks)
+        return f"{self.layers}: per layer {' | '.join(kinds)}"
+
+    def resolved(self, config: Any) -> Family:
+        """This family with its config-dependent choices made (what :meth:`to_dict` records)."""
+        return Family(
+            self.model_types, self.layers, self.block_for(config), self.residual_multiplier, self.layer_blocks
+        )
+
+    def to_dict(self, config: Any) -> dict[str, Any]:
+        """The structure as JSON values, recorded in a converted model's config (``hc_retrofit_structure``)."""
+        data: dict[str, Any] = {"layers": self.layers, "block": self.block_for(config).to_dict()}
+        if self.residual_multiplier:
+            data["residual_multiplier"] = self.residual_multiplier
+        if self.layer_blocks is not None:
+            data["layer_blocks"] = [b.to_dict() for b in self.layer_blocks]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], model_type: str) -> Family:
+        blocks = data.get("layer_blocks")
+        return cls(
+            (model_type,),
+            str(data["layers"]),
+            Block.from_dict(data["block"]),
+            data.get("residual_multiplier"),
+            tuple(Block.from_dict(b) for b in blocks) if blocks is not None else None,
+        )
 
 
 def _seq(*sites: tuple[tuple[str, ...], tuple[str, ...]], kind: str = "sequential") -> Block:
@@ -160,12 +225,20 @@ register_family(
         ),
     )
 )
+
+
+def _falcon_parallel_norms(config: Any) -> tuple[str, ...]:
+    # FalconDecoderLayer: the new architecture with two norms has ln_attn/ln_mlp, every other one input_layernorm.
+    two = config.new_decoder_architecture and config.num_ln_in_parallel_attn in (None, 2)
+    return ("ln_attn", "ln_mlp") if two else ("input_layernorm",)
+
+
 register_family(
     Family(
         ("falcon",),
         "transformer.h",
         lambda c: (
-            _seq((("input_layernorm", "ln_attn", "ln_mlp"), ("self_attention", "mlp")), kind="parallel")
+            _seq((_falcon_parallel_norms(c), ("self_attention", "mlp")), kind="parallel")
             if c.new_decoder_architecture or c.parallel_attn
             else _seq((("input_layernorm",), ("self_attention",)), (("post_attention_layernorm",), ("mlp",)))
         ),
@@ -180,8 +253,23 @@ def supported_model_types() -> list[str]:
     return sorted(FAMILIES)
 
 
+STRUCTURE_KEY = "hc_retrofit_structure"
+
+
+def recorded_family(config: Any) -> Family | None:
+    """The structure a converted model's config records (see :meth:`Family.to_dict`), if any."""
+    data = getattr(config, STRUCTURE_KEY, None)
+    if not isinstance(data, dict):
+        return None
+    return Family.from_dict(data, str(getattr(config, "model_type", "")))
+
+
 def family_for(config: Any) -> Family:
-    """The adapter for ``config.model_type``, or a clear error naming the supported families."""
+    """The adapter recorded in ``config`` (a converted model), else the hand-written one for
+    ``config.model_type``, else a clear error naming the supported families."""
+    recorded = recorded_family(config)
+    if recorded is not None:
+        return recorded
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise UnsupportedArchitectureError(

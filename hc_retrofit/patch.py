@@ -245,14 +245,16 @@ def hyper_connection_sites(model: nn.Module) -> list[HyperConnection]:
     return [m for m in model.modules() if isinstance(m, HyperConnection)]
 
 
-def convert(model: nn.Module, config: HCConfig | None = None) -> nn.Module:
+def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family | None = None) -> nn.Module:
     """Retrofit hyper-connections into ``model`` (in place) and return it.
 
     ``model`` is a loaded transformers causal LM of a supported family (see
     :func:`hc_retrofit.families.supported_model_types`). At initialisation the converted model
     computes the same function as the original (see :mod:`hc_retrofit.connections`); its HC
     parameters are float32 and on the device of each layer. The settings are recorded in
-    ``model.config.hc_retrofit`` and ``model.hc_config``.
+    ``model.config.hc_retrofit`` and ``model.hc_config``. ``family`` (default: the one
+    :func:`~hc_retrofit.families.family_for` finds for ``model.config``) says where the sites are.
+    This applies the adapter without checking the result; :func:`hc_retrofit.convert` proves it.
 
     Raises:
         UnsupportedArchitectureError: the family has no adapter.
@@ -266,24 +268,22 @@ def convert(model: nn.Module, config: HCConfig | None = None) -> nn.Module:
         raise AlreadyConvertedError(
             f"this {type(model).__name__} already has hyper-connections; convert the original model instead"
         )
-    family = family_for(model.config)
-    block = family.block_for(model.config)
+    family = family or family_for(model.config)
     multiplier = family.multiplier_for(model.config)
     layers = decoder_layers(model, family)
-    for layer in layers:  # check every layer before changing any: a refusal leaves the model as it was
-        for spec in block.sites:
-            entries = [getattr(layer, name, None) for name in spec.entries]
-            exits = [getattr(layer, name, None) for name in spec.exits]
-            if not any(isinstance(m, nn.Module) for m in entries) or not all(isinstance(m, nn.Module) for m in exits):
-                raise UnsupportedArchitectureError(
-                    f"{type(layer).__name__} does not have the submodules the {model.config.model_type!r} "
-                    f"adapter expects ({', '.join(spec.entries + spec.exits)}); is this transformers version supported?"
-                )
+    blocks = family.blocks_for(model.config, len(layers))
+    for layer, block in zip(layers, blocks, strict=True):  # check every layer before changing any
+        missing = [name for name in block.module_names() if not isinstance(getattr(layer, name, None), nn.Module)]
+        if missing:
+            raise UnsupportedArchitectureError(
+                f"{type(layer).__name__} does not have the submodules the {model.config.model_type!r} "
+                f"adapter expects (missing {', '.join(missing)}); is this transformers version supported?"
+            )
     dim = model.config.hidden_size
     recompute = _recompute_allowed(block, multiplier)
     dropout_keys = _dropout_keys(model.config)
     site_index = 0
-    for i, layer in enumerate(layers):
+    for i, (layer, block) in enumerate(zip(layers, blocks, strict=True)):
         ref = next(layer.parameters())
         n_sites = max(1, len(block.sites))
         sites = nn.ModuleList(HyperConnection(dim, config, site_index + s) for s in range(n_sites))

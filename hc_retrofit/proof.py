@@ -1,0 +1,291 @@
+"""`convert`: retrofit a loaded model and prove the result exact before returning it.
+
+A wrong model is the one unforgivable bug, so no adapter is trusted (hand-written or discovered):
+the original model is run on a small probe batch first (full-sequence logits, plus a two-token
+greedy ``generate()`` through the KV cache where the model can generate), then each candidate
+adapter is applied with :func:`hc_retrofit.patch.convert` and the probe is run again. The first
+candidate whose logits agree (fp32 tolerance; tokens identical) is kept and its structure is
+recorded in ``config.hc_retrofit_structure`` (so saved checkpoints rebuild exactly that structure).
+A candidate that is not exact, or fails, is undone -- every module gets back its class, attributes,
+submodules, parameters, buffers and hooks -- and the next one is tried. When none is exact the
+model is left exactly as it was and :class:`UnsupportedArchitectureError` names the family and
+every structure tried.
+
+No copy of the model is made: the reference outputs are kept, not the reference model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hc_retrofit.config import HCConfig
+from hc_retrofit.errors import AlreadyConvertedError, HCRetrofitError, UnsupportedArchitectureError
+from hc_retrofit.families import FAMILIES, STRUCTURE_KEY, Family, family_for
+from hc_retrofit.patch import convert as apply_adapter
+from hc_retrofit.patch import is_converted
+
+LOGIT_ATOL = 1e-4
+LOGIT_RTOL = 1e-4
+PROBE_BATCH = 2
+PROBE_LENGTH = 8
+NEW_TOKENS = 2  # the prefill step and one step that reads the KV cache
+
+# Dicts of hooks an nn.Module keeps (their contents are restored; the dicts themselves stay).
+_MODULE_DICTS = (
+    "_modules",
+    "_parameters",
+    "_buffers",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+class ModelSnapshot:
+    """What a conversion may change in a model (module classes, attributes, submodules, parameters,
+    buffers, hooks; the config's attributes), taken before it, so that :meth:`restore` undoes it.
+
+    Only references are kept (no tensor is copied): conversion adds objects, it does not modify
+    the original weights in place.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._modules = [
+            (m, type(m), dict(m.__dict__), {k: dict(getattr(m, k)) for k in _MODULE_DICTS if hasattr(m, k)})
+            for m in model.modules()
+        ]
+        self._config = getattr(model, "config", None)
+        self._config_dict = dict(self._config.__dict__) if self._config is not None else None
+
+    def restore(self) -> None:
+        for module, cls, attrs, dicts in self._modules:
+            module.__class__ = cls
+            for key in set(module.__dict__) - set(attrs):
+                del module.__dict__[key]
+            for key, value in attrs.items():
+                if module.__dict__.get(key) is not value:
+                    module.__dict__[key] = value
+            for key, contents in dicts.items():
+                current = getattr(module, key)
+                if current.keys() != contents.keys() or any(current[k] is not v for k, v in contents.items()):
+                    current.clear()
+                    current.update(contents)
+        if self._config is not None and self._config_dict is not None:
+            for key in set(self._config.__dict__) - set(self._config_dict):
+                del self._config.__dict__[key]
+            self._config.__dict__.update(self._config_dict)
+
+
+@dataclass
+class ProbeOutputs:
+    """What a model computes on the probe batch."""
+
+    logits: torch.Tensor
+    tokens: torch.Tensor | None = None  # greedy continuation (through the KV cache)
+    step_logits: tuple[torch.Tensor, ...] | None = None  # raw logits of each generated step
+    cache_note: str = ""  # why the cached check was skipped, if it was
+
+
+def _vocab_size(model: nn.Module) -> int:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and hasattr(embeddings, "num_embeddings"):
+        vocab = min(vocab or embeddings.num_embeddings, embeddings.num_embeddings)
+    if not vocab:
+        raise UnsupportedArchitectureError(f"cannot build a probe batch for {type(model).__name__}: no vocab_size")
+    return int(vocab)
+
+
+def probe_ids(model: nn.Module, *, batch: int = PROBE_BATCH, length: int = PROBE_LENGTH, seed: int = 0) -> torch.Tensor:
+    """Seeded random token ids (no special ids below 3), on the device of the input embeddings."""
+    vocab = _vocab_size(model)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(min(3, vocab - 1), vocab, (batch, length), generator=generator)
+    device = next(model.parameters()).device
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and hasattr(embeddings, "weight"):
+        device = embeddings.weight.device
+    return ids.to(device)
+
+
+def _pad_id(model: nn.Module) -> int:
+    for source in (getattr(model, "generation_config", None), model.config):
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, name, None) if source is not None else None
+            if isinstance(value, list) and value:
+                value = value[0]
+            if isinstance(value, int):
+                return value
+    return 0
+
+
+def _logits(output: Any) -> torch.Tensor:
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    return logits.detach().float()
+
+
+@torch.no_grad()
+def run_probe(model: nn.Module, ids: torch.Tensor, *, check_cache: bool = True) -> ProbeOutputs:
+    """The model's logits on ``ids`` and (if it can generate) a greedy continuation through its cache.
+
+    Runs in eval mode (no dropout) and puts every module's train/eval flag back afterwards.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        mask = torch.ones_like(ids)
+        out = ProbeOutputs(_logits(model(input_ids=ids, attention_mask=mask)))
+        if not check_cache:
+            out.cache_note = "not checked"
+        elif not (hasattr(model, "can_generate") and model.can_generate()):
+            out.cache_note = f"{type(model).__name__} cannot generate"
+        else:
+            try:
+                gen = model.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=NEW_TOKENS,
+                    min_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    num_beams=1,
+                    use_cache=True,
+                    pad_token_id=_pad_id(model),
+                    return_dict_in_generate=True,
+                    output_logits=True,
+                )
+            except Exception as err:  # the original may not generate; the converted one is then held to that
+                out.cache_note = f"generate() failed: {_one_line(err)}"
+            else:
+                out.tokens = gen.sequences[:, ids.shape[1] :]
+                out.step_logits = tuple(step.detach().float() for step in gen.logits)
+        return out
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def tolerance(reference: torch.Tensor, dtype: torch.dtype) -> float:
+    """The largest |logit difference| accepted: fp32 tolerance, widened by the dtype's rounding when
+    the model computes in lower precision (its own rounding differs once streams are mixed)."""
+    rtol = LOGIT_RTOL if dtype in (torch.float32, torch.float64) else max(LOGIT_RTOL, 4 * torch.finfo(dtype).eps)
+    return LOGIT_ATOL + rtol * float(reference.abs().max())
+
+
+def compare(reference: ProbeOutputs, got: ProbeOutputs, dtype: torch.dtype) -> str | None:
+    """``None`` if ``got`` matches ``reference``, else what differs (one short phrase)."""
+    if got.logits.shape != reference.logits.shape:
+        return f"logits shape {tuple(got.logits.shape)} instead of {tuple(reference.logits.shape)}"
+    diff = float((got.logits - reference.logits).abs().max())
+    tol = tolerance(reference.logits, dtype)
+    if not diff <= tol:  # also catches NaN
+        return f"max |logit diff| {diff:.3g} > {tol:.3g}"
+    if reference.tokens is None:
+        return None
+    if got.tokens is None:
+        return f"cached decoding: {got.cache_note}"
+    if not torch.equal(got.tokens, reference.tokens):
+        return "a different greedy continuation through the KV cache"
+    for step, (ref, new) in enumerate(zip(reference.step_logits or (), got.step_logits or (), strict=True)):
+        diff = float((new - ref).abs().max())
+        tol = tolerance(ref, dtype)
+        if not diff <= tol:
+            return f"cached decode step {step}: max |logit diff| {diff:.3g} > {tol:.3g}"
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return min(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
+
+
+def _candidates(model: nn.Module, family: Family | None) -> list[Family]:
+    if family is not None:
+        return [family]
+    return [family_for(model.config)]
+
+
+def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family | None = None) -> nn.Module:
+    """Retrofit hyper-connections into ``model`` (in place), prove it exact, and return it.
+
+    ``model`` is a loaded transformers causal LM. ``family`` (default: the hand-written adapter
+    of ``config.model_type``) says where the hyper-connection sites go. Before returning, the
+    converted model is compared with the original on a probe batch (logits within fp32 tolerance,
+    and the same greedy tokens and logits through the KV cache where the model can generate).
+
+    Raises:
+        UnsupportedArchitectureError: no adapter, or no adapter is exact; ``model`` is unchanged.
+        AlreadyConvertedError: ``model`` was converted before.
+        ConfigError: invalid settings.
+    """
+    config = config or HCConfig()
+    if not isinstance(config, HCConfig):
+        raise TypeError(f"config must be an HCConfig, got {type(config).__name__}")
+    if is_converted(model):
+        raise AlreadyConvertedError(
+            f"this {type(model).__name__} already has hyper-connections; convert the original model instead"
+        )
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if any(p.is_meta for p in model.parameters()):
+        raise UnsupportedArchitectureError(
+            f"this {model_type!r} model has weights on the meta device, so the conversion cannot be checked; "
+            "load the weights first"
+        )
+    candidates = _candidates(model, family)
+    ids = probe_ids(model)
+    reference = run_probe(model, ids)
+    dtype = _model_dtype(model)
+    tried: list[str] = []
+    for candidate in candidates:
+        outcome = _try(model, config, candidate, ids, reference, dtype)
+        if outcome is None:
+            setattr(model.config, STRUCTURE_KEY, candidate.to_dict(model.config))
+            return model
+        tried.append(f"{candidate.describe(model.config)} ({outcome})")
+    hint = "" if model_type in FAMILIES else "; add a Family for it (hc_retrofit.register_family)"
+    raise UnsupportedArchitectureError(
+        f"cannot convert {model_type!r} exactly, the model is unchanged; tried {len(tried)}: " + "; ".join(tried) + hint
+    )
+
+
+def _try(
+    model: nn.Module, config: HCConfig, family: Family, ids: torch.Tensor, reference: ProbeOutputs, dtype: torch.dtype
+) -> str | None:
+    """Apply ``family`` and probe: ``None`` if exact (the model stays converted), else why not
+    (the model is restored)."""
+    snapshot = ModelSnapshot(model)
+    try:
+        apply_adapter(model, config, family=family)
+        problem = compare(reference, run_probe(model, ids, check_cache=reference.tokens is not None), dtype)
+    except HCRetrofitError as err:
+        snapshot.restore()
+        if not isinstance(err, UnsupportedArchitectureError):
+            raise
+        return str(err)
+    except Exception as err:  # a wrong adapter can fail in any way: that is a refusal, not a crash
+        snapshot.restore()
+        return f"failed: {_one_line(err)}"
+    except BaseException:  # Ctrl-C: leave the model as it was
+        snapshot.restore()
+        raise
+    if problem is not None:
+        snapshot.restore()
+    return problem
