@@ -74,7 +74,6 @@ def convert_checkpoint(
     out = check_output_dir(Path(out_dir), overwrite=overwrite, source=model_id_or_dir)
     say(f"reading the config of {model_id_or_dir}")
     base_config = load_base_config(model_id_or_dir, revision=revision, trust_remote_code=trust_remote_code)
-    family_for(base_config)  # unsupported architecture: fail before loading weights
     say(f"loading {model_id_or_dir} ({base_config.model_type})")
     model, tokenizer = load_base_model(
         model_id_or_dir, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code

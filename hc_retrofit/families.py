@@ -194,7 +194,7 @@ register_family(
     Family(
         ("phi3",),
         "model.layers",
-        _seq((("input_layernorm",), ("self_attn",)), (("post_attention_layernorm",), ("resid_mlp_dropout",))),
+        _seq((("input_layernorm",), ("resid_attn_dropout",)), (("post_attention_layernorm",), ("resid_mlp_dropout",))),
     )
 )
 register_family(

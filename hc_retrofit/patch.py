@@ -240,6 +240,13 @@ def decoder_layers(model: nn.Module, family: Family | None = None) -> nn.ModuleL
     return layers
 
 
+def _hidden_size(config: Any) -> int:
+    """The width of the residual stream (multimodal configs keep it in their text config)."""
+    if isinstance(getattr(config, "hidden_size", None), int):
+        return config.hidden_size
+    return int(config.get_text_config().hidden_size)
+
+
 def hyper_connection_sites(model: nn.Module) -> list[HyperConnection]:
     """Every :class:`HyperConnection` of a converted model, in network order."""
     return [m for m in model.modules() if isinstance(m, HyperConnection)]
@@ -279,8 +286,7 @@ def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family 
                 f"{type(layer).__name__} does not have the submodules the {model.config.model_type!r} "
                 f"adapter expects (missing {', '.join(missing)}); is this transformers version supported?"
             )
-    dim = model.config.hidden_size
-    recompute = _recompute_allowed(block, multiplier)
+    dim = _hidden_size(model.config)
     dropout_keys = _dropout_keys(model.config)
     site_index = 0
     for i, (layer, block) in enumerate(zip(layers, blocks, strict=True)):
@@ -295,7 +301,7 @@ def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family 
         layer._hc_block, layer._hc_multiplier = block, multiplier
         layer._hc_first, layer._hc_last = i == 0, i == len(layers) - 1
         layer._hc_calls = calls = _LayerCalls(n_sites)
-        layer._hc_recompute = recompute
+        layer._hc_recompute = _recompute_allowed(block, multiplier)  # per layer: hybrid stacks mix blocks
         layer._hc_config, layer._hc_dropout_keys, layer._hc_dropouts = model.config, dropout_keys, dropouts
         for index, (site, spec) in enumerate(zip(sites, block.sites, strict=False)):
             for name in spec.entries:

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from hc_retrofit.config import HCConfig
+from hc_retrofit.discovery import discover
 from hc_retrofit.errors import AlreadyConvertedError, HCRetrofitError, UnsupportedArchitectureError
-from hc_retrofit.families import FAMILIES, STRUCTURE_KEY, Family, family_for
+from hc_retrofit.families import FAMILIES, STRUCTURE_KEY, Family
 from hc_retrofit.patch import convert as apply_adapter
 from hc_retrofit.patch import is_converted
 
@@ -217,10 +218,16 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return min(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
 
 
-def _candidates(model: nn.Module, family: Family | None) -> list[Family]:
+def _candidates(model: nn.Module, family: Family | None, ids: torch.Tensor) -> tuple[list[Family], list[str]]:
+    """The adapters to try, in order: the one given; else the hand-written one for the model type
+    (if any), then the ones discovered from the model itself. Plus notes on what discovery skipped."""
     if family is not None:
-        return [family]
-    return [family_for(model.config)]
+        return [family], []
+    model_type = getattr(model.config, "model_type", None)
+    known = [FAMILIES[model_type]] if model_type in FAMILIES else []
+    discovered, notes = discover(model, ids)
+    seen = [f.to_dict(model.config) for f in known]
+    return known + [f for f in discovered if f.to_dict(model.config) not in seen], notes
 
 
 def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family | None = None) -> nn.Module:
@@ -249,20 +256,21 @@ def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family 
             f"this {model_type!r} model has weights on the meta device, so the conversion cannot be checked; "
             "load the weights first"
         )
-    candidates = _candidates(model, family)
     ids = probe_ids(model)
     reference = run_probe(model, ids)
+    candidates, notes = _candidates(model, family, ids)
     dtype = _model_dtype(model)
-    tried: list[str] = []
+    tried: list[str] = list(notes)
     for candidate in candidates:
         outcome = _try(model, config, candidate, ids, reference, dtype)
         if outcome is None:
             setattr(model.config, STRUCTURE_KEY, candidate.to_dict(model.config))
             return model
         tried.append(f"{candidate.describe(model.config)} ({outcome})")
-    hint = "" if model_type in FAMILIES else "; add a Family for it (hc_retrofit.register_family)"
     raise UnsupportedArchitectureError(
-        f"cannot convert {model_type!r} exactly, the model is unchanged; tried {len(tried)}: " + "; ".join(tried) + hint
+        f"cannot convert {model_type!r} exactly, the model is unchanged; tried {len(tried)}: "
+        + "; ".join(tried)
+        + "; a hand-written hc_retrofit.Family (register_family, or convert(..., family=...)) may fit it"
     )
 
 

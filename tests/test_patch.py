@@ -215,20 +215,26 @@ def test_refuses_already_converted_model():
         hc_retrofit.convert(model, HCConfig())
 
 
-def test_refuses_unsupported_architecture_naming_supported_ones():
+def test_an_architecture_without_a_family_converts_through_discovery():
     config = AutoConfig.for_model(
         "gpt_bigcode", n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2
     )
-    model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt_bigcode' is not supported.*llama.*qwen3"):
-        hc_retrofit.convert(model, HCConfig())
-    assert not hc_retrofit.is_converted(model)
+    assert "gpt_bigcode" not in FAMILIES
+    base = AutoModelForCausalLM.from_config(config).eval()
+    model = hc_retrofit.convert(copy.deepcopy(base), HCConfig())
+    assert family_for(model.config).block_for(model.config).kind == "sequential"
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad():
+        assert (model(ids).logits - base(ids).logits).abs().max() <= 1e-4
 
 
-def test_refuses_base_model_without_lm_head_layers_path():
-    base = tiny_model("gpt2")
-    with pytest.raises(UnsupportedArchitectureError, match="ForCausalLM"):
-        hc_retrofit.convert(base.transformer, HCConfig())
+def test_a_base_model_without_lm_head_converts_on_its_own_layer_list():
+    base = tiny_model("gpt2").transformer  # GPT2Model: the gpt2 family's "transformer.h" is "h" here
+    model = hc_retrofit.convert(copy.deepcopy(base), HCConfig())
+    assert family_for(model.config).layers == "h"
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, base(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_streams=1), dict(num_streams=0), dict(variant="unknown")])
@@ -278,18 +284,14 @@ def test_layer_class_names_are_kept_for_fsdp_and_device_map():
 
 
 def test_a_refused_adapter_leaves_the_model_untouched():
-    from hc_retrofit.families import PRE_NORM, Block, Family, Site, register_family
+    """patch.convert checks every named module of every layer before changing any."""
+    from hc_retrofit import patch
+    from hc_retrofit.families import PRE_NORM, Block, Family, Site
 
     base = tiny_model("llama-gqa-untied")
-    original = FAMILIES["llama"]
-    register_family(
-        Family(("llama",), "model.layers", Block("sequential", (PRE_NORM.sites[0], Site(("nope",), ("mlp",)))))
-    )
-    try:
-        with pytest.raises(UnsupportedArchitectureError, match="nope"):
-            hc_retrofit.convert(base, HCConfig())
-    finally:
-        register_family(original)
+    bad = Family(("llama",), "model.layers", Block("sequential", (PRE_NORM.sites[0], Site(("nope",), ("mlp",)))))
+    with pytest.raises(UnsupportedArchitectureError, match="missing nope"):
+        patch.convert(base, HCConfig(), family=bad)
     assert not hc_retrofit.is_converted(base)
     assert not any("hyper_connections" in n for n, _ in base.named_parameters())
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in base.modules())

@@ -93,7 +93,7 @@ def test_convert_overwrite_never_touches_the_source_or_cwd(
         (lambda b, t: ["no-such-org/no-such-model"], "HF_HUB_OFFLINE"),
         (lambda b, t: [t / "not_a_checkpoint"], "no config.json"),
         (lambda b, t: [t / "missing" / "model"], "no such directory"),
-        (lambda b, t: [t / "bert"], "not supported"),
+        (lambda b, t: [t / "dory"], "cannot convert 'dory' exactly"),
         (lambda b, t: [t / "converted"], "already a converted"),
         (lambda b, t: [b, "--streams", "1"], "num_streams must be >= 2"),
         (lambda b, t: [b, "--streams", "0"], "num_streams must be >= 2"),
@@ -122,18 +122,20 @@ def test_convert_overwrite_never_touches_the_source_or_cwd(
 )
 def test_convert_bad_input(cli, base_dir: Path, tmp_path: Path, make_args, message: str) -> None:
     (tmp_path / "not_a_checkpoint").mkdir()
-    from transformers import BertConfig, BertLMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    BertLMHeadModel(
-        BertConfig(
-            hidden_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=8,
-            vocab_size=16,
-            is_decoder=True,
-        )
-    ).save_pretrained(tmp_path / "bert")
+    # dory loops over its layers (each runs twice per forward): no adapter can be proven exact
+    dory = AutoConfig.for_model(
+        "dory",
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+        intermediate_size=8,
+        vocab_size=16,
+    )
+    AutoModelForCausalLM.from_config(dory).save_pretrained(tmp_path / "dory")
     (tmp_path / "converted").mkdir()
     (tmp_path / "converted" / "config.json").write_text(
         '{"model_type": "hc_retrofit_llama", "hc_retrofit": {"num_streams": 4}}'
