@@ -35,7 +35,7 @@ from hc_retrofit.config import HCConfig
 from hc_retrofit.connections import HyperConnection
 from hc_retrofit.conversion import ConvertSummary, count_parameters
 from hc_retrofit.errors import HCRetrofitError
-from hc_retrofit.families import family_for
+from hc_retrofit.families import FAMILIES, family_for
 from hc_retrofit.patch import convert, decoder_layers, hyper_connection_sites
 from hc_retrofit.persist import (
     check_output_dir,
@@ -254,7 +254,8 @@ def plan_streaming(
     say = progress or (lambda _msg: None)
     requested = parse_dtype(dtype)
     base_config = load_base_config(model_id_or_dir, revision=revision, trust_remote_code=trust_remote_code)
-    family_for(base_config)  # unsupported architecture: the user's error, not a fallback
+    if base_config.model_type not in FAMILIES:  # discovery and its proof need the weights
+        raise CannotStream(f"{base_config.model_type!r} has no hand-written adapter; it is discovered in memory")
     if getattr(base_config, "transformers_weights", None):
         raise CannotStream("its config names its own weights file")
     local = _local_dir(model_id_or_dir, revision, say)
