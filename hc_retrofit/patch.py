@@ -36,7 +36,7 @@ from torch import nn
 
 from hc_retrofit.config import HCConfig
 from hc_retrofit.errors import AlreadyConvertedError, UnsupportedArchitectureError
-from hc_retrofit.families import Block, Family, family_for
+from hc_retrofit.families import STRUCTURE_KEY, Block, Family, family_for
 from hc_retrofit.site import HyperConnection, SiteContext
 from hc_retrofit.stream_ops import expand_streams, reduce_streams
 
@@ -315,4 +315,5 @@ def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family 
                 )
     model.hc_config = config
     model.config.hc_retrofit = config.to_dict()
+    setattr(model.config, STRUCTURE_KEY, family.to_dict(model.config))  # saved checkpoints rebuild this structure
     return model

@@ -25,7 +25,7 @@ from torch import nn
 from hc_retrofit.config import HCConfig
 from hc_retrofit.discovery import discover
 from hc_retrofit.errors import AlreadyConvertedError, HCRetrofitError, UnsupportedArchitectureError
-from hc_retrofit.families import FAMILIES, STRUCTURE_KEY, Family
+from hc_retrofit.families import FAMILIES, Family
 from hc_retrofit.patch import convert as apply_adapter
 from hc_retrofit.patch import is_converted
 
@@ -263,8 +263,7 @@ def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family 
     tried: list[str] = list(notes)
     for candidate in candidates:
         outcome = _try(model, config, candidate, ids, reference, dtype)
-        if outcome is None:
-            setattr(model.config, STRUCTURE_KEY, candidate.to_dict(model.config))
+        if outcome is None:  # patch.convert recorded the structure in config.hc_retrofit_structure
             return model
         tried.append(f"{candidate.describe(model.config)} ({outcome})")
     raise UnsupportedArchitectureError(
