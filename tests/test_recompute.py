@@ -75,10 +75,22 @@ def test_recomputed_streams_give_the_same_gradients_and_save_memory(case, varian
         assert recomputed == layers and saved < ref_saved
 
 
-@pytest.mark.parametrize(("case", "config_key"), [("phi3", None), ("falcon-sequential-alibi", "attention_dropout")])
+def test_dropout_module_inside_the_branch_keeps_recomputation_while_training():
+    # phi3's first exit is resid_attn_dropout itself (the dropout is part of the branch), so the
+    # layer adds the exit's output unchanged: recomputation stays on, with the same gradients.
+    model = trained("phi3", "mhc", dropout=0.1)
+    ids = torch.randint(3, VOCAB, (2, 10))
+    grads, _, recomputed = run(model, ids)
+    ref_grads, _, _ = run(model, ids, recompute=False)
+    assert recomputed == len(patch.decoder_layers(model))
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("case", "config_key"), [("falcon-sequential-alibi", "attention_dropout")])
 def test_dropout_between_exit_and_add_falls_back_to_saving(case, config_key):
-    # phi3 applies resid_attn_dropout to the exit's output before the add; falcon's dropout_add
-    # reads config.attention_dropout. Either, active while training, turns recomputation off.
+    # falcon's dropout_add reads config.attention_dropout: active while training, it turns
+    # recomputation off.
     model = trained(case, "mhc", dropout=0.1)
     if config_key:
         setattr(model.config, config_key, 0.1)
