@@ -83,7 +83,8 @@ def _kl(base_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _greedy(model: Any, prompt: torch.Tensor, new_tokens: int, pad_id: int) -> torch.Tensor:
+def greedy_continuation(model: Any, prompt: torch.Tensor, new_tokens: int, pad_id: int) -> torch.Tensor:
+    """The ``new_tokens`` greedy tokens after ``prompt`` (through the KV cache, as generation in use runs)."""
     out = model.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
@@ -142,8 +143,8 @@ def verify_checkpoint(
     pad = pad if isinstance(pad, int) else (base_model.config.eos_token_id or 0)
     pad = pad[0] if isinstance(pad, list) else pad
     prompt = ids[:, : max(2, ids.shape[1] // 2)]
-    gen_ref = _greedy(base_model, prompt, new_tokens, pad)
-    gen_got = _greedy(converted, prompt, new_tokens, pad)
+    gen_ref = greedy_continuation(base_model, prompt, new_tokens, pad)
+    gen_got = greedy_continuation(converted, prompt, new_tokens, pad)
     settings = converted.hc_config
     return VerifyReport(
         converted_dir=str(converted_dir),

@@ -122,18 +122,11 @@ def retrofit_error(base: Any, converted: Any, input_ids: torch.Tensor) -> float:
     return float((base(input_ids=input_ids).logits - converted(input_ids=input_ids).logits).abs().max())
 
 
-@torch.no_grad()
 def greedy_tokens(model: Any, prompt: torch.Tensor, new_tokens: int = 24) -> list[int]:
     """Greedy continuation of ``prompt`` (through the KV cache, like generation in use)."""
-    out = model.generate(
-        prompt,
-        attention_mask=torch.ones_like(prompt),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=model.config.eos_token_id,
-    )
-    return out[0, prompt.shape[1] :].tolist()
+    from hc_retrofit.verify import greedy_continuation
+
+    return greedy_continuation(model, prompt, new_tokens, model.config.eos_token_id)[0].tolist()
 
 
 @dataclass
