@@ -51,9 +51,9 @@ def plot_losses(
 def loss_figure(runs: dict[str, Iterable[dict[str, Any]]], *, title: str = "hc-retrofit training") -> Figure:
     """Train loss (thin line) and held-out eval loss (markers, step 0 included) of one or more runs, as a PNG.
 
-    Eval points are joined by a dotted line only: with two evals of a short run a solid line would
-    read as a second curve cutting across the train curve. The first and last eval values are written
-    beside their markers.
+    Eval points are markers; from 4 evals on a dotted line joins them. With the two or three evals of
+    a short run a line would read as a second curve cutting across the train curve. The first and last
+    eval values are written beside their markers.
     """
     fig = new_figure(figsize=(7, 4.2), dpi=110)
     ax = fig.add_subplot()
@@ -67,7 +67,8 @@ def loss_figure(runs: dict[str, Iterable[dict[str, Any]]], *, title: str = "hc-r
             ax.plot(*zip(*train, strict=True), color=color, alpha=0.5, lw=0.9, marker=marker, label=f"{label} train")
         if evals:
             steps, values = zip(*evals, strict=True)
-            ax.plot(steps, values, color=color, ls=":", lw=1.0, marker="o", ms=5, mec="black", mew=0.6)
+            joined = ":" if len(evals) >= 4 else ""
+            ax.plot(steps, values, color=color, ls=joined, lw=1.0, marker="o", ms=5, mec="black", mew=0.6)
             ax.plot([], [], color=color, ls="", marker="o", ms=5, mec="black", mew=0.6, label=f"{label} eval")
             for k in {0, len(evals) - 1}:
                 ax.annotate(

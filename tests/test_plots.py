@@ -74,8 +74,11 @@ def test_loss_plot_marks_every_eval_including_step_0() -> None:
     ax = loss_figure({"HC": rows}).axes[0]
     evals = [line for line in ax.get_lines() if line.get_marker() == "o" and len(line.get_xdata())]
     assert len(evals) == 1 and list(evals[0].get_xdata()) == [0, 60]
-    assert evals[0].get_linestyle() == ":"  # not a solid second curve across the train curve
+    assert evals[0].get_linestyle() == "None"  # two evals: no line cutting across the train curve
     assert {"5.400", "3.000"} <= {t.get_text() for t in ax.texts}
+    more = [{"step": s, "eval_loss": 5.0 - s / 100} for s in range(0, 100, 20)]
+    ax = loss_figure({"HC": more}).axes[0]
+    assert next(ln for ln in ax.get_lines() if ln.get_marker() == "o" and len(ln.get_xdata())).get_linestyle() == ":"
 
 
 def test_plots_leave_matplotlib_global_state_alone(tmp_path: Path) -> None:
