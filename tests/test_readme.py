@@ -60,7 +60,7 @@ def test_the_readme_error_examples_are_what_the_cli_prints(shared_dir, tmp_path)
     write_marker(existing, "checkpoint")
     body, ok = numbers.regenerate(block, workdir, numbers.environment(), shown)
     assert ok
-    readme_root = next(m.group(1) for ln in shown if (m := re.search(r"directory (\S+)/runs/stories-mhc", ln)))
+    readme_root = next(m.group(1) for ln in shown if (m := re.search(r"(/\S+)/runs/stories-mhc", ln)))
     assert [ln.replace(str(workdir), readme_root) for ln in body] == shown
 
 
