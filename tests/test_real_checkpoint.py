@@ -43,3 +43,26 @@ def test_same_greedy_text_and_perplexity(stories, variant):
     ppl_base, ppl_hc = perplexity(base, ids), perplexity(model, ids)
     assert ppl_base < 10  # the real model is in-domain here (measured 4.4)
     assert abs(ppl_hc - ppl_base) < 1e-4 * ppl_base
+
+
+def test_discovered_path_equals_the_hand_written_llama_family(monkeypatch):
+    """The bundled stories260K converted with no llama Family (discovery) is the same model as with it."""
+    from pathlib import Path
+
+    from hc_retrofit.families import FAMILIES, STRUCTURE_KEY
+
+    path = Path(hc_retrofit.__file__).parent / "data" / "stories260K"
+    base = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    tok.pad_token = tok.pad_token or tok.unk_token or tok.eos_token
+    hand = hc_retrofit.convert(copy.deepcopy(base), HCConfig(variant="mhc"))
+    monkeypatch.delitem(FAMILIES, "llama")
+    discovered = hc_retrofit.convert(copy.deepcopy(base), HCConfig(variant="mhc"))
+    assert getattr(discovered.config, STRUCTURE_KEY) == getattr(hand.config, STRUCTURE_KEY)
+    prompt = tok(["Once upon a time", "The little dog"], return_tensors="pt", padding=True)
+    gen = dict(max_new_tokens=30, do_sample=False, pad_token_id=tok.pad_token_id)
+    out = discovered.generate(**prompt, **gen)
+    assert tok.batch_decode(out) == tok.batch_decode(hand.generate(**prompt, **gen))
+    assert tok.batch_decode(out) == tok.batch_decode(base.generate(**prompt, **gen))
+    with torch.no_grad():
+        assert torch.equal(discovered(**prompt).logits, hand(**prompt).logits)

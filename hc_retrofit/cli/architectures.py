@@ -1,4 +1,5 @@
-"""``hc-retrofit architectures``: the supported model families and how their blocks are retrofitted."""
+"""``hc-retrofit architectures``: the hand-written families, or (``--check``) coverage measured on
+every causal-LM type of the installed transformers (:mod:`hc_retrofit.sweep`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from hc_retrofit.cli.app import app, console
+from hc_retrofit.cli.app import app, console, err_console, fail
 from hc_retrofit.families import FAMILIES, supported_model_types
 
 
@@ -40,15 +42,77 @@ def describe_families() -> list[dict[str, str]]:
 @app.command("architectures")
 def architectures_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Build every causal-LM type of the installed transformers as a tiny random model, convert it "
+            "with each variant and report exact / refused (why) / could not build tiny. Slow: minutes.",
+        ),
+    ] = False,
+    types: Annotated[
+        str | None, typer.Option("--types", help="With --check: only these model types (comma-separated).")
+    ] = None,
+    as_markdown: Annotated[
+        bool, typer.Option("--markdown", help="With --check: print the README's supported-architectures table.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="With --check: seconds allowed per model type.", min=1.0)
+    ] = 300.0,
 ) -> None:
-    """List the supported model families (config.model_type) and their block kind."""
+    """List the hand-written model families (config.model_type) and their block kind; any other type
+    is discovered from the model. --check measures which types convert exactly."""
+    if check:
+        _check(types, as_json=as_json, as_markdown=as_markdown, timeout=timeout)
+        return
+    if types is not None or as_markdown:
+        fail("--types and --markdown go with --check")
     rows = describe_families()
     if as_json:
         console.print_json(json.dumps(rows))
         return
-    table = Table(title="supported architectures")
+    table = Table(title="hand-written families (any other type: discovered from the model and proven)")
     for column in ("model_type", "layers", "block", "sites per layer"):
         table.add_column(column)
     for row in rows:
         table.add_row(row["model_type"], row["layers"], row["block"], row["sites_per_layer"])
     console.print(table)
+
+
+def _check(types: str | None, *, as_json: bool, as_markdown: bool, timeout: float) -> None:
+    from hc_retrofit import sweep
+
+    known = sweep.causal_lm_types()
+    chosen = None
+    if types is not None:
+        chosen = [t.strip() for t in types.split(",") if t.strip()]
+        unknown = [t for t in chosen if t not in known]
+        if unknown or not chosen:
+            fail(f"--types: not a causal-LM model type of this transformers: {', '.join(unknown) or repr(types)}")
+    total = len(chosen if chosen is not None else known)
+    done = [0]
+
+    def progress(row: sweep.SweepRow) -> None:
+        done[0] += 1
+        err_console.print(f"[dim]{done[0]}/{total} {row.model_type}: {row.outcome} ({row.seconds:.1f} s)[/dim]")
+
+    rows = sweep.sweep(chosen, progress=progress, timeout=timeout)
+    summary = sweep.coverage(rows)
+    if as_json:
+        console.print_json(json.dumps({"coverage": summary, "rows": [r.to_dict() for r in rows]}))
+    elif as_markdown:
+        typer.echo(sweep.markdown(rows), nl=False)
+    else:
+        table = Table(title="causal-LM types, tiny random models, static + dynamic + mhc")
+        for column in ("model_type", "outcome", "structure kept, or why not"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(row.model_type, row.outcome, escape(row.detail))
+        console.print(table)
+        console.print(
+            f"exact {summary['exact']} of {summary['built']} built ({100 * summary['exact_share']:.1f}%), "
+            f"refused {summary['refused']}, error {summary['error']}, timeout {summary['timeout']}, "
+            f"could not build tiny {summary['no tiny']}"
+        )
+    if summary["error"]:
+        raise typer.Exit(1)  # a crash instead of a clear refusal is a bug

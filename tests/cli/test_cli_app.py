@@ -183,3 +183,19 @@ def test_plots_name_the_plot_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(HCRetrofitError, match=r'pip install "hc-retrofit\[plot\]"'):
         new_figure()
+
+
+def test_architectures_check_reports_each_type(cli) -> None:
+    result = cli("architectures", "--check", "--types", "olmo,dory", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    outcomes = {r["model_type"]: r["outcome"] for r in report["rows"]}
+    assert outcomes == {"olmo": "exact", "dory": "refused"}
+    assert report["coverage"]["exact"] == 1 and report["coverage"]["built"] == 2
+
+
+def test_architectures_check_refuses_unknown_types(cli) -> None:
+    result = cli("architectures", "--check", "--types", "olmo,not_a_type")
+    assert result.exit_code == 1 and "not_a_type" in result.output and "\n" not in result.output.strip()
+    result = cli("architectures", "--markdown")
+    assert result.exit_code == 1 and "--check" in result.output

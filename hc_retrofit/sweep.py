@@ -1,0 +1,343 @@
+"""Coverage measured by the product: build every causal-LM type of the installed transformers as a
+tiny random model, convert it with each variant, and say what happened (``hc-retrofit architectures
+--check``, ``bench/architectures.py``).
+
+Each model type ends in one of three outcomes:
+
+* ``exact``    -- every variant converted and passed the proof of :func:`hc_retrofit.convert`;
+* ``refused``  -- :func:`hc_retrofit.convert` refused (the reason is its one-line message);
+* ``no tiny``  -- the type could not be built as a tiny random model from its config here (it
+  needs a special config, or a forward of the *original* model fails), so nothing was tried.
+
+A crash of ``convert`` (anything but a clear refusal) is reported as ``error``: it is a bug.
+``timeout``: building and converting took longer than the per-type budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from hc_retrofit.config import VARIANTS, HCConfig
+from hc_retrofit.errors import HCRetrofitError
+
+TINY_VOCAB = 128
+TINY_LAYERS = 2
+# Small sizes under every name the configs use; unknown keys are just stored on the config.
+TINY_SIZES: dict[str, Any] = dict(
+    num_hidden_layers=TINY_LAYERS,
+    num_layers=TINY_LAYERS,
+    n_layer=TINY_LAYERS,
+    n_layers=TINY_LAYERS,
+    hidden_size=32,
+    d_model=32,
+    n_embd=32,
+    intermediate_size=64,
+    ffn_dim=64,
+    n_inner=64,
+    num_attention_heads=4,
+    n_head=4,
+    n_heads=4,
+    num_key_value_heads=2,
+    num_kv_heads=2,
+    head_dim=8,
+    kv_channels=8,
+    vocab_size=TINY_VOCAB,
+    max_position_embeddings=128,
+    n_positions=128,
+    n_ctx=128,
+    seq_length=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    # mixture of experts
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    moe_num_experts=4,
+    num_experts_per_tok=2,
+    moe_k=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    # multi-head latent attention
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    qk_head_dim=16,
+    v_head_dim=8,
+    # state-space / linear attention
+    state_size=8,
+    ssm_state_size=8,
+    mamba_d_state=8,
+    mamba_n_heads=8,  # n_heads * d_head = expand * hidden_size
+    num_heads=8,
+    attn_layer_period=2,
+    attn_layer_offset=1,
+    expert_layer_period=2,
+    expert_layer_offset=1,
+    rotary_dim=4,
+    attention_types=[[["global", "local"], 1]],
+    mamba_d_head=8,
+    mamba_headdim=8,
+    mamba_d_conv=4,
+    mamba_expand=2,
+    linear_num_key_heads=2,
+    linear_num_value_heads=2,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    conv_kernel=4,
+    time_step_rank=4,
+    expand=2,
+    n_groups=1,
+    # keep windows and chunking out of the way of a 8-token probe
+    sliding_window=64,
+    attention_window=64,
+    use_cache=True,
+)
+
+
+# Types whose config needs more than the sizes above (tried after the plain tiny config fails).
+TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "dbrx": dict(
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2),
+    ),
+    "falcon_h1": dict(mamba_d_ssm=64),
+}
+# Generic second tries: multi-head latent attention and some linear attentions need as many
+# key/value heads as query heads.
+TINY_RETRIES: tuple[dict[str, Any], ...] = (dict(num_key_value_heads=4, num_kv_heads=4),)
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """The outcome for one model type."""
+
+    model_type: str
+    outcome: str  # "exact" | "refused" | "no tiny" | "error"
+    detail: str = ""  # structure kept (exact), or why not
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def causal_lm_types() -> list[str]:
+    """Every ``model_type`` of the installed transformers' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:160]}"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Tiny random configs make transformers warn a lot; none of it is the sweep's output."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+class SweepTimeout(Exception):
+    """A model type took longer than its time budget (some configs build huge defaults)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`SweepTimeout` in the block after ``seconds`` (main thread on POSIX; else no limit)."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise SweepTimeout(f"took more than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+LAYER_KIND_KEYS = ("layer_types", "layers_block_type", "block_types")
+
+
+def _layer_kinds(model_type: str) -> dict[str, list]:
+    """One layer of each kind the default config of ``model_type`` mixes (hybrid stacks), in order."""
+    from transformers import AutoConfig
+
+    try:
+        default = AutoConfig.for_model(model_type)
+    except Exception:
+        return {}
+    kinds = {}
+    for name in LAYER_KIND_KEYS:
+        value = getattr(default, name, None)
+        if isinstance(value, list) and len(set(map(str, value))) > 1:
+            kinds[name] = list(dict.fromkeys(value))
+    return kinds
+
+
+def tiny_config(model_type: str, **overrides: Any) -> Any:
+    """A tiny config of ``model_type`` (see :data:`TINY_SIZES`): a hybrid stack gets one layer of each kind."""
+    from transformers import AutoConfig
+
+    kwargs = {**TINY_SIZES, **_layer_kinds(model_type), **overrides}
+    layers = max([TINY_LAYERS] + [len(v) for k, v in kwargs.items() if k in LAYER_KIND_KEYS and isinstance(v, list)])
+    for key in ("num_hidden_layers", "num_layers", "n_layer", "n_layers"):
+        kwargs.setdefault(key, layers)
+        if key not in overrides:
+            kwargs[key] = layers
+    while True:
+        try:
+            return AutoConfig.for_model(model_type, **kwargs)
+        except AttributeError as err:  # a derived property (head_dim, ...) cannot be set: leave it derived
+            found = re.search(r"property '(\w+)'", str(err))
+            name = found.group(1) if found else None
+            if name not in kwargs or "setter" not in str(err):
+                raise
+            del kwargs[name]
+
+
+def build_tiny(model_type: str, seed: int = 0) -> Any:
+    """A tiny random ``AutoModelForCausalLM`` of ``model_type`` in eval mode, weights nudged off their
+    init (norms are identity at init, which would hide misplaced hooks); its forward is checked once.
+    The plain tiny config first, then :data:`TINY_OVERRIDES` / :data:`TINY_RETRIES`."""
+    attempts = [{}, *TINY_RETRIES]
+    if model_type in TINY_OVERRIDES:
+        attempts = [TINY_OVERRIDES[model_type], *({**TINY_OVERRIDES[model_type], **a} for a in TINY_RETRIES)]
+    for number, overrides in enumerate(attempts):
+        try:
+            return _build(model_type, overrides, seed)
+        except Exception:
+            if number == len(attempts) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _build(model_type: str, overrides: dict[str, Any], seed: int) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn_like(p) * 0.02)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, min(vocab, TINY_VOCAB), (1, 4)))
+    return model
+
+
+def sweep_one(
+    model_type: str, variants: Iterable[str] = VARIANTS, num_streams: int = 4, timeout: float | None = 300.0
+) -> SweepRow:
+    """Build ``model_type`` tiny and convert a fresh copy with each variant (within ``timeout`` seconds)."""
+    from hc_retrofit.families import family_for
+    from hc_retrofit.proof import convert
+
+    start = time.perf_counter()
+
+    def row(outcome: str, detail: str) -> SweepRow:
+        return SweepRow(model_type, outcome, detail, round(time.perf_counter() - start, 2))
+
+    with _quiet():
+        try:
+            with time_limit(timeout):
+                build_tiny(model_type)
+        except SweepTimeout as err:
+            return row("no tiny", f"building it {err}")
+        except Exception as err:
+            return row("no tiny", _first_line(err))
+        detail = ""
+        for variant in variants:
+            try:
+                with time_limit(None if timeout is None else max(1.0, timeout - (time.perf_counter() - start))):
+                    model = build_tiny(model_type)
+                    convert(model, HCConfig(num_streams=num_streams, variant=variant))
+            except SweepTimeout as err:
+                return row("timeout", f"{variant}: {err}")
+            except HCRetrofitError as err:
+                return row("refused", f"{variant}: {err}")
+            except Exception as err:
+                return row("error", f"{variant}: {_first_line(err)}")
+            detail = family_for(model.config).describe(model.config)
+    return row("exact", detail)
+
+
+def sweep(
+    model_types: Iterable[str] | None = None,
+    variants: Iterable[str] = VARIANTS,
+    progress: Callable[[SweepRow], None] | None = None,
+    timeout: float | None = 300.0,
+) -> list[SweepRow]:
+    """:func:`sweep_one` for each type (default: every causal-LM type of the installed transformers)."""
+    rows = []
+    for model_type in model_types if model_types is not None else causal_lm_types():
+        row = sweep_one(model_type, tuple(variants), timeout=timeout)
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    return rows
+
+
+def coverage(rows: Iterable[SweepRow]) -> dict[str, Any]:
+    """Counts per outcome and the share of tiny-buildable types that convert exactly."""
+    rows = list(rows)
+    counts = {k: sum(r.outcome == k for r in rows) for k in ("exact", "refused", "error", "timeout", "no tiny")}
+    built = len(rows) - counts["no tiny"]
+    return {**counts, "types": len(rows), "built": built, "exact_share": counts["exact"] / built if built else 0.0}
+
+
+def markdown(rows: Iterable[SweepRow], variants: Iterable[str] = VARIANTS) -> str:
+    """The README's supported-architectures table: coverage line, then one row per model type."""
+    import transformers
+
+    rows = sorted(
+        rows, key=lambda r: (("exact", "refused", "error", "timeout", "no tiny").index(r.outcome), r.model_type)
+    )
+    c = coverage(rows)
+    lines = [
+        f"Measured with transformers {transformers.__version__}, variants {', '.join(variants)}: "
+        f"**{c['exact']} of {c['built']} causal-LM types that build as tiny random models convert exactly "
+        f"({100 * c['exact_share']:.1f}%)**; {c['refused']} refused, {c['error'] + c['timeout']} failed, "
+        f"{c['no tiny']} of the {c['types']} types could not be built tiny. "
+        "Reproduce: `hc-retrofit architectures --check --markdown`.",
+        "",
+        "| model_type | outcome | structure kept, or why not |",
+        "|---|---|---|",
+    ]
+    for row in rows:
+        detail = row.detail.replace("|", "\\|")
+        lines.append(f"| {row.model_type} | {row.outcome} | {detail} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,59 @@
+"""The coverage sweep on a representative handful of model types (the whole sweep is
+`hc-retrofit architectures --check`, minutes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hc_retrofit import sweep
+from hc_retrofit.config import VARIANTS
+
+# model type -> what the kept structure must say: a hand-written-free pre-norm decoder (gemma,
+# olmo), a post-LN-like layer whose residual add is inside the attention module (bloom), local/
+# global attention (gpt_neo) and a state-space model with its own cache (mamba).
+EXACT = {
+    "gemma": "sequential [input_layernorm -> self_attn; post_attention_layernorm -> mlp]",
+    "olmo": "sequential [input_layernorm -> self_attn; post_attention_layernorm -> mlp]",
+    "bloom": "layer [F(h) = layer(h) - h]",
+    "gpt_neo": "sequential [ln_1 -> attn; ln_2 -> mlp]",
+    "mamba": "sequential [norm -> mixer]",
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(EXACT))
+def test_representative_types_convert_exactly_with_every_variant(model_type):
+    row = sweep.sweep_one(model_type, VARIANTS)
+    assert row.outcome == "exact", row.detail
+    assert row.detail.endswith(EXACT[model_type])
+
+
+def test_a_looping_stack_is_refused_with_the_reason():
+    row = sweep.sweep_one("dory", ("mhc",))
+    assert row.outcome == "refused"
+    assert "cannot convert 'dory' exactly" in row.detail and "called [2, 2] times" in row.detail
+
+
+def test_a_type_that_cannot_be_built_tiny_is_reported_as_such():
+    row = sweep.sweep_one("xlnet", ("mhc",))
+    assert row.outcome == "no tiny" and "xlnet" in row.detail
+
+
+def test_hybrid_stacks_get_one_layer_of_each_kind():
+    config = sweep.tiny_config("qwen3_next")
+    assert list(config.layer_types) == ["linear_attention", "full_attention"]
+    assert config.num_hidden_layers == 2
+
+
+def test_coverage_and_the_readme_table():
+    rows = [
+        sweep.SweepRow("a", "exact", "model.layers: sequential [x -> y]"),
+        sweep.SweepRow("b", "exact", "h: layer [F(h) = layer(h) - h]"),
+        sweep.SweepRow("c", "refused", "mhc: cannot convert 'c' exactly | why"),
+        sweep.SweepRow("d", "no tiny", "ValueError: needs a vision config"),
+    ]
+    summary = sweep.coverage(rows)
+    assert summary["built"] == 3 and summary["exact"] == 2 and summary["exact_share"] == pytest.approx(2 / 3)
+    table = sweep.markdown(rows)
+    assert "**2 of 3 causal-LM types that build as tiny random models convert exactly (66.7%)**" in table
+    assert "| c | refused | mhc: cannot convert 'c' exactly \\| why |" in table
+    assert table.index("| a |") < table.index("| c |") < table.index("| d |")
