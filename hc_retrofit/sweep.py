@@ -274,7 +274,7 @@ def sweep_one(
     with _quiet():
         try:
             with time_limit(timeout):
-                build_tiny(model_type)
+                first = build_tiny(model_type)
         except SweepTimeout as err:
             return row("no tiny", f"building it {err}")
         except Exception as err:
@@ -283,7 +283,7 @@ def sweep_one(
         for variant in variants:
             try:
                 with time_limit(None if timeout is None else max(1.0, timeout - (time.perf_counter() - start))):
-                    model = build_tiny(model_type)
+                    model, first = first or build_tiny(model_type), None  # a fresh model per variant
                     convert(model, HCConfig(num_streams=num_streams, variant=variant))
             except SweepTimeout as err:
                 return row("timeout", f"{variant}: {err}")
