@@ -297,15 +297,15 @@ def plan_streaming(
 
 
 # ----------------------------------------------------------------------------- writing
-def _copy_or_link(src: Path, dst: Path, link: bool) -> bool:
+def _copy_or_link(src: Path, dst: Path, link: bool, say: Callable[[str], None]) -> bool:
     """Hard link ``src`` to ``dst`` if asked and possible (same filesystem), else copy; True if linked."""
     real = src.resolve()  # Hub caches hold symlinks to blobs
     if link:
         try:
             os.link(real, dst)
             return True
-        except OSError:
-            pass
+        except OSError as err:
+            say(f"cannot hard link {src.name} ({err.strerror or err}): copying it")
     shutil.copyfile(real, dst)
     return False
 
@@ -349,7 +349,7 @@ def write_plan(
                 _reencode(shard, dst)
             else:
                 say(f"{'linking' if link else 'copying'} {shard.source.name} ({i}/{len(plan.shards)})")
-                linked += _copy_or_link(shard.source, dst, link)
+                linked += _copy_or_link(shard.source, dst, link, say)
             for key, entry in shard.tensors.items():
                 weight_map[key] = shard.name
                 dtype = shard.cast.get(key, _ST_DTYPES[entry["dtype"]])
@@ -389,6 +389,25 @@ def _generation_config(plan: StreamPlan) -> Any:
     return plan.model.generation_config
 
 
+@dataclass(frozen=True)
+class StreamSummary(ConvertSummary):
+    """:class:`ConvertSummary` of a streamed conversion, with how the shards were written and checked."""
+
+    shards: int = 0
+    linked_shards: int = 0
+    reencoded_shards: int = 0
+    verified: bool = False
+    verify_skipped: str | None = None  # why verify did not run although asked (memory)
+
+
+def verify_memory(plan: StreamPlan) -> tuple[int, int]:
+    """``(bytes verify needs, bytes available)``: it holds the base and the converted model in float32."""
+    import psutil
+
+    params = count_parameters(plan.model)
+    return 2 * 4 * params, int(psutil.virtual_memory().available)
+
+
 def stream_convert(
     model_id_or_dir: str,
     out_dir: str | os.PathLike,
@@ -402,11 +421,13 @@ def stream_convert(
     verify: bool = False,
     check: Callable[[Path], None] | None = None,
     progress: Callable[[str], None] | None = None,
-) -> ConvertSummary:
+) -> StreamSummary:
     """Convert ``model_id_or_dir`` to ``out_dir`` without loading its weights (see the module docstring).
 
-    ``verify``: run :func:`verify_streamed` on the result before moving it into place (it loads
-    the base and the converted model); ``check(dir)``: any other check at that point.
+    ``verify``: run :func:`verify_streamed` on the result before moving it into place. It loads
+    the base and the converted model in float32; when they do not fit in the available memory it
+    is skipped (said through ``progress`` and in the summary), and the output rests on the proof
+    :func:`plan_streaming` made. ``check(dir)``: any other check at that point.
     Raises :class:`CannotStream` before writing anything when only :func:`convert_checkpoint` can do it.
     """
     say = progress or (lambda _msg: None)
@@ -417,20 +438,29 @@ def stream_convert(
     plan = plan_streaming(
         model_id_or_dir, config, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, progress=say
     )
-    checks = [c for c in (check, (lambda d: verify_streamed(d, plan.dtype)) if verify else None) if c is not None]
+    skipped = None
+    if verify:
+        need, available = verify_memory(plan)
+        if need > 0.9 * available:
+            skipped = (
+                f"verify needs ~{need / 2**30:.1f} GiB (both models in float32), {available / 2**30:.1f} GiB is "
+                "available; the output rests on the streaming proof (run `hc-retrofit verify OUT` where it fits)"
+            )
+            say(f"not verifying: {skipped}")
 
     def run_checks(directory: Path) -> None:
-        if verify:
+        if check is not None:
+            check(directory)
+        if verify and skipped is None:
             say("verifying: running the base and the converted model on a probe batch")
-        for c in checks:
-            c(directory)
+            verify_streamed(directory, plan.dtype)
 
-    out, _ = write_plan(plan, out_dir, overwrite=overwrite, link=link, check=run_checks, progress=say)
+    out, linked = write_plan(plan, out_dir, overwrite=overwrite, link=link, check=run_checks, progress=say)
     model = plan.model
     family = family_for(plan.base_config)
     added = sum(t.numel() for t in plan.hc_tensors.values())
     local = Path(model_id_or_dir).expanduser()
-    return ConvertSummary(
+    return StreamSummary(
         base_model=str(local.resolve()) if local.is_dir() else str(model_id_or_dir),
         out_dir=str(out),
         model_type=plan.base_config.model_type,
@@ -443,6 +473,11 @@ def stream_convert(
         added_parameters=added,
         has_tokenizer=(out / "tokenizer_config.json").is_file() or (out / "tokenizer.json").is_file(),
         seconds=time.perf_counter() - start,
+        shards=len(plan.shards),
+        linked_shards=linked,
+        reencoded_shards=sum(1 for shard in plan.shards if shard.cast),
+        verified=verify and skipped is None,
+        verify_skipped=skipped,
     )
 
 

@@ -81,8 +81,9 @@ def test_streamed_equals_in_memory(tmp_path: Path, case: str, settings: HCConfig
 def test_base_shards_are_copied_unchanged_or_hard_linked(sharded_base: Path, tmp_path: Path) -> None:
     copied, linked = tmp_path / "copied", tmp_path / "linked"
     stream_convert(str(sharded_base), copied, HCConfig())
-    stream_convert(str(sharded_base), linked, HCConfig(), link=True)
+    summary = stream_convert(str(sharded_base), linked, HCConfig(), link=True)
     shards = sorted(sharded_base.glob("*.safetensors"))
+    assert summary.shards == summary.linked_shards == len(shards) and summary.reencoded_shards == 0
     for shard in shards:
         assert (copied / shard.name).read_bytes() == shard.read_bytes()
         assert not os.path.samefile(copied / shard.name, shard)
@@ -193,3 +194,22 @@ def test_hub_id_streams_from_its_downloaded_files(tmp_path: Path, monkeypatch: p
     _assert_same_checkpoint(tmp_path / "streamed", tmp_path / "memory")
     for shard in snapshot.glob("*.safetensors"):
         assert (tmp_path / "streamed" / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_verify_runs_before_the_rename_and_is_skipped_when_it_cannot_fit(
+    sharded_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hc_retrofit import streaming
+
+    verified: list[Path] = []
+    monkeypatch.setattr(streaming, "verify_streamed", lambda directory, dtype: verified.append(directory))
+    monkeypatch.setattr(streaming, "verify_memory", lambda plan: (2**20, 2**30))
+    summary = stream_convert(str(sharded_base), tmp_path / "fits", HCConfig(), verify=True)
+    assert summary.verified and summary.verify_skipped is None
+    assert len(verified) == 1 and verified[0].name.endswith(".partial")  # the staging dir, not the output
+    monkeypatch.setattr(streaming, "verify_memory", lambda plan: (10 * 2**30, 2**30))
+    messages: list[str] = []
+    summary = stream_convert(str(sharded_base), tmp_path / "big", HCConfig(), verify=True, progress=messages.append)
+    assert len(verified) == 1 and not summary.verified and "~10.0 GiB" in summary.verify_skipped
+    assert any(m.startswith("not verifying") for m in messages)
+    assert persist.is_converted_dir(tmp_path / "big")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from hc_retrofit.cli.app import app, console, err_console, quiet_library_progress
 from hc_retrofit.config import VARIANTS, HCConfig
+
+if TYPE_CHECKING:
+    from hc_retrofit.streaming import StreamSummary
 
 
 @app.command("convert")
@@ -85,7 +88,7 @@ def convert_command(
                     progress=progress,
                     **common,
                 )
-                how = "streamed" + (", verified exact" if verify else " (not verified: --no-verify)")
+                how = _streamed(summary)
             except CannotStream as why:
                 err_console.print(f"cannot stream {model}: {why}; converting in memory instead")
         if summary is None:
@@ -104,3 +107,24 @@ def convert_command(
     table.add_row("output", summary.out_dir)
     table.add_row("time", f"{time.perf_counter() - start:.1f} s")
     console.print(table)
+
+
+def _streamed(summary: StreamSummary) -> str:
+    """``streamed (2 shards copied), verified exact`` and the like."""
+    parts = []
+    copied = summary.shards - summary.linked_shards - summary.reencoded_shards
+    for count, what in (
+        (summary.linked_shards, "hard linked"),
+        (copied, "copied"),
+        (summary.reencoded_shards, "re-encoded"),
+    ):
+        if count:
+            parts.append(f"{count} {what}")
+    shards = f"{summary.shards} base shard{'s' if summary.shards != 1 else ''}: {', '.join(parts)}"
+    if summary.verified:
+        checked = "verified exact"
+    elif summary.verify_skipped:
+        checked = "not verified: too large to verify in this memory"
+    else:
+        checked = "not verified (--no-verify)"
+    return f"streamed ({shards}), {checked}"

@@ -199,7 +199,8 @@ def test_convert_streams_verifies_and_links(cli, base_dir: Path, tmp_path: Path)
 
     result = cli("convert", base_dir, "--out", tmp_path / "linked", "--link")
     assert result.exit_code == 0, result.output
-    assert "streamed, verified exact" in result.output and "cannot stream" not in result.output
+    assert "streamed (1 base shard: 1 hard linked), verified exact" in result.output
+    assert "cannot stream" not in result.output
     shards = list(base_dir.glob("*.safetensors"))
     assert shards and all(any(os.path.samefile(s, o) for o in (tmp_path / "linked").iterdir()) for s in shards)
     result = cli("convert", base_dir, "--out", tmp_path / "memory", "--in-memory")
