@@ -6,8 +6,9 @@
 Each side runs in a fresh subprocess (so peak RSS is its own), alternately, ``--repeats`` times:
 
 * ``plain``: ``AutoModelForCausalLM.from_pretrained(ckpt)`` then ``save_pretrained(out)``;
-* ``convert``: the CLI, ``hc-retrofit convert ckpt --out out --overwrite`` (load, retrofit, save
-  with the remote-code files), run in-process through ``hc_retrofit.cli.app.main``.
+* ``convert``: the CLI, ``hc-retrofit convert ckpt --out out --overwrite --in-memory`` (load,
+  retrofit, save with the remote-code files), run in-process through ``hc_retrofit.cli.app.main``.
+  (The CLI streams by default, which loads no model: bench/size_ladder.py measures that path.)
 
 Reported: median wall time, and peak RSS (``ru_maxrss``) minus the RSS after the imports, i.e.
 the memory the work itself needed, as a multiple of the checkpoint's size on disk.
@@ -34,7 +35,8 @@ start = time.perf_counter()
 if side == "plain":
     AutoModelForCausalLM.from_pretrained(ckpt).save_pretrained(out)
 else:
-    sys.argv = ["hc-retrofit", "convert", ckpt, "--out", out, "--overwrite", "--variant", "mhc", "--streams", "4"]
+    sys.argv = ["hc-retrofit", "convert", ckpt, "--out", out, "--overwrite", "--variant", "mhc", "--streams", "4",
+                "--in-memory"]
     try:
         hc_retrofit.cli.app.main()
     except SystemExit as e:

@@ -1,0 +1,267 @@
+"""Size ladder: streaming ``hc-retrofit convert`` of real-shaped checkpoints vs ``cp -r``.
+
+    python bench/size_ladder.py                    # 1B and 3B llama shapes
+    python bench/size_ladder.py --sizes 1b 3b 8b   # + 8B (~16 GB; needs ~50 GB free disk)
+    python bench/size_ladder.py --quick            # a tiny rung, smoke test
+
+Each rung is a synthetic random bf16 checkpoint with the config of a real model (Llama-3.2-1B,
+Llama-3.2-3B, Llama-3.1-8B) sharded as that model is on the Hub (5 GB shards; the 1B is one file),
+written tensor by tensor (never a whole model in memory). Then, in fresh processes, alternating:
+
+* ``cp``: ``cp -r CKPT OUT``;
+* ``convert``: ``hc-retrofit convert CKPT --out OUT --no-verify`` (streamed: copies the shards);
+* ``convert --link``: the same with hard links;
+
+and, once per rung, ``hc-retrofit verify OUT`` when both models fit in memory in float32 (else it
+is reported as skipped). Reported: median wall time, time / ``cp``, peak RSS (``wait4``
+``ru_maxrss`` of the process) and the peak RSS beyond the CLI's own start-up (peak RSS of the same
+convert of a tiny checkpoint) as a fraction of the checkpoint size. Every checkpoint and output
+is deleted at the end (also on failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as C
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hc_retrofit.streaming import write_safetensors  # noqa: E402
+
+LLAMA3 = dict(
+    vocab_size=128256,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    torch_dtype="bfloat16",
+)
+# name -> (config overrides, Hub shard size; None = one file)
+SHAPES: dict[str, tuple[dict[str, Any], str | None]] = {
+    "tiny": (
+        dict(
+            hidden_size=256, intermediate_size=768, num_hidden_layers=2, vocab_size=4096, bos_token_id=1, eos_token_id=2
+        ),
+        None,
+    ),
+    "1b": (  # meta-llama/Llama-3.2-1B: one model.safetensors (2.47 GB)
+        dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64, tie_word_embeddings=True),
+        None,
+    ),
+    "3b": (  # meta-llama/Llama-3.2-3B: 2 shards
+        dict(
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=28,
+            num_attention_heads=24,
+            head_dim=128,
+            tie_word_embeddings=True,
+        ),
+        "5GB",
+    ),
+    "8b": (  # meta-llama/Llama-3.1-8B: 4 shards
+        dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, tie_word_embeddings=False),
+        "5GB",
+    ),
+}
+
+
+def _size(text: str) -> int:
+    number, unit = text[:-2], text[-2:]
+    return int(float(number) * {"GB": 10**9, "MB": 10**6}[unit])
+
+
+def build_checkpoint(name: str, path: Path, seed: int = 0) -> int:
+    """A random bf16 checkpoint of shape ``name`` at ``path``, sharded like the Hub's; returns its bytes."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    overrides, shard = SHAPES[name]
+    config = LlamaConfig(**{**LLAMA3, **overrides})
+    config.dtype = torch.bfloat16
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    seen: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t in meta.state_dict(keep_vars=True).items():  # tied weights once, as save_pretrained does
+        if id(t) not in seen:
+            seen.add(id(t))
+            tensors[key] = t
+    shards: list[list[str]] = [[]]
+    limit, used = (_size(shard) if shard else None), 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if limit and shards[-1] and used + nbytes > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += nbytes
+    path.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+
+    def random(key: str) -> torch.Tensor:
+        t = tensors[key]
+        if key.endswith("norm.weight"):
+            return 1 + 0.1 * torch.randn(t.shape, generator=generator)
+        return torch.randn(t.shape, generator=generator).mul_(0.02)
+
+    specs = {k: (torch.bfloat16, list(t.shape)) for k, t in tensors.items()}
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]  # fmt: skip
+    weight_map = {}
+    for file, keys in zip(names, shards, strict=True):
+        write_safetensors(path / file, keys, random, specs, {"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, file))
+    if len(names) > 1:
+        total = sum(t.numel() * 2 for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(path)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Wall seconds, peak RSS (bytes) and stdout of ``cmd``.
+
+    Through GNU ``/usr/bin/time``: the rusage of a child of this (torch-sized) process would start
+    at this process's RSS (``ru_maxrss`` survives fork + exec); ``time``'s own child does not.
+    """
+    with tempfile.NamedTemporaryFile(mode="r", suffix=".time") as timing:
+        start = time.perf_counter()
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", timing.name, *cmd], env=env, capture_output=True, text=True, check=False
+        )
+        seconds = time.perf_counter() - start
+        lines = Path(timing.name).read_text().split()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return {"seconds": seconds, "peak_rss": float(int(lines[-1]) * 1024), "stdout": proc.stdout}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hc_retrofit", *args]
+
+
+def fits_verify(size: int) -> bool:
+    """verify holds both models in float32 (2 x 2 x a bf16 checkpoint); leave a quarter of RAM free."""
+    import psutil
+
+    return 4 * size < 0.75 * psutil.virtual_memory().available
+
+
+def ladder_rung(name: str, work: Path, repeats: int, env: dict[str, str], startup_rss: float) -> dict[str, Any]:
+    ckpt = work / f"llama-{name}"
+    t0 = time.perf_counter()
+    size = build_checkpoint(name, ckpt)
+    files = len(list(ckpt.glob("*.safetensors")))
+    print(f"[{name}] built {size / 1e9:.2f} GB in {files} file(s) in {time.perf_counter() - t0:.0f} s", flush=True)
+    sides = {
+        "cp -r": lambda out: ["cp", "-r", str(ckpt), str(out)],
+        "convert": lambda out: cli("convert", str(ckpt), "--out", str(out), "--no-verify"),
+        "convert --link": lambda out: cli("convert", str(ckpt), "--out", str(out), "--no-verify", "--link"),
+    }
+    results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+    verify: dict[str, Any] = {"skipped": "both models in float32 do not fit in memory"}
+    out = work / "out"
+    try:
+        for r in range(repeats):
+            order = list(sides) if r % 2 == 0 else list(reversed(sides))
+            for side in order:
+                res = run(sides[side](out), env)
+                if side.startswith("convert") and "streamed" not in res["stdout"]:
+                    raise RuntimeError(f"{side} did not stream:\n{res['stdout']}")
+                results[side].append(res)
+                print(
+                    f"[{name}] {side}: {res['seconds']:.1f} s, peak RSS {res['peak_rss'] / 2**20:.0f} MiB", flush=True
+                )
+                if side == "convert" and r == repeats - 1 and fits_verify(size):
+                    res = run(cli("verify", str(out), "--json"), env)
+                    report = json.loads(res["stdout"])
+                    verify = {
+                        "seconds": res["seconds"],
+                        "peak_rss": res["peak_rss"],
+                        "equivalent": report["equivalent"],
+                    }
+                    print(f"[{name}] verify: {verify}", flush=True)
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    cp = statistics.median(x["seconds"] for x in results["cp -r"])
+    rows = []
+    for side, runs in results.items():
+        seconds = statistics.median(x["seconds"] for x in runs)
+        peak = max(x["peak_rss"] for x in runs)
+        rows.append(
+            {
+                "model": name,
+                "size_gb": size / 1e9,
+                "files": files,
+                "side": side,
+                "seconds": seconds,
+                "x_cp": seconds / cp,
+                "peak_rss_mib": peak / 2**20,
+                "beyond_startup_x_size": (peak - startup_rss) / size if side != "cp -r" else None,
+            }
+        )
+    return {"rows": rows, "verify": verify, "runs": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["1b", "3b"], choices=[s for s in SHAPES if s != "tiny"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
+    parser.add_argument("--quick", action="store_true", help="only the tiny rung, once")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    sizes, repeats = (["tiny"], 1) if args.quick else (args.sizes, args.repeats)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    work = Path(tempfile.mkdtemp(prefix="hc_size_ladder_", dir=args.workdir))
+    try:
+        # the CLI's own start-up: peak RSS of the same streamed convert of a tiny checkpoint
+        build_checkpoint("tiny", work / "startup")
+        startup = run(cli("convert", str(work / "startup"), "--out", str(work / "startup-out"), "--no-verify"), env)
+        shutil.rmtree(work / "startup-out")
+        print(f"CLI start-up (tiny convert): peak RSS {startup['peak_rss'] / 2**20:.0f} MiB", flush=True)
+        rungs = {name: ladder_rung(name, work, repeats, env, startup["peak_rss"]) for name in sizes}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rows = [row for rung in rungs.values() for row in rung["rows"]]
+    print()
+    C.print_table(
+        rows, ["model", "size_gb", "files", "side", "seconds", "x_cp", "peak_rss_mib", "beyond_startup_x_size"]
+    )
+    for name, rung in rungs.items():
+        print(f"{name} verify: {rung['verify']}")
+    payload = {
+        "settings": {"sizes": sizes, "repeats": repeats},
+        "startup_peak_rss": startup["peak_rss"],
+        "rows": rows,
+        "verify": {name: rung["verify"] for name, rung in rungs.items()},
+        "runs": {
+            name: {k: [{kk: vv for kk, vv in x.items() if kk != "stdout"} for x in v] for k, v in rung["runs"].items()}
+            for name, rung in rungs.items()
+        },
+    }
+    C.write_json("size_ladder" + ("_quick" if args.quick else ""), payload, args.out)
+
+
+if __name__ == "__main__":
+    main()
