@@ -164,8 +164,34 @@ def _quiet() -> Iterator[None]:
         transformers.logging.set_verbosity(level)
 
 
-class SweepTimeout(Exception):
-    """A model type took longer than its time budget (some configs build huge defaults)."""
+class SweepTimeout(BaseException):
+    """A model type took longer than its time budget (some configs build huge defaults).
+
+    A ``BaseException``, like ``KeyboardInterrupt``: :func:`hc_retrofit.convert` turns any
+    ``Exception`` of a candidate into a refusal, and a timeout is not a refusal."""
+
+
+@contextlib.contextmanager
+def memory_limit(gigabytes: float | None) -> Iterator[None]:
+    """Cap this process's address space (POSIX) so that a type whose tiny config still allocates
+    huge defaults fails with a MemoryError (reported as ``no tiny``) instead of exhausting the machine."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    if not gigabytes:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = int(gigabytes * 2**30)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 @contextlib.contextmanager
@@ -300,14 +326,17 @@ def sweep(
     variants: Iterable[str] = VARIANTS,
     progress: Callable[[SweepRow], None] | None = None,
     timeout: float | None = 300.0,
+    max_memory_gb: float | None = 8.0,
 ) -> list[SweepRow]:
-    """:func:`sweep_one` for each type (default: every causal-LM type of the installed transformers)."""
+    """:func:`sweep_one` for each type (default: every causal-LM type of the installed transformers),
+    in at most ``max_memory_gb`` of address space."""
     rows = []
-    for model_type in model_types if model_types is not None else causal_lm_types():
-        row = sweep_one(model_type, tuple(variants), timeout=timeout)
-        rows.append(row)
-        if progress is not None:
-            progress(row)
+    with memory_limit(max_memory_gb):
+        for model_type in model_types if model_types is not None else causal_lm_types():
+            row = sweep_one(model_type, tuple(variants), timeout=timeout)
+            rows.append(row)
+            if progress is not None:
+                progress(row)
     return rows
 
 

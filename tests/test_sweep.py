@@ -57,3 +57,24 @@ def test_coverage_and_the_readme_table():
     assert "**2 of 3 causal-LM types that build as tiny random models convert exactly (66.7%)**" in table
     assert "| c | refused | mhc: cannot convert 'c' exactly \\| why |" in table
     assert table.index("| a |") < table.index("| c |") < table.index("| d |")
+
+
+def test_a_timeout_is_not_swallowed_as_a_refusal():
+    """convert turns any Exception of a candidate into a refusal; a sweep timeout must get through."""
+
+    def swallowing_loop():
+        while True:
+            try:
+                sum(range(1000))
+            except Exception:  # what hc_retrofit.proof._try does with a failing candidate
+                return "refused"
+
+    with pytest.raises(sweep.SweepTimeout), sweep.time_limit(0.2):
+        swallowing_loop()
+
+
+def test_the_memory_cap_turns_a_huge_allocation_into_an_error():
+    import torch
+
+    with sweep.memory_limit(4.0), pytest.raises((MemoryError, RuntimeError)):
+        torch.empty(8 * 2**30, dtype=torch.uint8)

@@ -59,11 +59,15 @@ def architectures_command(
     timeout: Annotated[
         float, typer.Option("--timeout", help="With --check: seconds allowed per model type.", min=1.0)
     ] = 300.0,
+    max_memory: Annotated[
+        float,
+        typer.Option("--max-memory", help="With --check: GiB of address space the sweep may use.", min=1.0),
+    ] = 8.0,
 ) -> None:
     """List the hand-written model families (config.model_type) and their block kind; any other type
     is discovered from the model. --check measures which types convert exactly."""
     if check:
-        _check(types, as_json=as_json, as_markdown=as_markdown, timeout=timeout)
+        _check(types, as_json=as_json, as_markdown=as_markdown, timeout=timeout, max_memory=max_memory)
         return
     if types is not None or as_markdown:
         fail("--types and --markdown go with --check")
@@ -79,7 +83,7 @@ def architectures_command(
     console.print(table)
 
 
-def _check(types: str | None, *, as_json: bool, as_markdown: bool, timeout: float) -> None:
+def _check(types: str | None, *, as_json: bool, as_markdown: bool, timeout: float, max_memory: float) -> None:
     from hc_retrofit import sweep
 
     known = sweep.causal_lm_types()
@@ -96,7 +100,7 @@ def _check(types: str | None, *, as_json: bool, as_markdown: bool, timeout: floa
         done[0] += 1
         err_console.print(f"[dim]{done[0]}/{total} {row.model_type}: {row.outcome} ({row.seconds:.1f} s)[/dim]")
 
-    rows = sweep.sweep(chosen, progress=progress, timeout=timeout)
+    rows = sweep.sweep(chosen, progress=progress, timeout=timeout, max_memory_gb=max_memory)
     summary = sweep.coverage(rows)
     if as_json:
         console.print_json(json.dumps({"coverage": summary, "rows": [r.to_dict() for r in rows]}))
