@@ -16,7 +16,8 @@ from torch import nn
 
 from hc_retrofit.config import HCConfig
 from hc_retrofit.log import get_logger
-from hc_retrofit.patch import convert, is_converted
+from hc_retrofit.patch import is_converted
+from hc_retrofit.proof import convert  # proven exact on a probe batch (and discovered for any family)
 from hc_retrofit.train.errors import TrainingError
 from hc_retrofit.train.recipe import TrainConfig
 

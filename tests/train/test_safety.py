@@ -176,3 +176,23 @@ def test_partial_dirs_of_a_killed_save_are_cleaned_by_the_next_save(tmp_path):
     (stale / "model.safetensors").write_bytes(b"half")
     fresh = outputs.staging_dir(out)
     assert not stale.exists() and fresh.is_dir() and os.listdir(tmp_path) == [fresh.name]
+
+
+def test_on_the_fly_conversion_is_proven_and_reaches_discovered_families(tokenizer, corpus, cache_dir, tmp_path):
+    """`train PLAIN_MODEL` converts through the proving convert: a family with no hand-written adapter trains too."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gpt_neo",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        attention_types=[[["global", "local"], 1]],
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    result = train(tiny_config(tmp_path / "run", corpus, cache_dir, max_steps=2), model=model, tokenizer=tokenizer)
+    assert result.hc and "hc_retrofit_structure" in model.config.to_dict()
