@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,14 @@ from typing import Any
 from hc_retrofit.errors import HubError, NotConvertedError
 from hc_retrofit.outputs import MARKER
 from hc_retrofit.patch import CONFIG_KEY
-from hc_retrofit.persist import BASE_KEY, METADATA_KEY, VERSION_KEY, is_converted_dir, read_config_dict
+from hc_retrofit.persist import (
+    BASE_KEY,
+    METADATA_KEY,
+    VERSION_KEY,
+    is_converted_dir,
+    is_valid_repo_id,
+    read_config_dict,
+)
 from hc_retrofit.remote_model import BASE_ARCH_KEY, BASE_TYPE_KEY
 
 CARD_FILE = "README.md"
@@ -245,7 +251,7 @@ def push_checkpoint(
         raise NotConvertedError(
             f"{path} is not a converted hc-retrofit checkpoint; push only what hc-retrofit convert wrote"
         )
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?", repo_id or "") or ".." in repo_id:
+    if not is_valid_repo_id(repo_id or ""):
         raise HubError(f"repository id {repo_id!r} must look like OWNER/NAME (or NAME): letters, digits, '-', '_', '.'")
     token = token or get_token()
     regenerate = _card_is_ours(path)

@@ -252,6 +252,18 @@ def hyper_connection_sites(model: nn.Module) -> list[HyperConnection]:
     return [m for m in model.modules() if isinstance(m, HyperConnection)]
 
 
+def check_convertible(model: nn.Module, config: HCConfig | None) -> HCConfig:
+    """The settings to convert ``model`` with (default :class:`HCConfig`); refuse a wrong type or a converted model."""
+    config = config or HCConfig()
+    if not isinstance(config, HCConfig):
+        raise TypeError(f"config must be an HCConfig, got {type(config).__name__}")
+    if is_converted(model):
+        raise AlreadyConvertedError(
+            f"this {type(model).__name__} already has hyper-connections; convert the original model instead"
+        )
+    return config
+
+
 def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family | None = None) -> nn.Module:
     """Retrofit hyper-connections into ``model`` (in place) and return it.
 
@@ -268,13 +280,7 @@ def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family 
         AlreadyConvertedError: ``model`` was converted before.
         ConfigError: invalid settings.
     """
-    config = config or HCConfig()
-    if not isinstance(config, HCConfig):
-        raise TypeError(f"config must be an HCConfig, got {type(config).__name__}")
-    if is_converted(model):
-        raise AlreadyConvertedError(
-            f"this {type(model).__name__} already has hyper-connections; convert the original model instead"
-        )
+    config = check_convertible(model, config)
     family = family or family_for(model.config)
     multiplier = family.multiplier_for(model.config)
     layers = decoder_layers(model, family)

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -283,11 +284,17 @@ def check_weight_files(directory: str | os.PathLike) -> None:
             raise CheckpointError(f"{file} {problem}; download or copy the checkpoint again")
 
 
-def check_repo_id(name: str) -> None:
-    """A Hub id must look like ``NAME`` or ``OWNER/NAME`` (letters, digits, ``-_.``), else one clear line."""
-    import re
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
 
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?", name) or ".." in name or "--" in name:
+
+def is_valid_repo_id(name: str) -> bool:
+    """Whether ``name`` is a Hub id: ``NAME`` or ``OWNER/NAME`` (letters, digits, ``-_.``, no ``..`` or ``--``)."""
+    return bool(name) and _REPO_ID.fullmatch(name) is not None and ".." not in name and "--" not in name
+
+
+def check_repo_id(name: str) -> None:
+    """A Hub id must look like ``NAME`` or ``OWNER/NAME``, else one clear line."""
+    if not is_valid_repo_id(name):
         raise CheckpointError(
             f"{name!r} is neither a local directory nor a valid Hub id (OWNER/NAME with letters, digits, '-', '_', "
             "'.'); check the spelling or the path"

@@ -24,10 +24,10 @@ from torch import nn
 
 from hc_retrofit.config import HCConfig
 from hc_retrofit.discovery import discover
-from hc_retrofit.errors import AlreadyConvertedError, HCRetrofitError, UnsupportedArchitectureError
+from hc_retrofit.errors import HCRetrofitError, UnsupportedArchitectureError
 from hc_retrofit.families import FAMILIES, Family
+from hc_retrofit.patch import check_convertible
 from hc_retrofit.patch import convert as apply_adapter
-from hc_retrofit.patch import is_converted
 
 LOGIT_ATOL = 1e-4
 LOGIT_RTOL = 1e-4
@@ -243,13 +243,7 @@ def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family 
         AlreadyConvertedError: ``model`` was converted before.
         ConfigError: invalid settings.
     """
-    config = config or HCConfig()
-    if not isinstance(config, HCConfig):
-        raise TypeError(f"config must be an HCConfig, got {type(config).__name__}")
-    if is_converted(model):
-        raise AlreadyConvertedError(
-            f"this {type(model).__name__} already has hyper-connections; convert the original model instead"
-        )
+    config = check_convertible(model, config)
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if any(p.is_meta for p in model.parameters()):
         raise UnsupportedArchitectureError(
