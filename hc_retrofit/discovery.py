@@ -201,8 +201,11 @@ def _tolerance(model: nn.Module) -> float:
 
 
 @torch.no_grad()
-def probe_structure(model: nn.Module, layers_path: str, ids: torch.Tensor) -> list[_LayerRecord]:
-    """Run ``model`` once on ``ids`` and describe each layer of ``layers_path`` (see the module docstring)."""
+def probe_structure(
+    model: nn.Module, layers_path: str, inputs: torch.Tensor | dict[str, torch.Tensor]
+) -> list[_LayerRecord]:
+    """Run ``model`` once on ``inputs`` (token ids, or forward keyword arguments) and describe each
+    layer of ``layers_path`` (see the module docstring)."""
     stack = model.get_submodule(layers_path)
     records = [_LayerRecord() for _ in stack]
     handles = []
@@ -235,7 +238,10 @@ def probe_structure(model: nn.Module, layers_path: str, ids: torch.Tensor) -> li
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            if isinstance(inputs, torch.Tensor):
+                model(input_ids=inputs, attention_mask=torch.ones_like(inputs))
+            else:
+                model(**inputs)
         finally:
             for module, training in modes:
                 module.training = training
@@ -259,7 +265,7 @@ def _stack_problem(records: list[_LayerRecord], rtol: float) -> str | None:
     return None
 
 
-def discover(model: nn.Module, ids: torch.Tensor) -> tuple[list[Family], list[str]]:
+def discover(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor]) -> tuple[list[Family], list[str]]:
     """Candidate adapters for ``model``, most specific first, and notes on what was not usable.
 
     The candidates are the per-layer discovered structure and then the whole-layer fallback, each
@@ -270,7 +276,7 @@ def discover(model: nn.Module, ids: torch.Tensor) -> tuple[list[Family], list[st
     rtol = _tolerance(model)
     for path in layer_stack_candidates(model):
         try:
-            records = probe_structure(model, path, ids)
+            records = probe_structure(model, path, inputs)
         except Exception as err:  # the original model itself fails: nothing to retrofit
             raise UnsupportedArchitectureError(
                 f"cannot convert {model_type!r}: the original model fails on a probe batch ({type(err).__name__}: {err})"

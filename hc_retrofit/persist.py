@@ -360,6 +360,20 @@ def load_tokenizer(model_id_or_dir: str, *, revision: str | None = None, trust_r
     return None
 
 
+def _check_causal_lm_config(config: Any, name: str) -> None:
+    """Refuse, in one line, a model with no causal-LM class (an encoder, a vision model) before loading it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or "AutoModelForCausalLM" in (
+        getattr(config, "auto_map", None) or {}
+    ):
+        return
+    raise CheckpointError(
+        f"{name} is a {config.model_type!r} model, which has no causal-LM class: the command line converts and "
+        "trains causal LMs; convert encoders and vision models in Python (hc_retrofit.convert, then save_converted)"
+    )
+
+
 def load_base_model(
     model_id_or_dir: str,
     *,
@@ -376,6 +390,7 @@ def load_base_model(
 
     torch_dtype = parse_dtype(dtype)
     config = load_base_config(model_id_or_dir, revision=revision, trust_remote_code=trust_remote_code)
+    _check_causal_lm_config(config, model_id_or_dir)
     local = Path(model_id_or_dir).expanduser()
     name = str(local) if local.exists() else str(model_id_or_dir)
     if local.is_dir():

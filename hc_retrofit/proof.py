@@ -116,11 +116,76 @@ def probe_ids(model: nn.Module, *, batch: int = PROBE_BATCH, length: int = PROBE
     vocab = _vocab_size(model)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(min(3, vocab - 1), vocab, (batch, length), generator=generator)
+    return ids.to(_input_device(model))
+
+
+def _input_device(model: nn.Module) -> torch.device:
     device = next(model.parameters()).device
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and hasattr(embeddings, "weight"):
+    if embeddings is not None and isinstance(getattr(embeddings, "weight", None), torch.Tensor):
         device = embeddings.weight.device
-    return ids.to(device)
+    return device
+
+
+def _image_size(config: Any) -> tuple[int, int]:
+    size = getattr(config, "image_size", None)
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return int(size[0]), int(size[1])
+    if isinstance(size, dict) and isinstance(size.get("height"), int) and isinstance(size.get("width"), int):
+        return size["height"], size["width"]
+    raise UnsupportedArchitectureError(
+        f"cannot build a probe batch of images for a {getattr(config, 'model_type', '?')!r} model: "
+        "its config has no image_size"
+    )
+
+
+def can_generate(model: nn.Module) -> bool:
+    """Whether ``model`` generates text (a causal LM): only then is a cached greedy step part of the proof."""
+    return getattr(model, "main_input_name", "input_ids") == "input_ids" and bool(
+        hasattr(model, "can_generate") and model.can_generate()
+    )
+
+
+def probe_inputs(
+    model: nn.Module, *, batch: int = PROBE_BATCH, length: int = PROBE_LENGTH, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """The probe batch as keyword arguments of ``model``'s forward, by its ``main_input_name``.
+
+    * token models: seeded random ``input_ids`` and an ``attention_mask``. A model that cannot
+      generate (an encoder: BERT, RoBERTa, ...) gets a padded row (the mask hides the last two
+      positions of the second row) and, where its config has token types, two segments
+      (``token_type_ids`` 0 then 1), so that masks and segment embeddings are part of the proof.
+      A causal LM gets an all-ones mask (its cached greedy step is checked instead).
+    * image models (ViT, DeiT, ...): seeded ``pixel_values`` of the config's ``image_size`` and
+      ``num_channels``.
+    """
+    main = getattr(model, "main_input_name", "input_ids")
+    generator = torch.Generator().manual_seed(seed)
+    if main == "pixel_values":
+        config = model.config
+        height, width = _image_size(config)
+        channels = int(getattr(config, "num_channels", 3) or 3)
+        dtype = _model_dtype(model)
+        pixels = torch.randn(batch, channels, height, width, generator=generator)
+        return {"pixel_values": pixels.to(device=_input_device(model), dtype=dtype)}
+    if main != "input_ids":
+        raise UnsupportedArchitectureError(
+            f"cannot build a probe batch for {type(model).__name__}: its input is {main!r} "
+            "(hc-retrofit proves models that take input_ids or pixel_values)"
+        )
+    ids = probe_ids(model, batch=batch, length=length, seed=seed)
+    mask = torch.ones_like(ids)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if not can_generate(model):
+        if batch > 1 and length > 3:
+            mask[1, -2:] = 0
+        if int(getattr(model.config, "type_vocab_size", 0) or 0) > 1:
+            types = torch.zeros_like(ids)
+            types[:, length // 2 :] = 1
+            inputs["token_type_ids"] = types
+    return inputs
 
 
 def _pad_id(model: nn.Module) -> int:
@@ -135,26 +200,38 @@ def _pad_id(model: nn.Module) -> int:
 
 
 def _logits(output: Any) -> torch.Tensor:
-    logits = output.logits if hasattr(output, "logits") else output[0]
-    return logits.detach().float()
+    """The output the proof compares: ``logits`` (LM / classification heads), else the first tensor
+    (``last_hidden_state`` of a base model), with a base model's ``pooler_output`` appended."""
+    if hasattr(output, "logits") and output.logits is not None:
+        return output.logits.detach().float()
+    first = output[0].detach().float()
+    pooled = getattr(output, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor) and pooled.shape[0] == first.shape[0]:
+        return torch.cat([first.flatten(1), pooled.detach().float().flatten(1)], dim=1)
+    return first
 
 
 @torch.no_grad()
-def run_probe(model: nn.Module, ids: torch.Tensor, *, check_cache: bool = True) -> ProbeOutputs:
-    """The model's logits on ``ids`` and (if it can generate) a greedy continuation through its cache.
+def run_probe(
+    model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor], *, check_cache: bool = True
+) -> ProbeOutputs:
+    """The model's logits on ``inputs`` (token ids, or the keyword arguments of
+    :func:`probe_inputs`) and, for a causal LM, a greedy continuation through its cache.
 
     Runs in eval mode (no dropout) and puts every module's train/eval flag back afterwards.
     """
+    if isinstance(inputs, torch.Tensor):
+        inputs = {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)}
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        mask = torch.ones_like(ids)
-        out = ProbeOutputs(_logits(model(input_ids=ids, attention_mask=mask)))
+        out = ProbeOutputs(_logits(model(**inputs)))
         if not check_cache:
             out.cache_note = "not checked"
-        elif not (hasattr(model, "can_generate") and model.can_generate()):
+        elif not can_generate(model) or "input_ids" not in inputs:
             out.cache_note = f"{type(model).__name__} cannot generate"
         else:
+            ids, mask = inputs["input_ids"], inputs.get("attention_mask")
             try:
                 gen = model.generate(
                     ids,
@@ -218,14 +295,16 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return min(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
 
 
-def _candidates(model: nn.Module, family: Family | None, ids: torch.Tensor) -> tuple[list[Family], list[str]]:
+def _candidates(
+    model: nn.Module, family: Family | None, inputs: dict[str, torch.Tensor]
+) -> tuple[list[Family], list[str]]:
     """The adapters to try, in order: the one given; else the hand-written one for the model type
     (if any), then the ones discovered from the model itself. Plus notes on what discovery skipped."""
     if family is not None:
         return [family], []
     model_type = getattr(model.config, "model_type", None)
     known = [FAMILIES[model_type]] if model_type in FAMILIES else []
-    discovered, notes = discover(model, ids)
+    discovered, notes = discover(model, inputs)
     seen = [f.to_dict(model.config) for f in known]
     return known + [f for f in discovered if f.to_dict(model.config) not in seen], notes
 
@@ -250,13 +329,13 @@ def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family 
             f"this {model_type!r} model has weights on the meta device, so the conversion cannot be checked; "
             "load the weights first"
         )
-    ids = probe_ids(model)
-    reference = run_probe(model, ids)
-    candidates, notes = _candidates(model, family, ids)
+    inputs = probe_inputs(model)
+    reference = run_probe(model, inputs)
+    candidates, notes = _candidates(model, family, inputs)
     dtype = _model_dtype(model)
     tried: list[str] = list(notes)
     for candidate in candidates:
-        outcome = _try(model, config, candidate, ids, reference, dtype)
+        outcome = _try(model, config, candidate, inputs, reference, dtype)
         if outcome is None:  # patch.convert recorded the structure in config.hc_retrofit_structure
             return model
         tried.append(f"{candidate.describe(model.config)} ({outcome})")
@@ -268,14 +347,19 @@ def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family 
 
 
 def _try(
-    model: nn.Module, config: HCConfig, family: Family, ids: torch.Tensor, reference: ProbeOutputs, dtype: torch.dtype
+    model: nn.Module,
+    config: HCConfig,
+    family: Family,
+    inputs: dict[str, torch.Tensor],
+    reference: ProbeOutputs,
+    dtype: torch.dtype,
 ) -> str | None:
     """Apply ``family`` and probe: ``None`` if exact (the model stays converted), else why not
     (the model is restored)."""
     snapshot = ModelSnapshot(model)
     try:
         apply_adapter(model, config, family=family)
-        problem = compare(reference, run_probe(model, ids, check_cache=reference.tokens is not None), dtype)
+        problem = compare(reference, run_probe(model, inputs, check_cache=reference.tokens is not None), dtype)
     except HCRetrofitError as err:
         snapshot.restore()
         if not isinstance(err, UnsupportedArchitectureError):

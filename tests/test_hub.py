@@ -8,7 +8,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 from hub_server import FakeHub
-from tiny import tiny_model
+from tiny import tiny_encoder, tiny_model
 
 import hc_retrofit
 from hc_retrofit import hub, persist
@@ -30,6 +30,12 @@ def test_model_card(checkpoint: Path) -> None:
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny-mhc", trust_remote_code=True)' in card
     assert "hc_retrofit.load_converted" in card
     assert "## Training" not in card
+
+
+def test_model_card_of_an_encoder_loads_it_with_its_auto_class(tmp_path: Path) -> None:
+    model = hc_retrofit.convert(tiny_encoder("roberta-masked-lm"), hc_retrofit.HCConfig(num_streams=2))
+    card = hub.model_card(persist.save_converted(model, tmp_path / "roberta"), "me/tiny-roberta")
+    assert 'AutoModelForMaskedLM.from_pretrained("me/tiny-roberta", trust_remote_code=True)' in card
 
 
 def test_model_card_training_summary(checkpoint: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import HUB_OFFLINE_ENV, config_json, populate_hf_cache, save_base, train_a_few_steps, word_tokenizer
-from tiny import CASES, VOCAB, tiny_model
+from tiny import CASES, ENCODER_CASES, VOCAB, tiny_encoder, tiny_model
 from transformers import AutoModelForCausalLM
 
 import hc_retrofit
@@ -287,6 +287,9 @@ def test_load_base_model_errors(tmp_path: Path) -> None:
     out = persist.save_converted(_converted("gpt2", "mhc"), tmp_path / "converted")
     with pytest.raises(AlreadyConvertedError):
         persist.load_base_model(str(out))
+    tiny_encoder("vit-classifier").save_pretrained(tmp_path / "vit")  # no causal-LM class: one line, before loading
+    with pytest.raises(CheckpointError, match=r"'vit' model, which has no causal-LM class.*hc_retrofit\.convert"):
+        persist.load_base_model(str(tmp_path / "vit"))
 
 
 def test_load_base_model_from_populated_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -302,3 +305,103 @@ def test_load_base_model_from_populated_hf_cache(tmp_path: Path, monkeypatch: py
     assert tokenizer is not None
     with pytest.raises(CheckpointError):
         persist.load_base_model("tiny-org/not-in-cache")
+
+
+# ----------------------------------------------------------------------------- encoders and vision
+def _perturbed_encoder(case: str, variant: str) -> tuple[torch.nn.Module, dict]:
+    """The converted ``case`` with its HC parameters moved off their init, and a probe batch for it."""
+    from hc_retrofit.proof import probe_inputs
+
+    model = hc_retrofit.convert(tiny_encoder(case), hc_retrofit.HCConfig(num_streams=4, variant=variant))
+    with torch.no_grad():  # HC parameters away from their init, so that a dropped tensor would show
+        for site in hc_retrofit.hyper_connection_sites(model):
+            for p in site.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    return model, probe_inputs(model, batch=3, length=9, seed=2)
+
+
+@torch.no_grad()
+def _encoder_output(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    output = model(**inputs)
+    return output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state
+
+
+ROUND_TRIP_ENCODERS = {
+    "bert-base": "mhc",
+    "roberta-masked-lm": "dynamic",
+    "vit-classifier": "static",
+    "deit-classifier": "mhc",
+}
+
+
+@pytest.mark.parametrize(("case", "variant"), sorted(ROUND_TRIP_ENCODERS.items()))
+def test_encoders_and_vision_models_round_trip(case: str, variant: str, tmp_path: Path) -> None:
+    """Saved, then loaded both by hc-retrofit and by the task's Auto class with trust_remote_code."""
+    from hc_retrofit.tasks import auto_class
+
+    model, inputs = _perturbed_encoder(case, variant)
+    before = _encoder_output(model, inputs)
+    out = persist.save_converted(model, tmp_path / "ckpt")
+    task = ENCODER_CASES[case][1]
+    auto = auto_class(task).__name__
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"][auto] == f"modeling_hc_retrofit.HCRetrofit{type(model).__name__}"
+    assert "AutoModelForCausalLM" not in config["auto_map"]
+    loaded = persist.load_converted(out)
+    assert type(loaded).__name__ == f"HCRetrofit{type(model).__name__}" and loaded.hc_config == model.hc_config
+    torch.testing.assert_close(_encoder_output(loaded, inputs), before, rtol=0, atol=0)
+    remote = auto_class(task).from_pretrained(out, trust_remote_code=True).eval()
+    assert type(remote).__module__.startswith("transformers_modules.")
+    torch.testing.assert_close(_encoder_output(remote, inputs), before, rtol=0, atol=0)
+
+
+ENCODER_REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["hc_retrofit"] = None  # as if hc-retrofit were not installed
+    import json, torch, transformers
+    results = {}
+    for directory in sys.argv[1:]:
+        expected = torch.load(directory + "/expected.pt")
+        auto = getattr(transformers, expected["auto"])
+        model, info = auto.from_pretrained(directory, trust_remote_code=True, output_loading_info=True)
+        with torch.no_grad():
+            output = model(**expected["inputs"])
+        got = output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state
+        results[directory] = {
+            "class": type(model).__name__,
+            "report": {k: sorted(map(str, v)) for k, v in info.items()},
+            "max_diff": float((got - expected["output"]).abs().max()),
+        }
+    print(json.dumps(results))
+    """
+)
+
+
+def test_encoder_checkpoints_load_without_hc_retrofit(tmp_path: Path) -> None:
+    from hc_retrofit.tasks import auto_class
+
+    dirs = []
+    for case, variant in {"bert-masked-lm": "mhc", "vit-base": "dynamic"}.items():
+        model, inputs = _perturbed_encoder(case, variant)
+        out = persist.save_converted(model, tmp_path / case)
+        auto = auto_class(ENCODER_CASES[case][1]).__name__
+        torch.save({"auto": auto, "inputs": inputs, "output": _encoder_output(model, inputs)}, out / "expected.pt")
+        dirs.append(str(out))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HUB_OFFLINE_ENV, HF_HOME=str(tmp_path / "hf_home"))
+    proc = subprocess.run(
+        [sys.executable, "-c", ENCODER_REMOTE_SCRIPT, *dirs],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for directory in dirs:
+        r = results[directory]
+        assert r["class"].startswith("HCRetrofit"), r
+        assert all(v == [] for v in r["report"].values()), r["report"]
+        assert r["max_diff"] < 1e-5, r

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
 import torch
-from tiny import VOCAB, tiny_config, tiny_model
+from tiny import ENCODER_CASES, VOCAB, tiny_config, tiny_encoder, tiny_model
 from transformers import AutoModelForCausalLM
 
 import hc_retrofit
 from hc_retrofit import HCConfig, UnsupportedArchitectureError
 from hc_retrofit.families import FAMILIES, PRE_NORM, STRUCTURE_KEY, Block, Family, Site, family_for
-from hc_retrofit.proof import ProbeOutputs, compare, probe_ids, run_probe
+from hc_retrofit.proof import ProbeOutputs, compare, probe_ids, probe_inputs, run_probe
 
 # Modules exist and the forward runs, but the function is not the original one: the second branch
 # reads the layer's input instead of the stream after attention.
@@ -140,3 +141,71 @@ def test_weights_on_the_meta_device_are_refused():
     with pytest.raises(UnsupportedArchitectureError, match="meta device"):
         hc_retrofit.convert(model, HCConfig())
     assert not hc_retrofit.is_converted(model)
+
+
+# ----------------------------------------------------------------------------- encoders and vision
+# The structure each encoder keeps: post-LN BERT / RoBERTa layers add their residual inside a
+# submodule, then normalise, so the whole layer is the branch; pre-LN ViT / DeiT have two sites.
+ENCODER_KINDS = {
+    "bert-base": "layer",
+    "bert-masked-lm": "layer",
+    "roberta-masked-lm": "layer",
+    "vit-base": "sequential",
+    "vit-classifier": "sequential",
+    "deit-classifier": "sequential",
+    "modernbert-masked-lm": "sequential",
+}
+
+
+def _main_output(output) -> torch.Tensor:
+    return output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state
+
+
+@pytest.mark.parametrize("variant", ["static", "dynamic", "mhc"])
+@pytest.mark.parametrize("case", sorted(ENCODER_CASES))
+def test_encoders_and_vision_models_convert_exactly(case, variant):
+    base = tiny_encoder(case)
+    model = hc_retrofit.convert(copy.deepcopy(base), HCConfig(variant=variant))
+    structure = getattr(model.config, STRUCTURE_KEY)
+    kinds = {b["kind"] for b in structure.get("layer_blocks") or [structure["block"]]}
+    assert ENCODER_KINDS[case] in kinds and (kinds == {"layer"}) == (ENCODER_KINDS[case] == "layer")
+    inputs = probe_inputs(base, batch=3, length=11, seed=5)  # not the batch the proof ran on
+    with torch.no_grad():
+        expected, got = base(**inputs), model(**inputs)
+    assert (_main_output(got) - _main_output(expected)).abs().max() <= 1e-5
+    if getattr(expected, "pooler_output", None) is not None:
+        assert (got.pooler_output - expected.pooler_output).abs().max() <= 1e-5
+
+
+def test_the_probe_batch_follows_the_model_input():
+    encoder = probe_inputs(tiny_encoder("bert-base"))
+    assert set(encoder) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert encoder["attention_mask"][1, -1] == 0 and encoder["attention_mask"][0].all()  # a padded row
+    assert set(encoder["token_type_ids"].unique().tolist()) == {0, 1}  # two segments
+    causal = probe_inputs(tiny_model("llama-gqa-untied"))
+    assert set(causal) == {"input_ids", "attention_mask"} and causal["attention_mask"].all()
+    image = probe_inputs(tiny_encoder("vit-classifier"))
+    assert set(image) == {"pixel_values"} and image["pixel_values"].shape == (2, 3, 16, 16)
+    assert run_probe(tiny_encoder("vit-classifier"), image).cache_note.endswith("cannot generate")
+
+
+def test_a_wrong_adapter_on_a_vision_model_is_refused_and_undone():
+    model = tiny_encoder("vit-classifier")
+    pixels = probe_inputs(model)["pixel_values"]
+    with torch.no_grad():
+        logits = model(pixel_values=pixels).logits
+    before = fingerprint(model)
+    # swapped branches: hooks on real modules, shapes fine, the wrong function
+    wrong = Family(
+        ("vit",),
+        "vit.layers",
+        Block("sequential", (Site(("layernorm_after",), ("mlp",)), Site(("layernorm_before",), ("attention",)))),
+    )
+    with pytest.raises(UnsupportedArchitectureError, match=r"'vit'.*model is unchanged.*logit diff"):
+        hc_retrofit.convert(model, HCConfig(), family=wrong)
+    after = fingerprint(model)
+    assert {k: v for k, v in after.items() if k != "state"} == {k: v for k, v in before.items() if k != "state"}
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=pixels).logits, logits)

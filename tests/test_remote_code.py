@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast
 
-from tiny import tiny_model
+from tiny import tiny_encoder, tiny_model
 
 import hc_retrofit
 from hc_retrofit import remote_code
@@ -30,3 +30,14 @@ def test_modeling_file_names_the_base_classes() -> None:
     assert "from transformers.models.gemma3.modeling_gemma3 import Gemma3ForCausalLM as _BaseModel" in source
     assert 'model_type = "hc_retrofit_gemma3_text"' in source
     assert "class HCRetrofitGemma3ForCausalLM(HCRetrofitModelMixin, _BaseModel):" in source
+
+
+def test_auto_map_names_the_auto_classes_that_build_the_base_class() -> None:
+    assert remote_code.auto_classes(type(tiny_model("gpt2")))[0] == "AutoModelForCausalLM"
+    assert remote_code.auto_classes(type(tiny_encoder("bert-masked-lm")))[0] == "AutoModelForMaskedLM"
+    assert remote_code.auto_classes(type(tiny_encoder("bert-base")))[0] == "AutoModel"
+    assert remote_code.auto_classes(type(tiny_encoder("vit-classifier"))) == ["AutoModelForImageClassification"]
+    model = hc_retrofit.convert(tiny_encoder("vit-base"), hc_retrofit.HCConfig(num_streams=2))
+    source = remote_code.modeling_source(model)
+    assert "AutoModel.from_pretrained(this_dir, trust_remote_code=True)" in source
+    assert "class HCRetrofitViTModel(HCRetrofitModelMixin, _BaseModel):" in source

@@ -81,3 +81,38 @@ def tiny_model(case: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model.eval()
+
+
+# Encoders and vision models (converted, saved and loaded; never trained):
+# case id -> (model_type, task, config overrides)
+ENCODER_COMMON = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4)
+TEXT = dict(ENCODER_COMMON, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0)
+IMAGE = dict(ENCODER_COMMON, image_size=16, patch_size=8, num_channels=3)
+ENCODER_CASES: dict[str, tuple[str, str, dict]] = {
+    "bert-base": ("bert", "base", TEXT),
+    "bert-masked-lm": ("bert", "masked-lm", TEXT),
+    "roberta-masked-lm": ("roberta", "masked-lm", dict(TEXT, pad_token_id=1)),
+    "vit-base": ("vit", "base", IMAGE),
+    "vit-classifier": ("vit", "image-classification", dict(IMAGE, num_labels=3)),
+    "deit-classifier": ("deit", "image-classification", dict(IMAGE, num_labels=3)),
+    "modernbert-masked-lm": (
+        "modernbert",
+        "masked-lm",
+        dict(TEXT, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2),
+    ),
+}
+
+
+def tiny_encoder(case: str, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised tiny encoder or vision model for ``case`` (eval mode, weights nudged)."""
+    from hc_retrofit.tasks import auto_class, model_class_names
+
+    model_type, task, overrides = ENCODER_CASES[case]
+    config = AutoConfig.for_model(model_type, **overrides)
+    config.architectures = [model_class_names(task, model_type)[0]]  # DeiT lists two classifiers
+    torch.manual_seed(seed)
+    model = auto_class(task).from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()

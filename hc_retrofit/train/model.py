@@ -18,6 +18,7 @@ from hc_retrofit.config import HCConfig
 from hc_retrofit.log import get_logger
 from hc_retrofit.patch import is_converted
 from hc_retrofit.proof import convert  # proven exact on a probe batch (and discovered for any family)
+from hc_retrofit.tasks import is_causal_lm, sees_future_tokens
 from hc_retrofit.train.errors import TrainingError
 from hc_retrofit.train.recipe import TrainConfig
 
@@ -49,6 +50,17 @@ def load_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
 
 def prepare_model(cfg: TrainConfig, model: nn.Module, tokenizer: Any) -> nn.Module:
     """Convert (unless ``no_hc``), set up gradient checkpointing, and check the pair is trainable."""
+    if not is_causal_lm(model):
+        raise TrainingError(
+            f"{cfg.model or type(model).__name__} is a {type(model).__name__}, not a causal LM: hc-retrofit trains "
+            "causal LMs only (encoders and vision models convert, save and load with the Python API)"
+        )
+    if sees_future_tokens(model):
+        raise TrainingError(
+            f"{cfg.model or type(model).__name__} ({type(model).__name__}) attends to later tokens, so a next-token "
+            "loss would let it copy the answer: hc-retrofit trains causal LMs only (set is_decoder=True in the "
+            "config of an encoder meant as a decoder)"
+        )
     if tokenizer is None:
         raise TrainingError(
             f"no tokenizer found for {cfg.model or type(model).__name__}: training tokenises the data with the "

@@ -75,6 +75,29 @@ def test_user_errors_are_one_line(plain_dir, tmp_path, capsys):
     assert err.startswith("error: no data given") and "\n" not in err
 
 
+@pytest.mark.parametrize(
+    ("case", "converted"), [("bert-masked-lm", False), ("bert-masked-lm", True), ("vit-classifier", False)]
+)
+def test_encoders_and_vision_models_are_refused_in_one_line(corpus, tmp_path, capsys, case, converted):
+    """A plain BERT loads as BertLMHeadModel, which attends both ways; a converted one is a masked LM;
+    a ViT has no causal-LM class at all."""
+    from tiny import tiny_encoder
+
+    import hc_retrofit
+
+    model = tiny_encoder(case)
+    path = tmp_path / "model"
+    if converted:
+        hc_retrofit.save_converted(hc_retrofit.convert(model, hc_retrofit.HCConfig(num_streams=2)), path)
+    else:
+        model.save_pretrained(path)
+    capsys.readouterr()
+    assert run_cli("train", path, "--data", corpus, "--out", tmp_path / "o", "--no-progress") == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "causal" in last, last
+    assert not (tmp_path / "o" / "final").exists()
+
+
 def test_demo_quick_retrofits_the_bundled_pretrained_model(tmp_path, capsys):
     out = tmp_path / "demo"
     assert run_cli("demo", "--quick", "--steps", "3", "--out", out, "--no-progress") == 0
