@@ -37,6 +37,8 @@ CONTROLLED = {
     "overwrite": "--overwrite",
 }
 PLAIN = "plain"
+#: train settings that only mean something with HC: they apply to the HC arms, the plain arm runs without them
+HC_ONLY = ("hc_warmup_steps", "width_init_main", "residual_init_main")
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,8 @@ class CompareSpec:
     """Settings of one comparison (``hc-retrofit compare``).
 
     ``train`` holds every other :class:`~hc_retrofit.train.TrainConfig` setting (applied over the
-    ``recipe`` file, if any), the same for every trial. ``tune_seeds``: the best setting of each
+    ``recipe`` file, if any), the same for every trial, except the HC-only ones (:data:`HC_ONLY`:
+    HC-only warm-up, the HC init), which the plain arm runs without. ``tune_seeds``: the best setting of each
     arm is chosen on the mean validation loss of the first ``tune_seeds`` seeds (default: all);
     the remaining seeds run only that setting, which cuts the cost of a many-seed comparison.
     """
@@ -128,6 +131,9 @@ class CompareSpec:
                 + ", ".join(f"{CONTROLLED[k]} for {k}" for k in taken)
             )
         self.base_config()  # unknown keys, bad values
+        for arm in self.arms:  # per-arm settings (the HC init is checked against each variant and n)
+            lr, mult = self.settings(arm)[0]
+            self.trial_config(Trial(arm, lr, mult, self.seeds[0]))
         return self
 
     @property
@@ -172,6 +178,9 @@ class CompareSpec:
         )
         if trial.arm.hc:
             values.update(variant=trial.arm.variant, streams=trial.arm.streams, hc_lr_multiplier=trial.hc_lr_multiplier)
+        else:
+            defaults = TrainConfig()
+            values.update({name: getattr(defaults, name) for name in HC_ONLY})
         if progress is not None:
             values["progress"] = progress
         return dataclasses.replace(cfg, **values).validate()

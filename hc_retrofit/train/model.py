@@ -81,7 +81,7 @@ def prepare_model(cfg: TrainConfig, model: nn.Module, tokenizer: Any) -> nn.Modu
             "--no-hc trains the plain model, but this model already has hyper-connections: pass the base model"
         )
     if not cfg.no_hc and not is_converted(model):
-        convert(model, HCConfig(num_streams=cfg.streams, variant=cfg.variant))
+        convert(model, HCConfig(num_streams=cfg.streams, variant=cfg.variant, **cfg.hc_init()))
     elif is_converted(model) and (cfg.streams, cfg.variant) != (model.hc_config.num_streams, model.hc_config.variant):
         log.warning(
             "the model is already converted (%s, %d streams); the streams/variant settings (%s, %d) apply only when "

@@ -70,6 +70,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     hc_lr_multiplier: float = DEFAULT_HC_LR_MULTIPLIER
     hc_warmup_steps: int = 0
+    # the HC init when converting a plain model (None: HCConfig's default); exact at init for any valid value
+    width_init_main: float | None = None
+    residual_init_main: float | None = None
     grad_checkpointing: bool = False
     mixed_precision: str = "auto"
     seed: int = 0
@@ -133,9 +136,25 @@ class TrainConfig:
             raise TrainingError(f"unknown tracker(s) {', '.join(bad)} in report_to: choose from {', '.join(TRACKERS)}")
         if self.no_hc and self.hc_warmup_steps:
             raise TrainingError("--hc-warmup-steps trains only HC parameters; it makes no sense with --no-hc")
+        init = self.hc_init()
+        if self.no_hc and init:
+            raise TrainingError(f"{', '.join(init)} set the HC init; they make no sense with --no-hc")
+        if not self.no_hc:
+            from hc_retrofit.config import HCConfig
+            from hc_retrofit.errors import ConfigError
+
+            try:
+                HCConfig(num_streams=self.streams, variant=self.variant, **init)
+            except ConfigError as err:
+                raise TrainingError(str(err)) from err
         if self.resume and self.overwrite:
             raise TrainingError("--resume continues the run in --out; --overwrite would delete it: pick one")
         return self
+
+    def hc_init(self) -> dict[str, float]:
+        """The HC init settings given (``width_init_main``, ``residual_init_main``), as HCConfig keywords."""
+        names = ("width_init_main", "residual_init_main")
+        return {n: float(getattr(self, n)) for n in names if getattr(self, n) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -140,6 +140,26 @@ def test_out_dir_guards(plain_model, corpus, cache_dir, tmp_path):
     assert json.loads((out / "results.json").read_text())["arms"][0]["tokens"] == 5 * 2 * 32
 
 
+def test_hc_only_settings_apply_to_the_hc_arms(plain_model, corpus, cache_dir, tmp_path):
+    """HC-only warm-up and the HC init reach every HC run; the plain arm runs without them, at the same start."""
+    spec = tiny_spec(tmp_path / "cmp", plain_model, corpus, cache_dir, lr_grid=(1e-2,))
+    spec.train.update(hc_warmup_steps=2, residual_init_main=0.7)
+    plain, hc = (spec.trial_config(Trial(arm, *spec.settings(arm)[0], 0)) for arm in spec.arms)
+    assert (plain.hc_warmup_steps, plain.residual_init_main) == (0, None)
+    assert (hc.hc_warmup_steps, hc.residual_init_main) == (2, 0.7)
+    run_compare(spec, progress=False, log=lambda _: None)
+    summaries = {arm.slug: _summary(tmp_path / "cmp", Trial(arm, *spec.settings(arm)[0], 0)) for arm in spec.arms}
+    # exact at init with the non-default init: both arms start from the same validation loss
+    assert summaries["mhc-n2"]["initial_eval_loss"] == pytest.approx(summaries["plain"]["initial_eval_loss"], abs=1e-5)
+    assert summaries["mhc-n2"]["final_eval_loss"] != summaries["plain"]["final_eval_loss"]
+    # a bad HC init is refused before anything runs (n = 2: the diagonal must exceed 1/2)
+    bad = tiny_spec(tmp_path / "bad", plain_model, corpus, cache_dir)
+    bad.train["residual_init_main"] = 0.4
+    with pytest.raises(TrainingError, match="residual_init_main must be in"):
+        run_compare(bad, progress=False, log=lambda _: None)
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -78,6 +78,21 @@ def test_hc_warmup_freezes_the_base(tokenizer, corpus, cache_dir, tmp_path):
         assert torch.equal(p, before[name]) != ("hyper_connections" in name), name
 
 
+def test_hc_init_settings_convert_with_that_init_and_stay_exact(tokenizer, corpus, cache_dir, tmp_path):
+    """``width_init_main`` / ``residual_init_main`` reach the conversion; the start is still the base model."""
+    base = tiny_lm(tokenizer)
+    results = {}
+    for name, extra in (("plain", dict(no_hc=True)), ("init", dict(width_init_main=0.7, residual_init_main=0.6))):
+        cfg = tiny_config(tmp_path / name, corpus, cache_dir, max_steps=1, **extra)
+        results[name] = train(cfg, model=copy.deepcopy(base), tokenizer=tokenizer)
+    assert results["init"].step0_loss == pytest.approx(results["plain"].step0_loss, abs=1e-5)
+    assert results["init"].initial_eval_loss == pytest.approx(results["plain"].initial_eval_loss, abs=1e-5)
+    from hc_retrofit.persist import load_converted
+
+    hc_config = load_converted(results["init"].final_dir).hc_config
+    assert (hc_config.width_init_main, hc_config.residual_init_main) == (0.7, 0.6)
+
+
 class _Interrupt(Exception):
     pass
 

@@ -35,6 +35,12 @@ def test_bad_values_are_clear_errors(tmp_path):
         TrainConfig(data="d", out="o", variant="wide").validate()
     with pytest.raises(TrainingError, match="no-hc"):
         TrainConfig(data="d", out="o", no_hc=True, hc_warmup_steps=3).validate()
+    with pytest.raises(TrainingError, match=r"residual_init_main.*no-hc"):
+        TrainConfig(data="d", out="o", no_hc=True, residual_init_main=0.7).validate()
+    with pytest.raises(TrainingError, match=r"residual_init_main must be in \(1/num_streams, 1\)"):
+        TrainConfig(data="d", out="o", streams=4, residual_init_main=0.2).validate()
+    with pytest.raises(TrainingError, match="width_init_main must be in"):
+        merge(data="d", out="o", width_init_main="1.5").validate()
 
 
 def test_shipped_recipes_are_valid():
