@@ -48,6 +48,7 @@ class VerifyReport:
     greedy_identical: bool
     trained: bool
     remote_code_problems: tuple[str, ...] = ()
+    base_dtype: str = "float32"
 
     @property
     def remote_code_ok(self) -> bool:
@@ -104,6 +105,19 @@ def base_model_of(converted_dir: str | os.PathLike) -> str:
     return str(base)
 
 
+def stored_dtype(converted_dir: str | os.PathLike) -> torch.dtype:
+    """The dtype the checkpoint's weights were saved in (``config.json``'s ``dtype``; float32 if unrecorded).
+
+    A conversion with ``--dtype bfloat16`` rounds the base weights once; comparing it with the base at
+    float32 would measure that rounding, not the conversion. So the base is loaded at this dtype (and
+    both models then compute in float32): the same rounding on both sides, an exact conversion agrees.
+    """
+    config = read_config_dict(converted_dir)
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
 @torch.no_grad()
 def verify_checkpoint(
     converted_dir: str | os.PathLike,
@@ -117,7 +131,8 @@ def verify_checkpoint(
     """Compare ``converted_dir`` with ``base`` (default: the base model recorded in it).
 
     ``base_dtype``: load the base in this dtype (then compute in float32, like the converted model),
-    to check a conversion that changed the dtype against the base at the same precision.
+    to check a conversion that changed the dtype against the base at the same precision. Default: the
+    dtype the converted checkpoint was saved in (:func:`stored_dtype`).
     """
     if not is_converted_dir(converted_dir):
         read_config_dict(converted_dir)  # not a checkpoint at all: that error first
@@ -125,8 +140,9 @@ def verify_checkpoint(
             f"{converted_dir} is not a converted hc-retrofit checkpoint; run hc-retrofit convert first"
         )
     base = base or base_model_of(converted_dir)
+    base_dtype = base_dtype or stored_dtype(converted_dir)
     converted = load_converted(converted_dir, dtype=torch.float32)
-    base_model, tokenizer = load_base_model(base, revision=revision, dtype=base_dtype or torch.float32)
+    base_model, tokenizer = load_base_model(base, revision=revision, dtype=base_dtype)
     base_model.float()
     if tokenizer is None:
         tokenizer = load_tokenizer(str(converted_dir))
@@ -160,4 +176,5 @@ def verify_checkpoint(
         greedy_identical=bool(torch.equal(gen_ref, gen_got)),
         trained=trained,
         remote_code_problems=tuple(remote_code_problems(converted_dir, converted)),
+        base_dtype=str(base_dtype).removeprefix("torch."),
     )

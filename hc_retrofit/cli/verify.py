@@ -34,7 +34,8 @@ def verify_command(
         console.print_json(json.dumps(report.to_dict()))
     else:
         table = Table(title=f"verify {report.converted_dir}", show_header=False, box=None)
-        table.add_row("base model", report.base_model)
+        precision = "" if report.base_dtype == "float32" else f" (weights rounded to {report.base_dtype}, as DIR's)"
+        table.add_row("base model", report.base_model + precision)
         table.add_row("hyper-connections", f"{report.variant}, {report.num_streams} streams")
         table.add_row("probe batch", f"{report.probe_shape[0]} x {report.probe_shape[1]} tokens")
         table.add_row("max |logit diff|", f"{report.max_abs_logit_diff:.3e} (tolerance {report.logit_tolerance:.1e})")

@@ -96,3 +96,20 @@ def test_training_a_converted_dir_never_asks_to_run_its_code(converted_dir: Path
             monkeypatch.setattr(mod, "resolve_trust_remote_code", no_remote_code)
     model, tokenizer = load_model(TrainConfig(model=str(converted_dir), data="x", out="y"))
     assert tokenizer is not None and len(tokenizer) > 0 and hasattr(model, "hc_config")
+
+
+def test_verify_compares_a_dtype_changing_conversion_at_its_precision(cli, base_dir: Path, tmp_path: Path) -> None:
+    """``convert --dtype bfloat16`` rounds the base once: verify rounds the base the same way, and says so."""
+    import torch
+
+    from hc_retrofit.verify import verify_checkpoint
+
+    for how in ("--in-memory", "--no-verify"):  # both conversion paths, checked by verify alone
+        out = tmp_path / how.strip("-")
+        assert cli("convert", base_dir, "--out", out, "--dtype", "bfloat16", how).exit_code == 0
+        result = cli("verify", out, "--json")
+        report = json.loads(result.stdout)
+        assert result.exit_code == 0, result.output
+        assert report["equivalent"] and report["base_dtype"] == "bfloat16"
+    # against the unrounded base the same checkpoint differs: the default above is what makes it pass
+    assert not verify_checkpoint(out, base_dtype=torch.float32).equivalent
