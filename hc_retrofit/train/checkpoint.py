@@ -8,8 +8,12 @@ beyond ``keep`` are deleted only after the new one exists. Collective: call on e
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +47,63 @@ def read_state(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 
-def save_checkpoint(accelerator: Any, out_dir: str | Path, step: int, state: dict[str, Any], *, keep: int) -> Path:
-    """Save the accelerate state after ``step`` optimiser updates; keep the newest ``keep``."""
+def tied_names(model: Any) -> set[str]:
+    """State-dict names that share storage with an earlier one (tied weights, e.g. ``lm_head.weight``)."""
+    seen: set[Any] = set()
+    tied = set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen and tensor.device.type != "meta":
+            tied.add(name)
+        seen.add(key)
+    return tied
+
+
+class _KnownTiesFilter(logging.Filter):
+    """Drop accelerate's per-save "Removed shared tensor {...}" notice when it names only known ties.
+
+    ``save_state`` saves a tied weight once; ``load_state`` loads into the live model, where the tie
+    still holds, so nothing is lost (resume is tested bit-exact). Any other name still gets through.
+    """
+
+    def __init__(self, names: set[str]) -> None:
+        super().__init__()
+        self.names = names
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Removed shared tensor" not in message:
+            return True
+        return not set(re.findall(r"'([^']+)'", message)) <= self.names
+
+
+@contextlib.contextmanager
+def _quiet_known_ties(models: list[Any]) -> Iterator[None]:
+    names = set().union(*(tied_names(m) for m in models)) if models else set()
+    accelerate_logger = logging.getLogger("accelerate.utils.other")
+    notice = _KnownTiesFilter(names)
+    accelerate_logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        accelerate_logger.removeFilter(notice)
+
+
+def save_checkpoint(
+    accelerator: Any, out_dir: str | Path, step: int, state: dict[str, Any], *, keep: int, models: list[Any] = ()
+) -> Path:
+    """Save the accelerate state after ``step`` optimiser updates; keep the newest ``keep``.
+
+    ``models``: the prepared models, whose known weight ties are not reported on every save.
+    """
     final = checkpoint_path(out_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with _quiet_known_ties(list(models)):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))

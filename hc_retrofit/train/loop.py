@@ -378,7 +378,9 @@ def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | 
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
                 if not _weights_finite(model, accelerator):
                     _stop(accelerator, metrics, step, "non-finite weights after the update", last_ckpt, cfg)
-                last_ckpt = ckpt.save_checkpoint(accelerator, out, step + 1, ckpt_state, keep=cfg.keep_checkpoints)
+                last_ckpt = ckpt.save_checkpoint(
+                    accelerator, out, step + 1, ckpt_state, keep=cfg.keep_checkpoints, models=[model]
+                )
         if data.eval is not None:
             final_eval = run_eval(cfg.max_steps)
             progress.note_eval(cfg.max_steps, final_eval)
