@@ -141,10 +141,10 @@ if target == "replace_dir":
     outputs.replace_dir = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 else:
     real = checkpoint.save_checkpoint
-    def save(accelerator, out_dir, step, state, *, keep):
+    def save(accelerator, out_dir, step, state, **kwargs):
         if step == 4:  # the second save: killed after accelerate wrote it, before it became a checkpoint
             accelerator.save_state = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-        return real(accelerator, out_dir, step, state, keep=keep)
+        return real(accelerator, out_dir, step, state, **kwargs)
     checkpoint.save_checkpoint = save
 from hc_retrofit.cli.app import main
 main(sys.argv[2:])
