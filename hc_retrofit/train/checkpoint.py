@@ -48,14 +48,16 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 
 def tied_names(model: Any) -> set[str]:
-    """State-dict names that share storage with an earlier one (tied weights, e.g. ``lm_head.weight``)."""
-    seen: set[Any] = set()
+    """Parameter names that are a second name of an earlier parameter (tied weights, e.g. ``lm_head.weight``).
+
+    By object identity, not storage pointers, so it also holds for sharded (DTensor) parameters.
+    """
+    seen: set[int] = set()
     tied = set()
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen and tensor.device.type != "meta":
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
             tied.add(name)
-        seen.add(key)
+        seen.add(id(param))
     return tied
 
 
