@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from hc_retrofit.errors import CheckpointError, NotConvertedError
+from hc_retrofit.errors import CheckpointError, HCRetrofitError, NotConvertedError
 from hc_retrofit.persist import (
     BASE_KEY,
     is_converted_dir,
@@ -139,10 +139,18 @@ def verify_checkpoint(
         raise NotConvertedError(
             f"{converted_dir} is not a converted hc-retrofit checkpoint; run hc-retrofit convert first"
         )
+    recorded = base is None
     base = base or base_model_of(converted_dir)
     base_dtype = base_dtype or stored_dtype(converted_dir)
     converted = load_converted(converted_dir, dtype=torch.float32)
-    base_model, tokenizer = load_base_model(base, revision=revision, dtype=base_dtype)
+    try:
+        base_model, tokenizer = load_base_model(base, revision=revision, dtype=base_dtype)
+    except HCRetrofitError as err:
+        if not recorded:
+            raise
+        raise type(err)(
+            f"the base model recorded in {converted_dir} cannot be loaded ({err}); pass it with --base"
+        ) from err
     base_model.float()
     if tokenizer is None:
         tokenizer = load_tokenizer(str(converted_dir))

@@ -113,3 +113,15 @@ def test_verify_compares_a_dtype_changing_conversion_at_its_precision(cli, base_
         assert report["equivalent"] and report["base_dtype"] == "bfloat16"
     # against the unrounded base the same checkpoint differs: the default above is what makes it pass
     assert not verify_checkpoint(out, base_dtype=torch.float32).equivalent
+
+
+def test_verify_names_a_recorded_base_that_is_gone(cli, converted_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = Path(shutil.copytree(converted_dir, tmp_path / "ckpt"))
+    data = json.loads((copy / "config.json").read_text())
+    data["hc_retrofit_base"] = str(tmp_path / "moved-away")
+    (copy / "config.json").write_text(json.dumps(data))
+    result = cli("verify", copy, "--trained")
+    assert result.exit_code == 1 and result.output.startswith("error: the base model recorded in")
+    assert "moved-away" in result.output and "pass it with --base" in result.output
