@@ -105,8 +105,8 @@ def _killed_run(tokenizer, corpus, cache_dir, out):
 
     real = ckpt.save_checkpoint
 
-    def save_then_die(accelerator, out_dir, step, state, *, keep):
-        path = real(accelerator, out_dir, step, state, keep=keep)
+    def save_then_die(accelerator, out_dir, step, state, **kwargs):
+        path = real(accelerator, out_dir, step, state, **kwargs)
         if step == 4:
             raise KeyboardInterrupt
         return path
