@@ -1,17 +1,26 @@
 """Generation speed with a KV cache: decode tokens/s of a converted model vs the original.
 
-    python bench/decode.py             # llama-style hidden 512, 6 layers; greedy, 64 new tokens
+    python bench/decode.py                  # llama-style hidden 512, 6 layers; greedy, 64 new tokens
+    python bench/decode.py --static-cache   # cache_implementation="static" (fixed-size KV cache), eager
+    python bench/decode.py --compile        # static cache + transformers' compiled decoding step
     python bench/decode.py --quick
 
 ``model.generate(prompt, max_new_tokens=N, min_new_tokens=N, do_sample=False)`` (KV cache on);
-``tok/s`` = N / median wall time (prefill included, as a user sees it), original and converted
+``tok/s`` = N / median time (prefill included, as a user sees it), original and converted
 interleaved. ``ratio`` = converted tok/s / original tok/s (>= 1: no slower). ``same`` checks that
 the greedy continuations are identical (the retrofit is exact).
+
+``--compile`` is how transformers compiles generation: with a static cache, ``generate`` runs the
+prefill eagerly and every decoding step through ``torch.compile(model.__call__)`` (here with
+``fullgraph=True``, Inductor, and on CPU too); ``compile_s`` is the first ``generate`` call (tracing
+and compilation included) and ``compile`` its ratio to the original's.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import time
 
 import _common as C
 import torch
@@ -24,6 +33,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, nargs="+", default=[4])
     parser.add_argument("--variants", nargs="+", default=["static", "dynamic", "mhc"])
+    parser.add_argument("--static-cache", action="store_true", help='cache_implementation="static"')
+    parser.add_argument("--compile", action="store_true", help="static cache + compiled decoding step (Inductor)")
     C.add_timing_args(parser, repeats=7)
     args = parser.parse_args()
     C.apply_timing_args(args)
@@ -32,24 +43,49 @@ def main() -> None:
 
     device = args.device
     original = C.random_model(C.llama_config(args.hidden, args.layers, args.vocab), device=device).eval()
+    # Converted copies are made from a copy that never ran generate(): with --compile, generate
+    # stores its compiled call on the model, and a deep copy would inherit the original's.
+    pristine = copy.deepcopy(original)
     prompt = torch.randint(3, args.vocab, (args.batch, args.prompt), device=device)
     n_new = args.new_tokens
+
+    options: dict = {}
+    if args.static_cache or args.compile:
+        options["cache_implementation"] = "static"
+    if args.compile:
+        from transformers import CompileConfig
+
+        C.prepare_compile()
+        options["compile_config"] = CompileConfig(fullgraph=True, mode="default")
+        options["compile_config"]._compile_all_devices = True  # transformers compiles on GPUs only by default
 
     def gen(model):
         @torch.inference_mode()
         def run() -> torch.Tensor:
             return model.generate(
-                prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, use_cache=True, pad_token_id=0
+                prompt,
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+                **options,
             )
 
         return run
 
+    def first_call(fn) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - start
+
     rows = []
-    reference = gen(original)()
+    reference, base_first = first_call(gen(original))
     for variant in args.variants:
         for n in args.streams:
-            model = C.converted_copy(original, num_streams=n, variant=variant).eval()
-            same = bool(torch.equal(gen(model)(), reference))
+            model = C.converted_copy(pristine, num_streams=n, variant=variant).eval()
+            tokens, first = first_call(gen(model))
+            same = bool(torch.equal(tokens, reference))
             times = C.interleaved(
                 {"original": gen(original), "converted": gen(model)}, device, args.repeats, 1, args.clock
             )
@@ -62,11 +98,14 @@ def main() -> None:
                 "ratio": t0 / t1,
                 "same": same,
             }
+            if args.compile:
+                row |= {"compile_s": first, "compile": first / base_first}
             rows.append(row)
             C.print_table([row], list(row))
     print()
-    C.print_table(rows, ["variant", "n", "orig_tok_s", "hc_tok_s", "ratio", "same"])
-    C.write_json("decode" + ("_quick" if args.quick else ""), {"settings": vars(args), "rows": rows}, args.out)
+    C.print_table(rows, list(rows[0]))
+    name = "decode" + ("_compile" if args.compile else "_static" if args.static_cache else "")
+    C.write_json(name + ("_quick" if args.quick else ""), {"settings": vars(args), "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

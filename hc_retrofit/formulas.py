@@ -94,12 +94,20 @@ def hc_layout(
     return base, torch.cat([s_a, s_r.expand(n), s_b])
 
 
+def hc_dynamic_table(
+    base: torch.Tensor, s: torch.Tensor, w: torch.Tensor, streams: torch.Tensor, project: Project = rms_project
+) -> torch.Tensor:
+    """Dynamic HC (DHC): ``[a_k, R_.k, b_k] = base_k + s * tanh(RMSNorm(H_k) W)`` for each stream ``k``,
+    as one ``(..., n, n + 2)`` table (row ``k``; :func:`hc_dynamic` splits it)."""
+    return torch.addcmul(base, s, torch.tanh(project(streams, w)))
+
+
 def hc_dynamic(
     base: torch.Tensor, s: torch.Tensor, w: torch.Tensor, streams: torch.Tensor, project: Project = rms_project
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dynamic HC (DHC): ``[a_k, R_.k, b_k] = base_k + s * tanh(RMSNorm(H_k) W)`` for each stream ``k``."""
+    """Dynamic HC's ``a, R, b`` (see :func:`hc_dynamic_table`)."""
     n = base.shape[-2]
-    coef = torch.addcmul(base, s, torch.tanh(project(streams, w)))  # (..., n_k, n + 2)
+    coef = hc_dynamic_table(base, s, w, streams, project)  # (..., n_k, n + 2)
     return coef[..., 0], coef[..., 1 : n + 1].transpose(-1, -2), coef[..., n + 1]
 
 

@@ -1,10 +1,13 @@
 """Sinkhorn-Knopp for mHC's residual matrix ``R``: the same iterations as
 :func:`hc_retrofit.formulas.sinkhorn`, with a backward that does not record them.
 
-With autograd, the iterations run in the exp domain inside one autograd Function whose backward
-recomputes them from the logits (the only tensor it saves). Without autograd and for few
-matrices (decode: one per sequence), and under ``torch.compile`` (which fuses it), the formula
-itself runs: there the number of kernel calls is the cost, and the log domain needs half as many.
+With autograd, the iterations run in the exp domain inside one custom operator
+(``torch.ops.hc_retrofit.sinkhorn_v1``) whose backward, another operator, recomputes them from
+the logits (the only tensor it saves). ``torch.compile`` sees both as single opaque calls: it
+neither unrolls nor differentiates the iterations (unrolled, they made an mHC model compile
+several times slower than the original). Without autograd and for few matrices (decode: one per
+sequence) the formula itself runs, also under ``torch.compile``, which fuses it into one kernel:
+there the number of kernel calls is the cost, and the log domain needs half as many.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 
 from hc_retrofit.formulas import sinkhorn as plain_sinkhorn
 
-__all__ = ["sinkhorn"]
+__all__ = ["sinkhorn", "sinkhorn_backward_op", "sinkhorn_op"]
 
 
 def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
@@ -21,13 +24,11 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
 
     Alternates column and row normalisation and finishes with the rows, so the result is exactly
     row-stochastic (what exactness needs) and doubly stochastic up to the convergence of ``iters``
-    iterations. The gradient is that of the iterations (not of the limit); see :class:`_Sinkhorn`.
+    iterations. The gradient is that of the iterations (not of the limit), see :func:`_backward`.
     """
-    if torch.compiler.is_compiling():
-        return plain_sinkhorn(logits, iters)
     if not torch.is_grad_enabled() and logits.numel() <= _SMALL_BATCH * logits.shape[-1] * logits.shape[-2]:
         return plain_sinkhorn(logits, iters)
-    return _Sinkhorn.apply(logits, iters)
+    return sinkhorn_op(logits, iters)
 
 
 # Below this many matrices (decode: one per sequence) the cost is the number of kernel calls, and
@@ -65,27 +66,67 @@ def _tokens_first(t: torch.Tensor) -> torch.Tensor:
     return t.permute(*range(2, t.dim()), 0, 1).contiguous()
 
 
-class _Sinkhorn(torch.autograd.Function):
-    """Sinkhorn-Knopp with a hand-written backward that saves only the logits.
+def _forward(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    return _tokens_first(_sinkhorn_steps(_tokens_last(logits), iters)[-1])
 
-    Autograd through ``2 iters`` log-domain normalisations records ~300 tiny kernels per site (and
-    per token for dynamic mHC). Here backward recomputes the iterations and applies the gradient
-    of ``Q = P / sum(P)``, ``dP = (dQ - sum(dQ * Q)) / sum(P)``, in reverse.
-    """
 
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, iters: int) -> torch.Tensor:
+def _backward(logits: torch.Tensor, g_out: torch.Tensor, iters: int) -> torch.Tensor:
+    """The gradient of the iterations at ``logits``: they are recomputed (only the logits are
+    saved), then ``dP = (dQ - sum(dQ * Q)) / sum(P)``, the gradient of ``Q = P / sum(P)``, is
+    applied in reverse. Autograd through ``2 iters`` normalisations would record ~300 tiny kernels
+    per site (and per token for dynamic mHC)."""
+    steps = _sinkhorn_steps(_tokens_last(logits), iters)
+    g = _tokens_last(g_out.to(steps[-1].dtype))
+    for i in range(len(steps) - 1, 0, -1):
+        dim = 0 if i % 2 == 1 else 1
+        q, total = steps[i], steps[i - 1].sum(dim, keepdim=True)
+        g = (g - (g * q).sum(dim, keepdim=True)) / total
+    return _tokens_first(g * steps[0]).to(logits.dtype)
+
+
+# ----------------------------------------------------------------------------- the opaque op
+# One operator (and one for its backward) that torch.compile treats as a black box: it neither
+# unrolls the 2 x iters normalisations nor differentiates through them, which made an mHC model
+# compile several times slower than the original. The package and the copy of this file shipped
+# as a checkpoint's remote code both import this module, maybe in one process: the first import
+# defines the operators, later ones reuse them (the name is versioned: a change of semantics
+# gets a new name).
+_NAMESPACE, _NAME = "hc_retrofit", "sinkhorn_v1"
+
+
+def _define_ops():
+    """The forward and backward operators ``hc_retrofit::sinkhorn_v1[_backward]``, defined once per process."""
+    namespace = getattr(torch.ops, _NAMESPACE)
+    if hasattr(namespace, _NAME):  # defined by another copy of this module
+        return getattr(namespace, _NAME), getattr(namespace, _NAME + "_backward")
+
+    @torch.library.custom_op(f"{_NAMESPACE}::{_NAME}_backward", mutates_args=())
+    def backward_op(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> torch.Tensor:
+        return _backward(logits, grad, iters)
+
+    @backward_op.register_fake
+    def _(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> torch.Tensor:
+        return torch.empty_like(logits)
+
+    @torch.library.custom_op(f"{_NAMESPACE}::{_NAME}", mutates_args=())
+    def forward_op(logits: torch.Tensor, iters: int) -> torch.Tensor:
+        return _forward(logits, iters)
+
+    @forward_op.register_fake
+    def _(logits: torch.Tensor, iters: int) -> torch.Tensor:
+        return logits.new_empty(logits.shape, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        logits, iters = inputs
         ctx.save_for_backward(logits)
         ctx.iters = iters
-        return _tokens_first(_sinkhorn_steps(_tokens_last(logits), iters)[-1])
 
-    @staticmethod
-    def backward(ctx, g_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (logits,) = ctx.saved_tensors
-        steps = _sinkhorn_steps(_tokens_last(logits), ctx.iters)
-        g = _tokens_last(g_out.to(steps[-1].dtype))
-        for i in range(len(steps) - 1, 0, -1):
-            dim = 0 if i % 2 == 1 else 1
-            q, total = steps[i], steps[i - 1].sum(dim, keepdim=True)
-            g = (g - (g * q).sum(dim, keepdim=True)) / total
-        return _tokens_first(g * steps[0]).to(logits.dtype), None
+        return torch.ops.hc_retrofit.sinkhorn_v1_backward(logits, grad, ctx.iters), None
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    return getattr(namespace, _NAME), getattr(namespace, _NAME + "_backward")
+
+
+sinkhorn_op, sinkhorn_backward_op = _define_ops()

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from hc_retrofit.config import HCConfig
-from hc_retrofit.formulas import ablated, hc_dynamic, hc_layout, mhc, mhc_dynamic_logits, mhc_layout
-from hc_retrofit.kernels import DepthConnection, Recomputed, WidthConnection, cast, project_recomputed
+from hc_retrofit.formulas import ablated, hc_dynamic, hc_dynamic_table, hc_layout, mhc, mhc_dynamic_logits, mhc_layout
+from hc_retrofit.kernels import DepthConnection, Recomputed, WidthConnection, cast, expanded_streams, project_recomputed
 from hc_retrofit.sinkhorn_knopp import sinkhorn
 from hc_retrofit.site_cache import StaticParts, cache_key
 from hc_retrofit.stream_ops import depth_connection, outer_streams, rms_project, stream_mix, width_connection
@@ -62,6 +62,7 @@ class SiteContext:
 
     ``r`` is ``R``, or ``R - I`` when ``adds_input`` (the layer adds ``H`` itself). ``source``:
     what ``streams`` are recomputed from in backward (see :meth:`HyperConnection.width_connection`), if any.
+    ``mixed``: ``r`` times ``streams``, when it was computed together with ``x`` (without autograd).
     """
 
     streams: torch.Tensor
@@ -71,6 +72,7 @@ class SiteContext:
     b: torch.Tensor
     adds_input: bool = False
     source: tuple | None = None
+    mixed: torch.Tensor | None = None
 
 
 def initial_width(num_streams: int, main: float, site_index: int) -> torch.Tensor:
@@ -220,30 +222,51 @@ class HyperConnection(nn.Module):
         self, streams: torch.Tensor | None, dtype: torch.dtype, minus_identity: bool = False
     ) -> Coefficients:
         """:meth:`coefficients` without autograd, in ``dtype`` (with ``R - I`` in place of ``R`` if
-        ``minus_identity``): the same equations, the static part cached. Under ``torch.compile``
-        the equations as they are (the compiler fuses them; a cache would only add guards)."""
-        if torch.compiler.is_compiling():
-            c = self._coefficients(streams).to(dtype)
-            return c.minus_identity() if minus_identity else c
+        ``minus_identity``): the same equations, the static part cached."""
+        _, a, r, b = self._no_grad_rows(streams, dtype, minus_identity)
+        return Coefficients(a, r, b)
+
+    def _no_grad_rows(
+        self, streams: torch.Tensor | None, dtype: torch.dtype, minus_identity: bool
+    ) -> tuple[torch.Tensor, ...]:
+        """``[a; R]`` (``[a; R - I]`` if ``minus_identity``) as one ``(..., n + 1, n)`` matrix, its
+        rows ``a`` and ``R`` (views), and ``b``, in ``dtype``, without autograd: one product with
+        ``H`` then gives the branch input and the mix together. Static coefficients come from the
+        cache; dynamic HC folds ``- I`` into its cached ``base``, so its table is one ``addcmul``
+        and ``[a; R]`` a view of it."""
         parts = self._static_parts()
         if not self.is_dynamic:
-            return Coefficients(*parts.cast(dtype, minus_identity))
+            return parts.rows(dtype, minus_identity)
         if streams is None:
             raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
+        n = self.num_streams
         if self.variant == "mhc":
             logits = mhc_dynamic_logits(parts.base, parts.scale, parts.proj, streams, rms_project)
-            c = Coefficients(*mhc(logits, self.num_streams, self.config.sinkhorn_iters, sinkhorn)).to(dtype)
+            a, r, b = mhc(logits, n, self.config.sinkhorn_iters, sinkhorn)
+            if minus_identity:
+                r = r - parts.eye()
+            rows = cast(torch.cat([a.unsqueeze(-2), r], dim=-2), dtype)
+            b = cast(b, dtype)
         else:
-            c = Coefficients(*hc_dynamic(parts.base, parts.scale, parts.proj, streams, rms_project)).to(dtype)
-        return c.minus_identity() if minus_identity else c
+            base = parts.hc_base(minus_identity)
+            table = cast(hc_dynamic_table(base, parts.scale, parts.proj, streams, rms_project), dtype)
+            rows, b = table.narrow(-1, 0, n + 1).transpose(-1, -2), table.select(-1, n + 1)
+        return rows, rows.select(-2, 0), rows.narrow(-2, 1, n), b
 
-    def _call_coefficients(self, streams: torch.Tensor, minus_identity: bool) -> Coefficients:
-        """The coefficients one call applies: float32 with autograd; without it already in the
-        streams' dtype, from the cache where they do not depend on ``streams``."""
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return self._no_grad_coefficients(streams, streams.dtype, minus_identity)
-        c = self._coefficients(streams)
-        return c.minus_identity() if minus_identity else c
+    def _width_no_grad(self, streams: torch.Tensor, adds_input: bool) -> tuple[torch.Tensor, SiteContext]:
+        """:meth:`width_connection` without autograd (evaluation, ``generate()``): ``a . H`` and
+        ``R H`` (or ``(R - I) H``) as one product ``[a; R] H``. At decode (one token: ``n x D``
+        tensors) each op costs its dispatch, so fewer ops is what makes a token faster."""
+        rows, a, r, b = self._no_grad_rows(streams, streams.dtype, adds_input)
+        n, d = streams.shape[-2:]
+        if expanded_streams(streams):  # layer 0: n views of one h, every product a scaling of h
+            out = rows.sum(-1, keepdim=True) * streams.narrow(-2, 0, 1)
+        elif rows.dim() == 2 and streams.numel() == n * d:  # one token (decode): a plain 2-D product
+            out = torch.mm(rows, streams.reshape(n, d)).view(*streams.shape[:-2], n + 1, d)
+        else:
+            out = torch.matmul(rows, streams)
+        x = out.select(-2, 0).contiguous()  # (a copy only for several tokens: the branch gets a plain tensor)
+        return x, SiteContext(streams, x, a, r, b, adds_input, mixed=out.narrow(-2, 1, n))
 
     # -- the per-site API ------------------------------------------------------------------------
     def width_connection(
@@ -259,7 +282,9 @@ class HyperConnection(nn.Module):
         site, added unchanged. With autograd (eager) they are then not saved for backward but
         recomputed there, once, from tensors saved anyway (``n x D`` per token less memory).
         """
-        if made_of is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._width_no_grad(streams, adds_input)
+        if made_of is not None and not torch.compiler.is_compiling():
             ctx0, y0 = made_of
             source = (Recomputed(), (ctx0.streams, ctx0.r, ctx0.b, y0))
             c = self._coefficients(streams, source)
@@ -267,16 +292,22 @@ class HyperConnection(nn.Module):
                 c = c.minus_identity()
             x = WidthConnection.apply(streams, c.a, source)
             return x, SiteContext(streams, x, c.a, c.r, c.b, adds_input, source)
-        c = self._call_coefficients(streams, adds_input)
+        c = self._coefficients(streams)  # with autograd (float32) or under torch.compile
+        if adds_input:
+            c = c.minus_identity()
         x = width_connection(streams, c.a)
         return x, SiteContext(streams, x, c.a, c.r, c.b, adds_input)
 
     def depth_connection(self, ctx: SiteContext, y: torch.Tensor) -> torch.Tensor:
         """``H' = R H + b (x) y``."""
+        if ctx.mixed is not None:
+            return torch.addcmul(ctx.mixed, cast(ctx.b, y.dtype).unsqueeze(-1), y.unsqueeze(-2))
         return depth_connection(ctx.streams, ctx.r, ctx.b, y)
 
     def mix(self, ctx: SiteContext) -> torch.Tensor:
         """``R H`` (what a layer that adds ``b (x) y`` to its input receives as input)."""
+        if ctx.mixed is not None:
+            return ctx.mixed.contiguous()
         return stream_mix(ctx.streams, ctx.r)
 
     def outer(self, ctx: SiteContext, y: torch.Tensor) -> torch.Tensor:
@@ -286,6 +317,9 @@ class HyperConnection(nn.Module):
     def delta(self, ctx: SiteContext, y: torch.Tensor, divisor: float = 1.0) -> torch.Tensor:
         """``(R - I) H / divisor + b (x) y``: what a layer computing ``H + divisor * delta`` must add
         to reach ``R H + divisor b (x) y`` (``ctx`` from ``width_connection(H, adds_input=True)``)."""
+        if ctx.mixed is not None:  # computed with x (no autograd); not modified: an exit may call this twice
+            delta = ctx.mixed if divisor == 1.0 else ctx.mixed / divisor
+            return torch.addcmul(delta, cast(ctx.b, y.dtype).unsqueeze(-1), y.unsqueeze(-2))
         if ctx.source is not None:  # H recomputed in backward
             delta = DepthConnection.apply(ctx.streams, ctx.r, None, None, ctx.source)
         else:

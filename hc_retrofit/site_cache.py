@@ -31,8 +31,8 @@ def cache_key(params: Iterable[torch.Tensor], *extra: object) -> tuple | None:
 class StaticParts:
     """A site's coefficients without ``H``: ``a, R, b`` (static site) or their input-independent
     part (dynamic site), and for dynamic sites ``base``, ``scale`` and the projection ``proj``
-    (detached: cheaper ops) of ``base + scale * project(H)``. ``casts``: ``(a, R, b)`` and
-    ``(a, R - I, b)`` per dtype, made on first use."""
+    (detached: cheaper ops) of ``base + scale * project(H)``. What one call applies is derived
+    from these on first use and kept in ``derived`` (e.g. ``[a; R - I]`` in bfloat16)."""
 
     key: tuple | None
     pinned: tuple  # the parameters of ``key`` (ids and storages stay unique while cached)
@@ -42,14 +42,38 @@ class StaticParts:
     base: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     proj: torch.Tensor | None = None
-    casts: dict = field(default_factory=dict)
+    derived: dict = field(default_factory=dict)
 
-    def cast(self, dtype: torch.dtype, minus_identity: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(a, R, b)`` or ``(a, R - I, b)`` in ``dtype``."""
-        key = (dtype, minus_identity)
-        if key not in self.casts:
-            a, r, b = cast(self.a, dtype), cast(self.r, dtype), cast(self.b, dtype)
-            if minus_identity:
-                r = r - torch.eye(r.shape[-1], device=r.device, dtype=dtype)
-            self.casts[key] = (a, r, b)
-        return self.casts[key]
+    def rows(self, dtype: torch.dtype, minus_identity: bool) -> tuple[torch.Tensor, ...]:
+        """``[a; R]`` (or ``[a; R - I]``) as one ``(n + 1, n)`` matrix, its rows ``a`` and ``R`` (or
+        ``R - I``), and ``b``, in ``dtype``: one product with ``H`` gives the branch input ``a . H``
+        and the mix ``R H`` together."""
+        key = ("rows", dtype, minus_identity)
+        if key not in self.derived:
+            r = self.r - eye_like(self.r) if minus_identity else self.r
+            rows = cast(torch.cat([self.a.unsqueeze(0), r]), dtype)
+            self.derived[key] = (rows, rows[0], rows[1:], cast(self.b, dtype))
+        return self.derived[key]
+
+    def hc_base(self, minus_identity: bool) -> torch.Tensor:
+        """Dynamic HC's ``base`` (row ``k``: ``[a_k, R_.k, b_k]``), with ``R - I`` if ``minus_identity``."""
+        if not minus_identity:
+            return self.base
+        key = ("hc_base", True)
+        if key not in self.derived:
+            n = self.base.shape[-2]
+            base = self.base.clone()
+            base[:, 1 : n + 1] -= eye_like(base[:, 1 : n + 1])
+            self.derived[key] = base
+        return self.derived[key]
+
+    def eye(self) -> torch.Tensor:
+        """``I`` (``n x n``, float32)."""
+        if "eye" not in self.derived:
+            self.derived["eye"] = eye_like(self.r)
+        return self.derived["eye"]
+
+
+def eye_like(r: torch.Tensor) -> torch.Tensor:
+    """The identity of ``r``'s (trailing) size, dtype and device."""
+    return torch.eye(r.shape[-1], device=r.device, dtype=r.dtype)

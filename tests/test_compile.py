@@ -105,3 +105,22 @@ def test_original_layers_compile_fullgraph_too():
     compile_layers(model)
     x = ids()
     model.train()(x, labels=x).loss.backward()
+
+
+def test_mhc_sinkhorn_is_one_opaque_call_per_site_in_the_training_graph():
+    # Unrolled (2 x 20 normalisations per site, forward and backward) it made mHC compile several
+    # times slower than the original; the graph must hold one operator call per site instead.
+    torch._dynamo.reset()
+    model = tiny_llama("mhc").train()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = ids()
+    torch.compile(model, backend=backend, fullgraph=True)(x, labels=x).loss.backward()
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    sites = len(patch.hyper_connection_sites(model))
+    assert sum("hc_retrofit.sinkhorn_v1" in t for t in targets) == sites
+    assert not any("softmax" in t for t in targets)

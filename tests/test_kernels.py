@@ -4,6 +4,8 @@ Each fast path (static and per-token coefficients, contiguous and stride-0 "expa
 broadcast ``y``) must give the same values as the textbook formula and pass ``gradcheck``.
 """
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -14,10 +16,12 @@ from hc_retrofit import (
     expand_streams,
     formulas,
     sinkhorn,
+    sinkhorn_knopp,
     stream_mix,
     width_connection,
 )
 from hc_retrofit.connections import outer_streams, rms_project
+from hc_retrofit.sinkhorn_knopp import sinkhorn_op
 
 F64 = {"dtype": torch.float64}
 
@@ -163,3 +167,21 @@ def test_sinkhorn_matches_log_domain_reference_and_its_gradient(iters):
         torch.autograd.grad(reference(logits), logits, g)[0],
     )
     assert torch.autograd.gradcheck(lambda t: sinkhorn(t, iters), (logits,))
+
+
+def test_sinkhorn_operator_passes_opcheck():
+    # Fake (meta) kernel, autograd registration and schema agree with the real kernel.
+    torch.manual_seed(8)
+    logits = (torch.randn(2, 3, 4, 4) * 3).requires_grad_(True)
+    torch.library.opcheck(sinkhorn_op, (logits, 5))
+    torch.library.opcheck(sinkhorn_op, (torch.randn(4, 4, dtype=torch.float64, requires_grad=True), 2))
+
+
+def test_sinkhorn_module_imported_twice_reuses_the_operator():
+    # The package and a checkpoint's copy of this file (remote code) may both load in one process.
+    spec = importlib.util.spec_from_file_location("remote_copy_of_sinkhorn_knopp", sinkhorn_knopp.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.sinkhorn_op is sinkhorn_op and copy.sinkhorn_backward_op is sinkhorn_knopp.sinkhorn_backward_op
+    logits = torch.randn(3, 4, 4, requires_grad=True)
+    torch.testing.assert_close(copy.sinkhorn(logits, 4), sinkhorn(logits, 4))
