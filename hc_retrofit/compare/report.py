@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit.compare.runner import TrialOutcome
-from hc_retrofit.compare.spec import Arm, CompareSpec
+from hc_retrofit.compare.runner import COMPARE_FILE, TrialOutcome, is_finished, read_outcome
+from hc_retrofit.compare.spec import Arm, CompareSpec, Trial
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "compare.png"
@@ -155,6 +155,30 @@ def write_results(spec: CompareSpec, outcomes: list[TrialOutcome]) -> CompareRes
     result.plot = str(plot_compare(curves, Path(spec.out) / PLOT_FILE))
     (Path(spec.out) / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=2))
     return result
+
+
+def read_comparison(out: str | Path) -> tuple[CompareSpec, list[TrialOutcome]]:
+    """The spec and finished trials of the comparison in ``out``, read from disk (nothing runs).
+
+    For reports over several comparisons (``scripts/study_report.py``); ``out`` may have moved
+    since it ran (the spec's ``out`` becomes ``out``). Unfinished trials are left out.
+    """
+    out = Path(out)
+    marker = out / COMPARE_FILE
+    if not marker.is_file():
+        raise FileNotFoundError(f"{out} holds no comparison ({COMPARE_FILE})")
+    values = json.loads(marker.read_text())["spec"]
+    for name in ("variants", "streams", "seeds", "lr_grid", "hc_lr_multiplier_grid"):
+        values[name] = tuple(values[name])
+    spec = CompareSpec(**{**values, "out": str(out)})
+    outcomes = [
+        read_outcome(trial, out / trial.relpath)
+        for arm in spec.arms
+        for setting in spec.settings(arm)
+        for seed in spec.seeds
+        if is_finished(out / (trial := Trial(arm, *setting, seed)).relpath)
+    ]
+    return spec, outcomes
 
 
 def mean_curve(runs: list[TrialOutcome]) -> list[tuple[int, float, float]]:
