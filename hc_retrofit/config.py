@@ -36,7 +36,9 @@ class HCConfig:
         mhc_dynamic: for ``"mhc"``, add the paper's input-dependent term ``alpha * (norm(vec H) phi)``
             (``phi = 0`` at init). ``False`` gives static mHC, whose Sinkhorn runs once per step
             instead of once per token.
-        sinkhorn_iters: Sinkhorn-Knopp iterations (log domain) for mHC.
+        sinkhorn_iters: Sinkhorn-Knopp iterations for mHC, each normalising the columns then the rows
+            (:mod:`hc_retrofit.sinkhorn_knopp` runs them in the exp or the log domain, whichever is
+            cheaper for the batch; the same matrices up to rounding).
         width_init_main: initial weight of the stream each site reads most, ``a_(site mod n)``; the
             other streams share ``1 - width_init_main`` equally, so ``sum a = 1`` (exact). ``None``
             picks the default: 1.0 (one-hot, as in the HC paper) for static/dynamic, 0.9 for mHC

@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit.errors import HubError, NotConvertedError
+from hc_retrofit.errors import HubError
 from hc_retrofit.outputs import MARKER
 from hc_retrofit.patch import CONFIG_KEY
 from hc_retrofit.persist import (
     BASE_KEY,
     METADATA_KEY,
     VERSION_KEY,
-    is_converted_dir,
     is_valid_repo_id,
     read_config_dict,
+    require_converted_dir,
 )
 from hc_retrofit.remote_model import BASE_ARCH_KEY, BASE_TYPE_KEY
 from hc_retrofit.tasks import TASKS
@@ -255,11 +255,7 @@ def push_checkpoint(
     from huggingface_hub import constants, get_token
 
     path = Path(path)
-    if not is_converted_dir(path):
-        read_config_dict(path)  # not a checkpoint at all: that error first
-        raise NotConvertedError(
-            f"{path} is not a converted hc-retrofit checkpoint; push only what hc-retrofit convert wrote"
-        )
+    require_converted_dir(path, "push only what hc-retrofit convert wrote")
     if not is_valid_repo_id(repo_id or ""):
         raise HubError(f"repository id {repo_id!r} must look like OWNER/NAME (or NAME): letters, digits, '-', '_', '.'")
     token = token or get_token()

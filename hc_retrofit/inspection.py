@@ -20,7 +20,7 @@ import torch
 
 from hc_retrofit.errors import NotConvertedError
 from hc_retrofit.patch import HCDecoderLayerMixin, is_converted
-from hc_retrofit.persist import is_converted_dir, load_converted, load_tokenizer, read_config_dict
+from hc_retrofit.persist import load_converted, load_tokenizer, require_converted_dir
 from hc_retrofit.probe import probe_batch
 from hc_retrofit.site import HyperConnection
 
@@ -126,9 +126,7 @@ def inspect_model(model: Any, tokenizer: Any = None) -> InspectionReport:
 
 def inspect_checkpoint(path: str | os.PathLike) -> InspectionReport:
     """Inspect a converted checkpoint directory."""
-    if not is_converted_dir(path):
-        read_config_dict(path)  # not a checkpoint at all: that error first
-        raise NotConvertedError(f"{path} is not a converted hc-retrofit checkpoint; run hc-retrofit convert first")
+    require_converted_dir(path)
     return inspect_model(load_converted(path, dtype=torch.float32), load_tokenizer(str(path)))
 
 

@@ -57,15 +57,19 @@ DTYPES: dict[str, Any] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+"""The dtype names every command and recipe accepts (``auto``: the checkpoint's own)."""
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""Short spellings, accepted wherever a :data:`DTYPES` name is."""
 
 
 # ----------------------------------------------------------------------------- small helpers
 def parse_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
-    """``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype -> a ``from_pretrained`` dtype."""
+    """A :data:`DTYPES` name (or alias) or a torch dtype -> a ``from_pretrained`` dtype."""
     if dtype is None:
         return "auto"
     if isinstance(dtype, torch.dtype):
         return dtype
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -91,6 +95,13 @@ def is_converted_dir(path: str | os.PathLike) -> bool:
         return isinstance(read_config_dict(path).get(CONFIG_KEY), dict)
     except CheckpointError:
         return False
+
+
+def require_converted_dir(path: str | os.PathLike, fix: str = "run hc-retrofit convert first") -> None:
+    """Refuse ``path`` unless it is a converted checkpoint: :class:`CheckpointError` if it is no checkpoint
+    at all, else :class:`NotConvertedError` ending with ``fix``."""
+    if not isinstance(read_config_dict(path).get(CONFIG_KEY), dict):
+        raise NotConvertedError(f"{path} is not a converted hc-retrofit checkpoint; {fix}")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -218,9 +229,8 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | No
 
 
 def _converted_classes(path: str | os.PathLike) -> tuple[type, type]:
+    require_converted_dir(path)
     data = read_config_dict(path)
-    if not isinstance(data.get(CONFIG_KEY), dict):
-        raise NotConvertedError(f"{path} is not a converted hc-retrofit checkpoint (no {CONFIG_KEY!r} in config.json)")
     base_type = data.get(BASE_TYPE_KEY) or str(data.get("model_type", "")).removeprefix("hc_retrofit_")
     base_arch = data.get(BASE_ARCH_KEY) or (data.get("architectures") or [""])[0].removeprefix("HCRetrofit")
     return _installed_classes(base_type, base_arch)

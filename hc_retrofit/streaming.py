@@ -402,10 +402,27 @@ class StreamSummary(ConvertSummary):
 
 def verify_memory(plan: StreamPlan) -> tuple[int, int]:
     """``(bytes verify needs, bytes available)``: it holds the base and the converted model in float32."""
-    import psutil
-
     params = count_parameters(plan.model)
-    return 2 * 4 * params, int(psutil.virtual_memory().available)
+    return 2 * 4 * params, available_memory()
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; psutil elsewhere, if installed).
+
+    The core install has no psutil (issue 13: it is a ``[bench]`` dependency), so Linux reads ``/proc``.
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(psutil.virtual_memory().available)
 
 
 def stream_convert(

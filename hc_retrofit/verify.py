@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from hc_retrofit.errors import CheckpointError, HCRetrofitError, NotConvertedError
+from hc_retrofit.errors import CheckpointError, HCRetrofitError
 from hc_retrofit.persist import (
     BASE_KEY,
-    is_converted_dir,
     load_base_model,
     load_converted,
     load_tokenizer,
     read_config_dict,
+    require_converted_dir,
 )
 from hc_retrofit.probe import probe_batch
 from hc_retrofit.remote_code import remote_code_problems
@@ -134,11 +134,7 @@ def verify_checkpoint(
     to check a conversion that changed the dtype against the base at the same precision. Default: the
     dtype the converted checkpoint was saved in (:func:`stored_dtype`).
     """
-    if not is_converted_dir(converted_dir):
-        read_config_dict(converted_dir)  # not a checkpoint at all: that error first
-        raise NotConvertedError(
-            f"{converted_dir} is not a converted hc-retrofit checkpoint; run hc-retrofit convert first"
-        )
+    require_converted_dir(converted_dir)
     recorded = base is None
     base = base or base_model_of(converted_dir)
     base_dtype = base_dtype or stored_dtype(converted_dir)

@@ -1,9 +1,6 @@
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -26,7 +23,8 @@ def pytest_configure(config):
 def fake_hub(monkeypatch: pytest.MonkeyPatch):
     """A running fake Hub (tests/hub_server.py); the process talks to it (and only to it), online, with its token."""
     import huggingface_hub.constants
-    from hub_server import FakeHub
+
+    from tests.hub_server import FakeHub
 
     with FakeHub() as server:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-from tiny import CASES, VOCAB, tiny_model
 
 import hc_retrofit
 from hc_retrofit import HCConfig
 from hc_retrofit.discovery import discover, layer_stack_candidates
 from hc_retrofit.families import FAMILIES, STRUCTURE_KEY, Block, family_for
 from hc_retrofit.proof import probe_ids
+from tests.tiny import CASES, VOCAB, tiny_model
 
 # Discovery cannot know these from one forward; that is why they stay hand-written.
 NEEDS_HAND_WRITTEN = {"granite-multipliers": "a config multiplier scales each branch before the add"}

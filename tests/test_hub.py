@@ -7,12 +7,12 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-from hub_server import FakeHub
-from tiny import tiny_encoder, tiny_model
 
 import hc_retrofit
 from hc_retrofit import hub, persist
 from hc_retrofit.errors import HubError, NotConvertedError
+from tests.hub_server import FakeHub
+from tests.tiny import tiny_encoder, tiny_model
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-from tiny import CASES, VOCAB, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hc_retrofit
 from hc_retrofit import AlreadyConvertedError, ConfigError, HCConfig, UnsupportedArchitectureError
 from hc_retrofit.families import FAMILIES, family_for
 from hc_retrofit.patch import decoder_layers
+from tests.tiny import CASES, VOCAB, tiny_model
 
 VARIANTS = ["static", "dynamic", "mhc"]
 ALL = [(case, variant) for case in CASES for variant in VARIANTS]

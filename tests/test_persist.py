@@ -11,13 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import HUB_OFFLINE_ENV, config_json, populate_hf_cache, save_base, train_a_few_steps, word_tokenizer
-from tiny import CASES, ENCODER_CASES, VOCAB, tiny_encoder, tiny_model
 from transformers import AutoModelForCausalLM
 
 import hc_retrofit
 from hc_retrofit import persist
 from hc_retrofit.errors import AlreadyConvertedError, CheckpointError, NotConvertedError, OutputExistsError
+from tests.checkpoints import (
+    HUB_OFFLINE_ENV,
+    config_json,
+    populate_hf_cache,
+    save_base,
+    train_a_few_steps,
+    word_tokenizer,
+)
+from tests.tiny import CASES, ENCODER_CASES, VOCAB, tiny_encoder, tiny_model
 
 VARIANTS = ("static", "dynamic", "mhc")
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import ast
 
-from tiny import tiny_encoder, tiny_model
-
 import hc_retrofit
 from hc_retrofit import remote_code
+from tests.tiny import tiny_encoder, tiny_model
 
 
 def test_closure_holds_every_imported_module_rewritten_relative() -> None:

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import HUB_OFFLINE_ENV, populate_hf_cache, word_tokenizer
-from tiny import tiny_model
 
 from hc_retrofit import persist
 from hc_retrofit.config import HCConfig
@@ -23,6 +21,8 @@ from hc_retrofit.streaming import (
     stream_convert,
     write_safetensors,
 )
+from tests.checkpoints import HUB_OFFLINE_ENV, populate_hf_cache, word_tokenizer
+from tests.tiny import tiny_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
@@ -213,3 +213,15 @@ def test_verify_runs_before_the_rename_and_is_skipped_when_it_cannot_fit(
     assert len(verified) == 1 and not summary.verified and "~10.0 GiB" in summary.verify_skipped
     assert any(m.startswith("not verifying") for m in messages)
     assert persist.is_converted_dir(tmp_path / "big")
+
+
+def test_available_memory_needs_no_psutil(monkeypatch):
+    """verify's memory check runs on the core install (psutil is only a [bench] dependency)."""
+    import sys
+
+    from hc_retrofit import streaming
+
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    available = streaming.available_memory()
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < available <= total

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from tiny import tiny_encoder, tiny_model
 
 import hc_retrofit
 from hc_retrofit.tasks import (
@@ -15,6 +14,7 @@ from hc_retrofit.tasks import (
     model_types,
     sees_future_tokens,
 )
+from tests.tiny import tiny_encoder, tiny_model
 
 
 def test_each_task_names_its_auto_class_and_types():
@@ -38,8 +38,9 @@ def test_only_causal_lms_count_as_trainable():
 
 @pytest.mark.parametrize("is_decoder", [False, True])
 def test_an_encoder_loaded_as_a_causal_lm_is_caught_seeing_later_tokens(is_decoder):
-    from tiny import TEXT
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.tiny import TEXT
 
     bert = AutoModelForCausalLM.from_config(AutoConfig.for_model("bert", is_decoder=is_decoder, **TEXT)).eval()
     assert is_causal_lm(bert)  # BertLMHeadModel is listed as a causal LM ...

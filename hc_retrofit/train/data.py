@@ -234,9 +234,6 @@ class BatchSchedule:
             out.append(int(self._permutation(epoch)[pos]))
         return out
 
-    def epoch_of(self, micro_batch: int) -> float:
-        return micro_batch * self.world_size * self.batch_size / self.num_samples
-
 
 def eval_shards(
     num_samples: int, batch_size: int, *, world_size: int = 1, rank: int = 0

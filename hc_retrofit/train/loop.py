@@ -31,16 +31,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from hc_retrofit import outputs
+from hc_retrofit.log import get_logger
 from hc_retrofit.patch import hyper_connection_sites, is_converted
 from hc_retrofit.train import checkpoint as ckpt
 from hc_retrofit.train.data import BatchSchedule, PackedData, build_data, eval_shards
 from hc_retrofit.train.errors import NonFiniteLossError, TrainingError
 from hc_retrofit.train.launch_check import warn_if_alone
 from hc_retrofit.train.metrics import METRICS_FILE, MetricsLog, plot_losses, read_metrics
-from hc_retrofit.train.model import load_model, prepare_model, save_final
+from hc_retrofit.train.model import load_model, prepare_model, resolve_dtype, save_final
 from hc_retrofit.train.optim import build_optimizer, build_scheduler, drop_base_gradients, group_lrs
 from hc_retrofit.train.progress import TrainProgress
 from hc_retrofit.train.recipe import TrainConfig
+
+log = get_logger(__name__)
 
 FINAL_DIR = "final"
 PLOT_FILE = "loss.png"
@@ -111,7 +114,7 @@ def _check_fsdp_dtype(cfg: TrainConfig, accelerator: Any) -> None:
     """
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.FSDP and cfg.model_dtype not in ("float32", "fp32"):
+    if accelerator.distributed_type == DistributedType.FSDP and resolve_dtype(cfg.model_dtype) != torch.float32:
         raise TrainingError(
             "under FSDP load the model in float32 (model_dtype: float32): HC parameters are float32 and an FSDP "
             "unit holds one dtype; FSDP's mixed precision (mixed_precision: bf16) still computes in bf16"
@@ -426,19 +429,19 @@ def _load_latest(cfg: TrainConfig, out: Path, model: nn.Module, accelerator: Any
         return 0, None
     for step, path in reversed(found):
         state = ckpt.read_state(path)
-        for warning in _check_checkpoint_matches(state, accelerator.unwrap_model(model), cfg, path):
-            accelerator.print(f"warning: {warning}")
+        warnings = _check_checkpoint_matches(state, accelerator.unwrap_model(model), cfg, path)
         if state.get("num_processes") != accelerator.num_processes or state.get("batch_size") != cfg.batch_size:
-            accelerator.print(
-                f"warning: the checkpoint was written with {state.get('num_processes')} process(es) x batch "
+            warnings.append(
+                f"the checkpoint was written with {state.get('num_processes')} process(es) x batch "
                 f"{state.get('batch_size')}; now {accelerator.num_processes} x {cfg.batch_size}: the data order differs"
             )
+        for warning in warnings if accelerator.is_main_process else ():
+            log.warning(warning)
         try:
             accelerator.load_state(str(path))
         except Exception as err:  # a damaged checkpoint: fall back to the one before it
-            accelerator.print(
-                f"warning: checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); trying an older one"
-            )
+            if accelerator.is_main_process:
+                log.warning(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); trying an older one")
             continue
         accelerator.print(f"resuming from {path} (step {step})")
         return step, path

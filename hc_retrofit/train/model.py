@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from hc_retrofit.config import HCConfig
 from hc_retrofit.log import get_logger
 from hc_retrofit.patch import is_converted
 from hc_retrofit.proof import convert  # proven exact on a probe batch (and discovered for any family)
@@ -24,13 +23,18 @@ from hc_retrofit.train.recipe import TrainConfig
 
 log = get_logger(__name__)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+TRAIN_DTYPES = ("float32", "bfloat16")
+"""The :data:`hc_retrofit.persist.DTYPES` a model may be trained in (its weights are the optimiser's)."""
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise TrainingError(f"model_dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
+    """``model_dtype`` (a :data:`TRAIN_DTYPES` name or its alias, e.g. ``bf16``) -> the torch dtype."""
+    from hc_retrofit.persist import DTYPE_ALIASES, DTYPES
+
+    canonical = DTYPE_ALIASES.get(name, name)
+    if canonical not in TRAIN_DTYPES:
+        raise TrainingError(f"model_dtype must be one of {', '.join(TRAIN_DTYPES)}, got {name!r}")
+    return DTYPES[canonical]
 
 
 def load_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
@@ -81,7 +85,7 @@ def prepare_model(cfg: TrainConfig, model: nn.Module, tokenizer: Any) -> nn.Modu
             "--no-hc trains the plain model, but this model already has hyper-connections: pass the base model"
         )
     if not cfg.no_hc and not is_converted(model):
-        convert(model, HCConfig(num_streams=cfg.streams, variant=cfg.variant, **cfg.hc_init()))
+        convert(model, cfg.hc_config())
     elif is_converted(model) and (cfg.streams, cfg.variant) != (model.hc_config.num_streams, model.hc_config.variant):
         log.warning(
             "the model is already converted (%s, %d streams); the streams/variant settings (%s, %d) apply only when "

@@ -15,7 +15,6 @@ as a factor, so the HC group keeps its multiplier throughout.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -100,7 +99,3 @@ def drop_base_gradients(optimizer: torch.optim.Optimizer) -> None:
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Current learning rate of each named group."""
     return {g.get("group", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-
-
-def count_parameters(params: Iterable[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params)

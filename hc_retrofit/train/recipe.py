@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from hc_retrofit.config import MAX_STREAMS, VARIANTS
+from hc_retrofit.config import HCConfig
+from hc_retrofit.errors import ConfigError
 from hc_retrofit.train.errors import TrainingError
 
 #: Learning-rate multiplier of the HC parameters relative to ``lr``. Measured with ``compare`` (README
@@ -92,15 +93,13 @@ class TrainConfig:
         for name in ("data", "out"):
             if not getattr(self, name):
                 raise TrainingError(f"no {name} given: pass --{name} (or set `{name}:` in the recipe)")
-        positive = ("max_steps", "batch_size", "grad_accum", "block_size", "streams", "log_every", "keep_checkpoints")
+        positive = ("max_steps", "batch_size", "grad_accum", "block_size", "log_every", "keep_checkpoints")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_every", "eval_every", "warmup_steps", "hc_warmup_steps"):
             if int(getattr(self, name)) < 0:
                 raise TrainingError(f"{name} must be >= 0 (0 disables), got {getattr(self, name)}")
-        if self.variant not in VARIANTS:
-            raise TrainingError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
         if not (0.0 <= self.eval_fraction < 1.0):
             raise TrainingError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not (0.0 <= self.heldout_fraction < 1.0 - self.eval_fraction):
@@ -123,8 +122,6 @@ class TrainConfig:
             raise TrainingError("weight_decay and max_grad_norm must be >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise TrainingError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.streams > MAX_STREAMS:
-            raise TrainingError(f"streams must be <= {MAX_STREAMS}, got {self.streams} (the papers use 4)")
         if not (0.0 <= self.min_lr_ratio <= 1.0):
             raise TrainingError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -140,13 +137,7 @@ class TrainConfig:
         if self.no_hc and init:
             raise TrainingError(f"{', '.join(init)} set the HC init; they make no sense with --no-hc")
         if not self.no_hc:
-            from hc_retrofit.config import HCConfig
-            from hc_retrofit.errors import ConfigError
-
-            try:
-                HCConfig(num_streams=self.streams, variant=self.variant, **init)
-            except ConfigError as err:
-                raise TrainingError(str(err)) from err
+            self.hc_config()  # the rules of HCConfig, so convert and train accept the same settings
         if self.resume and self.overwrite:
             raise TrainingError("--resume continues the run in --out; --overwrite would delete it: pick one")
         return self
@@ -155,6 +146,13 @@ class TrainConfig:
         """The HC init settings given (``width_init_main``, ``residual_init_main``), as HCConfig keywords."""
         names = ("width_init_main", "residual_init_main")
         return {n: float(getattr(self, n)) for n in names if getattr(self, n) is not None}
+
+    def hc_config(self) -> HCConfig:
+        """The hyper-connection settings a plain model is converted with (``streams``, ``variant``, HC init)."""
+        try:
+            return HCConfig(num_streams=self.streams, variant=self.variant, **self.hc_init())
+        except ConfigError as err:
+            raise TrainingError(str(err)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -6,11 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from checkpoints import HUB_OFFLINE_ENV, save_base
 from typer.testing import CliRunner
 
 import hc_retrofit.cli.commands  # noqa: F401  (registers the commands)
 from hc_retrofit.cli.app import app
+from tests.checkpoints import HUB_OFFLINE_ENV, save_base
 
 
 @pytest.fixture(autouse=True)
@@ -58,9 +58,8 @@ def trained_dir(tmp_path_factory: pytest.TempPathFactory, converted_dir: Path) -
     """``converted_dir`` after a few optimiser steps, saved with a training summary beside it."""
     import json
 
-    from checkpoints import train_a_few_steps
-
     from hc_retrofit import outputs, persist
+    from tests.checkpoints import train_a_few_steps
 
     run = tmp_path_factory.mktemp("run")
     outputs.write_marker(run, "run")  # a run dir as `train` writes it

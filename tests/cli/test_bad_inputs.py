@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from checkpoints import HUB_OFFLINE_ENV
 
 from hc_retrofit import outputs
+from tests.checkpoints import HUB_OFFLINE_ENV
 
 
 def _one_line(result) -> str:

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from checkpoints import HUB_OFFLINE_ENV, populate_hf_cache, save_base
 
 from hc_retrofit.families import supported_model_types
+from tests.checkpoints import HUB_OFFLINE_ENV, populate_hf_cache, save_base
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,6 +122,15 @@ def test_commands_silence_transformers_progress_bars(cli, base_dir: Path, tmp_pa
     assert not transformers_logging.is_progress_bar_enabled()
 
 
+COMMANDS = ("architectures", "compare", "convert", "demo", "inspect", "push", "train", "verify")
+
+
+def test_every_command_is_in_the_fast_help_test(cli) -> None:
+    from hc_retrofit.cli.app import app
+
+    assert sorted(c.name for c in app.registered_commands) == sorted(COMMANDS)
+
+
 def test_help_and_argument_errors_do_not_import_the_heavy_libraries(tmp_path: Path) -> None:
     """`hc-retrofit --help` and usage errors must stay fast: torch & co. load only inside a running command."""
     heavy = ("torch", "transformers", "accelerate", "datasets", "matplotlib", "safetensors", "huggingface_hub")
@@ -129,7 +138,7 @@ def test_help_and_argument_errors_do_not_import_the_heavy_libraries(tmp_path: Pa
         "import sys\n"
         "import hc_retrofit, hc_retrofit.cli.app, hc_retrofit.cli.commands\n"
         "from hc_retrofit.cli.app import main\n"
-        "for argv in (['--help'], ['convert', '--help'], ['train', '--help'], ['convert', 'x', '--bogus']):\n"
+        f"for argv in (['--help'], *[[c, '--help'] for c in {COMMANDS!r}], ['convert', 'x', '--bogus']):\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit:\n"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from compare.conftest import plain_model, tiny_spec  # noqa: F401  (fixture)
-from train.conftest import _one_thread, cache_dir, corpus, tokenizer  # noqa: F401  (fixtures)
+from tests.compare.conftest import plain_model, tiny_spec  # noqa: F401  (fixture)
+from tests.train.conftest import _one_thread, cache_dir, corpus, tokenizer  # noqa: F401  (fixtures)
 
 SMALL = [
     "--variants", "mhc", "--streams", "2", "--seeds", "0", "--lr-grid", "1e-2",

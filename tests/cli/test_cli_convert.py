@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import config_json, save_base
 
 from hc_retrofit import conversion, persist
+from tests.checkpoints import config_json, save_base
 
 
 def _one_error_line(result: object) -> str:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-from hub_server import FakeHub
+
+from tests.hub_server import FakeHub
 
 
 @pytest.fixture

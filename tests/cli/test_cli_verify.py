@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from checkpoints import save_base
+from tests.checkpoints import save_base
 
 
 def test_verify_fresh_conversion_passes(cli, converted_dir: Path) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from train.conftest import _one_thread, cache_dir, corpus, tiny_lm, tokenizer  # noqa: F401  (shared fixtures)
 
 from hc_retrofit.compare import CompareSpec
+from tests.train.conftest import _one_thread, cache_dir, corpus, tiny_lm, tokenizer  # noqa: F401  (shared fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -81,9 +81,8 @@ def test_user_errors_are_one_line(plain_dir, tmp_path, capsys):
 def test_encoders_and_vision_models_are_refused_in_one_line(corpus, tmp_path, capsys, case, converted):
     """A plain BERT loads as BertLMHeadModel, which attends both ways; a converted one is a masked LM;
     a ViT has no causal-LM class at all."""
-    from tiny import tiny_encoder
-
     import hc_retrofit
+    from tests.tiny import tiny_encoder
 
     model = tiny_encoder(case)
     path = tmp_path / "model"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from tiny import tiny_encoder
 
 from hc_retrofit.train.errors import TrainingError
 from hc_retrofit.train.model import prepare_model
 from hc_retrofit.train.recipe import TrainConfig
+from tests.tiny import tiny_encoder
 
 
 @pytest.mark.parametrize("case", ["bert-masked-lm", "vit-classifier"])

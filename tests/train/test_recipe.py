@@ -43,6 +43,32 @@ def test_bad_values_are_clear_errors(tmp_path):
         merge(data="d", out="o", width_init_main="1.5").validate()
 
 
+@pytest.mark.parametrize(("streams", "message"), [(1, "num_streams must be >= 2"), (65, "num_streams must be <= 64")])
+def test_streams_follow_the_rules_of_hc_config(streams, message):
+    """train accepts exactly the settings convert accepts: HCConfig's rules, not a copy of them."""
+    with pytest.raises(TrainingError, match=message):
+        TrainConfig(data="d", out="o", streams=streams).validate()
+    assert TrainConfig(data="d", out="o", streams=2, variant="static").validate().hc_config().num_streams == 2
+
+
+@pytest.mark.parametrize(("name", "expected"), [("float32", "float32"), ("fp32", "float32"), ("bf16", "bfloat16")])
+def test_model_dtype_names_are_the_convert_names_and_their_aliases(name, expected):
+    import torch
+
+    from hc_retrofit.persist import parse_dtype
+    from hc_retrofit.train.model import resolve_dtype
+
+    assert resolve_dtype(name) == parse_dtype(name) == getattr(torch, expected)
+
+
+@pytest.mark.parametrize("name", ["float16", "auto", "f32"])
+def test_model_dtype_refuses_what_cannot_be_trained(name):
+    from hc_retrofit.train.model import resolve_dtype
+
+    with pytest.raises(TrainingError, match=r"model_dtype must be one of float32, bfloat16"):
+        resolve_dtype(name)
+
+
 def test_shipped_recipes_are_valid():
     from pathlib import Path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -129,15 +130,22 @@ def test_resume_without_any_checkpoint_refuses_to_start_over(tokenizer, corpus, 
     assert _tree(out) == before
 
 
-def test_resume_of_another_shape_is_refused_and_a_damaged_checkpoint_is_skipped(tokenizer, corpus, cache_dir, tmp_path):
+def test_resume_of_another_shape_is_refused_and_a_damaged_checkpoint_is_skipped(
+    tokenizer, corpus, cache_dir, tmp_path, caplog
+):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         _killed_run(tokenizer, corpus, cache_dir, out)
     with pytest.raises(TrainingError, match="streams=4"):
         _run(tokenizer, corpus, cache_dir, out, max_steps=8, save_every=2, resume=True, streams=2)
     (list_checkpoints(out)[-1][1] / STATE_FILE).write_text("{ truncated")  # newest checkpoint damaged
-    result = _run(tokenizer, corpus, cache_dir, out, max_steps=8, save_every=2, keep_checkpoints=5, resume=True)
+    with caplog.at_level(logging.WARNING, logger="hc_retrofit"):
+        result = _run(
+            tokenizer, corpus, cache_dir, out, max_steps=8, save_every=2, keep_checkpoints=5, resume=True, seed=1
+        )
     assert result.start_step == 2
+    # a setting that only changes the run is a warning through the package's logger (not a print)
+    assert any("seed 0, now 1" in r.getMessage() for r in caplog.records if r.name.startswith("hc_retrofit."))
 
 
 @pytest.mark.parametrize(
