@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hc_retrofit.errors import ConfigError
+from .errors import ConfigError
 
 VARIANTS = ("static", "dynamic", "mhc")
 

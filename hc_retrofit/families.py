@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hc_retrofit.errors import UnsupportedArchitectureError
+from .errors import UnsupportedArchitectureError
 
 BLOCK_KINDS = ("sequential", "parallel", "sandwich", "post_norm", "layer")
 

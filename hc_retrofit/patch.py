@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from hc_retrofit.config import HCConfig
-from hc_retrofit.errors import AlreadyConvertedError, UnsupportedArchitectureError
-from hc_retrofit.families import STRUCTURE_KEY, Block, Family, family_for
-from hc_retrofit.site import HyperConnection, SiteContext
-from hc_retrofit.stream_ops import expand_streams, reduce_streams
+from .config import HCConfig
+from .errors import AlreadyConvertedError, UnsupportedArchitectureError
+from .families import STRUCTURE_KEY, Block, Family, family_for
+from .site import HyperConnection, SiteContext
+from .stream_ops import expand_streams, reduce_streams
 
 CONFIG_KEY = "hc_retrofit"
 

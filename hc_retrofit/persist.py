@@ -8,8 +8,9 @@ A converted checkpoint is an ordinary transformers directory (safetensors, shard
   ``trust_remote_code`` fails loudly instead of silently dropping the HC tensors;
 * ``auto_map`` + copied modeling files (:mod:`hc_retrofit.remote_code`), so
   ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without hc-retrofit;
-* ``hc_retrofit_base`` (the base model id or path), ``hc_retrofit_version`` and optional
-  ``hc_retrofit_metadata`` (e.g. a training summary).
+* ``hc_retrofit_base`` (the base model id or path), ``hc_retrofit_version``, the SHA-256 of the
+  copied modeling files (``hc_retrofit_code_sha256``), and optional ``hc_retrofit_metadata``
+  (e.g. a training summary).
 
 :func:`load_converted` loads the same directory with the installed package instead of the copied code.
 """
@@ -29,8 +30,9 @@ import torch
 
 from hc_retrofit import outputs
 from hc_retrofit.errors import AlreadyConvertedError, CheckpointError, ConfigError, NotConvertedError
+from hc_retrofit.log import get_logger
 from hc_retrofit.patch import CONFIG_KEY, is_converted
-from hc_retrofit.remote_code import write_remote_code
+from hc_retrofit.remote_code import VERSION_KEY, shipped_code_warnings, write_remote_code
 from hc_retrofit.remote_model import (
     BASE_ARCH_KEY,
     BASE_TYPE_KEY,
@@ -40,8 +42,9 @@ from hc_retrofit.remote_model import (
     retrofit_model_type,
 )
 
+log = get_logger(__name__)
+
 BASE_KEY = "hc_retrofit_base"
-VERSION_KEY = "hc_retrofit_version"
 METADATA_KEY = "hc_retrofit_metadata"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -246,7 +249,9 @@ def load_converted(
     """Load a converted checkpoint with the installed hc-retrofit (no ``trust_remote_code`` needed).
 
     ``dtype`` (default: the checkpoint's) applies to the base weights; HC parameters stay float32.
-    Every tensor of the model must come from the checkpoint (else :class:`CheckpointError`).
+    Every tensor of the model must come from the checkpoint (else :class:`CheckpointError`). A
+    warning is logged when the shipped modeling files (what ``trust_remote_code`` users run) were
+    changed after they were written, or differ from what the installed hc-retrofit writes.
     """
     path = resolve_checkpoint(path)
     config = _converted_config(path)
@@ -262,6 +267,8 @@ def load_converted(
             "or convert again"
         ) from err
     check_load_report(info, path)
+    for warning in shipped_code_warnings(path, model, read_config_dict(path)):
+        log.warning(warning)
     if device is not None:
         model.to(device)
     return model.eval()

@@ -6,9 +6,8 @@ that subclasses the base family's config and ``*ForCausalLM`` with :class:`HCRet
 The mixin's ``__init__`` runs :func:`convert` right after the base model is built (on the meta
 device during ``from_pretrained``), so the checkpoint's HC tensors have somewhere to load into.
 
-This module is copied beside the weights together with the package modules it imports, so it may
-only import ``torch``, ``transformers`` and sibling ``hc_retrofit`` modules (``from hc_retrofit.x
-import`` is rewritten to ``from .x import`` at copy time).
+This module is copied beside the weights together with the package modules it imports, so it and
+they may only import ``torch``, ``transformers`` and each other, relatively (``from .x import y``).
 """
 
 from __future__ import annotations
@@ -17,9 +16,9 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from hc_retrofit.config import HCConfig
-from hc_retrofit.errors import CheckpointError, NotConvertedError
-from hc_retrofit.patch import CONFIG_KEY, convert
+from .config import HCConfig
+from .errors import CheckpointError, NotConvertedError
+from .patch import CONFIG_KEY, convert
 
 MODEL_TYPE_PREFIX = "hc_retrofit_"
 BASE_TYPE_KEY = "hc_retrofit_base_model_type"
@@ -74,7 +73,7 @@ def register_conversions(model_type: str, base_type: str, base_architecture: str
         from transformers import conversion_mapping as cm
     except ImportError:  # older transformers without key conversions
         return
-    if model_type in cm.USER_REGISTERED_MAPPINGS:
+    if model_type in getattr(cm, "USER_REGISTERED_MAPPINGS", ()):  # (transformers < 5.x keeps no such record)
         return
     # the base class's own mapping wins over its model_type's, as in transformers' lookup
     mapping = cm.get_checkpoint_conversion_mapping(base_architecture) if base_architecture else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from hc_retrofit.formulas import sinkhorn as plain_sinkhorn
+from .formulas import sinkhorn as plain_sinkhorn
 
 __all__ = ["sinkhorn", "sinkhorn_backward_op", "sinkhorn_op"]
 

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hc_retrofit.config import HCConfig
-from hc_retrofit.formulas import ablated, hc_dynamic, hc_dynamic_table, hc_layout, mhc, mhc_dynamic_logits, mhc_layout
-from hc_retrofit.kernels import DepthConnection, Recomputed, WidthConnection, cast, expanded_streams, project_recomputed
-from hc_retrofit.sinkhorn_knopp import sinkhorn
-from hc_retrofit.site_cache import StaticParts, cache_key
-from hc_retrofit.stream_ops import depth_connection, outer_streams, rms_project, stream_mix, width_connection
+from .config import HCConfig
+from .formulas import ablated, hc_dynamic, hc_dynamic_table, hc_layout, mhc, mhc_dynamic_logits, mhc_layout
+from .kernels import DepthConnection, Recomputed, WidthConnection, cast, expanded_streams, project_recomputed
+from .sinkhorn_knopp import sinkhorn
+from .site_cache import StaticParts, cache_key
+from .stream_ops import depth_connection, outer_streams, rms_project, stream_mix, width_connection
 
 __all__ = ["Coefficients", "HyperConnection", "SiteContext", "initial_residual_logits", "initial_width"]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hc_retrofit.kernels import cast
+from .kernels import cast
 
 
 def cache_key(params: Iterable[torch.Tensor], *extra: object) -> tuple | None:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from hc_retrofit.formulas import depth as plain_depth
-from hc_retrofit.formulas import mix as plain_mix
-from hc_retrofit.formulas import outer as plain_outer
-from hc_retrofit.formulas import rms_project as plain_rms_project
-from hc_retrofit.formulas import width as plain_width
-from hc_retrofit.kernels import DepthConnection, Outer, RMSProject, WidthConnection, cast, expanded_streams
-from hc_retrofit.kernels import rms_project_parts as _rms_project_parts
+from .formulas import depth as plain_depth
+from .formulas import mix as plain_mix
+from .formulas import outer as plain_outer
+from .formulas import rms_project as plain_rms_project
+from .formulas import width as plain_width
+from .kernels import DepthConnection, Outer, RMSProject, WidthConnection, cast, expanded_streams
+from .kernels import rms_project_parts as _rms_project_parts
 
 __all__ = [
     "depth_connection",
