@@ -72,3 +72,35 @@ def test_the_supported_architectures_table_lists_every_family():
     rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| family")]
     listed = {name.strip() for row in rows for name in row.split("|")[1].split(",")}
     assert listed == set(supported_model_types())
+
+
+# The one change to the README's commands: the 60-step training run (minutes on a CPU) trains 2 steps
+# and evaluates 2 batches; every other command runs word for word.
+_FAST = {"--max-steps 60": "--max-steps 2 --eval-batches 2"}
+
+
+def _words(lines: list[str]) -> list[str]:
+    """The words of an output that are neither numbers nor paths (its wording), whatever the line wrapping."""
+    return [w for w in " ".join(lines).split() if re.search(r"[A-Za-z]", w) and not re.search(r"[0-9/]", w)]
+
+
+def test_the_readme_commands_run_on_the_bundled_model(shared_dir, tmp_path):
+    """Every generated block of the README, in order, in the script's layout: the exit codes the README
+    shows (0, or 1 where it shows ``error:``), and the wording of each block's output unchanged."""
+    numbers = _readme_numbers()
+    lines = README.read_text(encoding="utf-8").splitlines()
+    workdir = tmp_path / "hc-retrofit"
+    numbers.prepare(workdir, shared_dir)
+    env = numbers.environment()
+    for block in numbers.find_blocks(lines):
+        shown = lines[block.start + 1 : block.end]
+        if block.kind == "commands":
+            for old, new in _FAST.items():
+                block.source = [c.replace(old, new) for c in block.source]
+                shown = [ln.replace(old, new) for ln in shown]
+        body, ok = numbers.regenerate(block, workdir, env, shown)
+        where = f"README lines {block.start + 1}-{block.end + 1}"
+        assert ok, f"{where}: an exit code differs from the README's:\n" + "\n".join(body)
+        if block.kind == "commands" and "--max-steps 2" in " ".join(block.source):
+            continue  # 2 steps print other lines than 60 (the README's numbers are the script's to refresh)
+        assert _words(body) == _words(shown), f"{where}: the output's wording changed; run scripts/readme_numbers.py"
