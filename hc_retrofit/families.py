@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UnsupportedArchitectureError
+from .errors import ConfigError, UnsupportedArchitectureError
 
 BLOCK_KINDS = ("sequential", "parallel", "sandwich", "post_norm", "layer")
 
@@ -160,8 +160,17 @@ WHOLE_LAYER = Block("layer")
 FAMILIES: dict[str, Family] = {}
 
 
-def register_family(family: Family) -> Family:
-    """Add (or replace) the adapter for each of ``family.model_types``."""
+def register_family(family: Family, *, replace: bool = False) -> Family:
+    """Add the adapter for each of ``family.model_types``.
+
+    A type that already has another adapter is refused unless ``replace`` (one import must not
+    silently change how another's models convert).
+    """
+    taken = [t for t in family.model_types if t in FAMILIES and FAMILIES[t] is not family]
+    if taken and not replace:
+        raise ConfigError(
+            f"{', '.join(map(repr, taken))} already has a family; pass register_family(..., replace=True) to replace it"
+        )
     for model_type in family.model_types:
         FAMILIES[model_type] = family
     return family

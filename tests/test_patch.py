@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -207,6 +208,22 @@ def test_hc_weights_on_random_values_are_not_exact(variant):
 def test_every_listed_family_has_a_test_case():
     tested = {tiny_model_type for tiny_model_type, _ in CASES.values()}
     assert set(FAMILIES) == tested
+
+
+def test_register_family_refuses_to_replace_silently(monkeypatch):
+    from hc_retrofit.families import register_family
+
+    monkeypatch.setattr("hc_retrofit.families.FAMILIES", dict(FAMILIES))
+    import hc_retrofit.families as families
+
+    llama = families.FAMILIES["llama"]
+    mine = dataclasses.replace(llama, model_types=("llama", "my_llama"))
+    with pytest.raises(ConfigError, match=r"'llama' already has a family.*replace=True"):
+        register_family(mine)
+    assert families.FAMILIES["llama"] is llama and "my_llama" not in families.FAMILIES  # nothing half-registered
+    assert register_family(llama) is llama  # the same adapter again: fine
+    register_family(mine, replace=True)
+    assert families.FAMILIES["llama"] is mine and families.FAMILIES["my_llama"] is mine
 
 
 def test_refuses_already_converted_model():
