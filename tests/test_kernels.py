@@ -177,11 +177,17 @@ def test_sinkhorn_operator_passes_opcheck():
     torch.library.opcheck(sinkhorn_op, (torch.randn(4, 4, dtype=torch.float64, requires_grad=True), 2))
 
 
-def test_sinkhorn_module_imported_twice_reuses_the_operator():
+def test_sinkhorn_module_imported_twice_reuses_the_operator(tmp_path, monkeypatch):
     # The package and a checkpoint's copy of this file (remote code) may both load in one process.
-    spec = importlib.util.spec_from_file_location("remote_copy_of_sinkhorn_knopp", sinkhorn_knopp.__file__)
-    copy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(copy)
+    from hc_retrofit.remote_code import package_module_closure
+
+    copied = tmp_path / "remote_copy_of_hc_retrofit"  # as transformers imports it: a package of the copies
+    copied.mkdir()
+    (copied / "__init__.py").write_text("")
+    for name, source in package_module_closure().items():
+        (copied / name).write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    copy = importlib.import_module("remote_copy_of_hc_retrofit.sinkhorn_knopp")
     assert copy.sinkhorn_op is sinkhorn_op and copy.sinkhorn_backward_op is sinkhorn_knopp.sinkhorn_backward_op
     logits = torch.randn(3, 4, 4, requires_grad=True)
     torch.testing.assert_close(copy.sinkhorn(logits, 4), sinkhorn(logits, 4))
