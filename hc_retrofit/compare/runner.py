@@ -83,12 +83,8 @@ def prepare_out(spec: CompareSpec, *, overwrite: bool = False) -> Path:
                     path.unlink()
         else:
             previous = json.loads(marker.read_text()).get("fingerprint")
-            mine = spec.fingerprint()
-            if previous != mine:
-                diff = sorted(
-                    k for k in set(previous["train"]) | set(mine["train"])
-                    if previous["train"].get(k) != mine["train"].get(k)
-                )  # fmt: skip
+            diff = fingerprint_diff(previous["train"], spec.fingerprint()["train"])
+            if diff:
                 raise TrainingError(
                     f"{out} holds a comparison with other settings ({', '.join(diff)}): "
                     "use the same settings to resume it, another --out, or --overwrite"
@@ -98,6 +94,21 @@ def prepare_out(spec: CompareSpec, *, overwrite: bool = False) -> Path:
         outputs.write_marker(out, "compare")
     marker.write_text(json.dumps({"spec": spec.to_dict(), "fingerprint": spec.fingerprint()}, indent=2))
     return out
+
+
+def fingerprint_diff(previous: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+    """The train settings that differ; a key one side lacks (a setting added to ``train`` since) is its default.
+
+    Without the default, every comparison written before a new setting existed would be refused as
+    "other settings" although nothing differs.
+    """
+    from hc_retrofit.train.recipe import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+    return sorted(
+        k for k in set(previous) | set(mine)
+        if previous.get(k, defaults.get(k)) != mine.get(k, defaults.get(k))
+    )  # fmt: skip
 
 
 def run_trial(

@@ -160,6 +160,23 @@ def test_hc_only_settings_apply_to_the_hc_arms(plain_model, corpus, cache_dir, t
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_comparison_from_before_a_new_train_setting_resumes(plain_model, corpus, cache_dir, tmp_path):
+    """A fingerprint without a setting added since (its value: the default) is the same settings, not others."""
+    spec = tiny_spec(tmp_path / "cmp", plain_model, corpus, cache_dir, lr_grid=(1e-2,))
+    first = run_compare(spec, progress=False, log=lambda _: None)
+    marker = tmp_path / "cmp" / "compare.json"
+    saved = json.loads(marker.read_text())
+    del saved["fingerprint"]["train"]["residual_init_main"]  # as written before the setting existed
+    marker.write_text(json.dumps(saved))
+    lines: list[str] = []
+    again = run_compare(spec, progress=False, log=lines.append)
+    assert all(line.endswith("(already done)") for line in lines) and again.to_dict() == first.to_dict()
+    # a real difference is still named
+    spec.train["weight_decay"] = 0.0
+    with pytest.raises(TrainingError, match=r"other settings \(weight_decay\)"):
+        run_compare(spec, progress=False, log=lambda _: None)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
