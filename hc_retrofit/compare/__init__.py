@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hc_retrofit.compare.report import ArmSummary, CompareResult, best_settings, summarise, write_results
-from hc_retrofit.compare.runner import TrialOutcome, prepare_out, run_all
+from hc_retrofit.compare.runner import TrialOutcome, compare_lock, prepare_out, run_all
 from hc_retrofit.compare.spec import Arm, CompareSpec, Trial
 
 
@@ -28,9 +28,10 @@ def run_compare(
     ``load`` returns a fresh (model, tokenizer) per trial instead of loading ``spec.model`` from disk.
     """
     spec.validate()
-    prepare_out(spec, overwrite=overwrite)
-    outcomes = run_all(spec, progress=progress, log=log, load=load)
-    return write_results(spec, outcomes)
+    with compare_lock(spec):
+        prepare_out(spec, overwrite=overwrite)
+        outcomes = run_all(spec, progress=progress, log=log, load=load)
+        return write_results(spec, outcomes)
 
 
 __all__ = [

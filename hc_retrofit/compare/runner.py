@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ from hc_retrofit.train.metrics import read_metrics
 COMPARE_FILE = "compare.json"
 DIVERGED_FILE = "diverged.json"
 SUMMARY_FILE = "summary.json"
+#: held (with the process id) while a comparison runs: two at once would train the same run dirs
+LOCK_FILE = "compare.lock"
 #: what ``--overwrite`` may delete: only files a comparison writes
 OWNED = (COMPARE_FILE, "runs", "results.json", "compare.png")
 
@@ -61,6 +65,16 @@ class TrialOutcome:
         return self.tokens / self.train_seconds if self.train_seconds else 0.0
 
 
+def check_out(spec: CompareSpec) -> Path:
+    """``spec.out`` if a comparison may be written there (nothing is written): new, or a comparison's."""
+    out = Path(spec.out)
+    ours = (outputs.MARKER, LOCK_FILE)
+    if out.exists() and any(p.name not in ours for p in out.iterdir()) and not (out / COMPARE_FILE).exists():
+        raise TrainingError(f"{out} exists and holds no comparison ({COMPARE_FILE}): pick another --out")
+    outputs.check_output_dir(out, overwrite=True, inputs=[spec.model, spec.data, spec.recipe])
+    return out
+
+
 def prepare_out(spec: CompareSpec, *, overwrite: bool = False) -> Path:
     """Create ``spec.out``, or check that the comparison already in it shares ``spec``'s settings.
 
@@ -68,11 +82,8 @@ def prepare_out(spec: CompareSpec, *, overwrite: bool = False) -> Path:
     general output rules apply too (:func:`hc_retrofit.outputs.check_output_dir`: never the current
     or home directory, never over or inside an input).
     """
-    out = Path(spec.out)
+    out = check_out(spec)
     marker = out / COMPARE_FILE
-    if out.exists() and any(p.name != outputs.MARKER for p in out.iterdir()) and not marker.exists():
-        raise TrainingError(f"{out} exists and holds no comparison ({COMPARE_FILE}): pick another --out")
-    outputs.check_output_dir(out, overwrite=True, inputs=[spec.model, spec.data, spec.recipe])
     if marker.exists():
         if overwrite:
             for name in OWNED:
@@ -94,6 +105,57 @@ def prepare_out(spec: CompareSpec, *, overwrite: bool = False) -> Path:
         outputs.write_marker(out, "compare")
     marker.write_text(json.dumps({"spec": spec.to_dict(), "fingerprint": spec.fingerprint()}, indent=2))
     return out
+
+
+@contextmanager
+def compare_lock(spec: CompareSpec) -> Iterator[None]:
+    """Hold ``OUT/compare.lock`` while the comparison runs; refuse if a live process holds it.
+
+    Two ``compare`` calls on one ``--out`` would train the same run dirs at once (each resuming or
+    starting over what the other writes). A lock left by a process that died is taken over.
+    """
+    out = check_out(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / outputs.MARKER).exists():
+        outputs.write_marker(out, "compare")
+    path = out / LOCK_FILE
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pid = _lock_pid(path)
+            if pid is not None and _alive(pid):
+                raise TrainingError(
+                    f"{out} is being run by another compare (process {pid}): wait for it to finish, "
+                    "or use another --out"
+                ) from None
+            path.unlink(missing_ok=True)  # its process is gone
+    else:  # pragma: no cover - another process took it between our unlink and open
+        raise TrainingError(f"{out} is being run by another compare: wait for it to finish, or use another --out")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _lock_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - someone else's process
+        return True
+    return True
 
 
 def fingerprint_diff(previous: dict[str, Any], mine: dict[str, Any]) -> list[str]:

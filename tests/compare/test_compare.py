@@ -177,6 +177,28 @@ def test_a_comparison_from_before_a_new_train_setting_resumes(plain_model, corpu
         run_compare(spec, progress=False, log=lambda _: None)
 
 
+def test_two_compares_on_one_out_dir_are_refused(plain_model, corpus, cache_dir, tmp_path):
+    """A live process's lock refuses a second compare; a dead one's is taken over and released."""
+    import os
+    import subprocess
+    import sys
+
+    from hc_retrofit import outputs
+
+    spec = tiny_spec(tmp_path / "cmp", plain_model, corpus, cache_dir, lr_grid=(1e-2,))
+    lock = tmp_path / "cmp" / "compare.lock"
+    lock.parent.mkdir()
+    outputs.write_marker(lock.parent, "compare")  # as a running compare leaves it
+    lock.write_text(str(os.getpid()))  # alive: this test
+    with pytest.raises(TrainingError, match=r"being run by another compare \(process \d+\)"):
+        run_compare(spec, progress=False, log=lambda _: None)
+    assert "compare.json" not in {p.name for p in lock.parent.iterdir()}  # nothing run or recorded
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(done.stdout.strip())  # a process that has exited
+    result = run_compare(spec, progress=False, log=lambda _: None)
+    assert result.arms and not lock.exists()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
