@@ -5,8 +5,9 @@ With autograd, the iterations run in the exp domain inside one custom operator
 (``torch.ops.hc_retrofit.sinkhorn_v1``) whose backward, another operator, recomputes them from
 the logits (the only tensor it saves). ``torch.compile`` sees both as single opaque calls: it
 neither unrolls nor differentiates the iterations (unrolled, they made an mHC model compile
-several times slower than the original). Without autograd and for few matrices (decode: one per
-sequence) the formula itself runs, also under ``torch.compile``, which fuses it into one kernel:
+several times slower than the original). For few matrices (decode: one per sequence) the
+log-domain formula runs instead of the exp-domain iterations (without autograd directly, under
+``torch.compile`` inside the operator, where the unrolled iterations would be ~80 kernel calls):
 there the number of kernel calls is the cost, and the log domain needs half as many.
 """
 
@@ -26,9 +27,13 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     row-stochastic (what exactness needs) and doubly stochastic up to the convergence of ``iters``
     iterations. The gradient is that of the iterations (not of the limit), see :func:`_backward`.
     """
-    if not torch.is_grad_enabled() and logits.numel() <= _SMALL_BATCH * logits.shape[-1] * logits.shape[-2]:
+    if not torch.is_grad_enabled() and _few(logits) and not torch.compiler.is_compiling():
         return plain_sinkhorn(logits, iters)
     return sinkhorn_op(logits, iters)
+
+
+def _few(logits: torch.Tensor) -> bool:
+    return logits.numel() <= _SMALL_BATCH * logits.shape[-1] * logits.shape[-2]
 
 
 # Below this many matrices (decode: one per sequence) the cost is the number of kernel calls, and
@@ -67,6 +72,8 @@ def _tokens_first(t: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    if _few(logits):  # (e.g. a compiled decoding step: one matrix per site)
+        return plain_sinkhorn(logits, iters)
     return _tokens_first(_sinkhorn_steps(_tokens_last(logits), iters)[-1])
 
 
