@@ -85,7 +85,7 @@ def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
-    value = output[0] if isinstance(output, tuple) and output else output
+    value = output[0] if isinstance(output, (tuple, list)) and output else output
     return value if isinstance(value, torch.Tensor) else None
 
 
@@ -261,7 +261,10 @@ def _stack_problem(records: list[_LayerRecord], rtol: float) -> str | None:
         return "a layer does not take hidden_states as its first argument"
     for i, (prev, nxt) in enumerate(itertools.pairwise(records)):
         if not _close(nxt.input, prev.output, rtol):
-            return f"the hidden states change between layers {i} and {i + 1}"
+            return (
+                f"the hidden states change between entries {i} and {i + 1} (the model computes between them: "
+                "its entries are not whole layers)"
+            )
     return None
 
 

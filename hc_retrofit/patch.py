@@ -64,10 +64,13 @@ class _LayerCalls:
 
 
 def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _replace_first(output: Any, value: torch.Tensor) -> Any:
+    """``output`` with ``value`` as its first item (a tuple stays a tuple; openai-gpt's blocks return lists)."""
+    if isinstance(output, list):
+        return [value, *output[1:]]
     return (value, *output[1:]) if isinstance(output, tuple) else value
 
 

@@ -10,8 +10,10 @@ from hc_retrofit.config import VARIANTS
 
 # model type -> what the kept structure must say: a hand-written-free pre-norm decoder (gemma,
 # olmo), a post-LN-like layer whose residual add is inside the attention module (bloom), local/
-# global attention (gpt_neo) and a state-space model with its own cache (mamba).
+# global attention (gpt_neo), a state-space model with its own cache (mamba) and a post-LN block
+# that returns a list instead of a tuple (openai-gpt).
 EXACT = {
+    "openai-gpt": "layer [F(h) = layer(h) - h]",
     "gemma": "sequential [input_layernorm -> self_attn; post_attention_layernorm -> mlp]",
     "olmo": "sequential [input_layernorm -> self_attn; post_attention_layernorm -> mlp]",
     "bloom": "layer [F(h) = layer(h) - h]",
@@ -31,6 +33,14 @@ def test_a_looping_stack_is_refused_with_the_reason():
     row = sweep.sweep_one("dory", ("mhc",))
     assert row.outcome == "refused"
     assert "cannot convert 'dory' exactly" in row.detail and "called [2, 2] times" in row.detail
+
+
+def test_a_model_without_whole_layers_is_refused_with_the_reason():
+    """XLM keeps its attentions, norms and MLPs in four parallel ModuleLists: no module is a layer."""
+    row = sweep.sweep_one("xlm", ("mhc",))
+    assert row.outcome == "refused"
+    assert "transformer.attentions: the hidden states change between entries 0 and 1" in row.detail
+    assert "not whole layers" in row.detail
 
 
 def test_a_type_that_cannot_be_built_tiny_is_reported_as_such():
