@@ -1,16 +1,18 @@
-"""Coverage measured by the product: build every causal-LM type of the installed transformers as a
-tiny random model, convert it with each variant, and say what happened (``hc-retrofit architectures
---check``, ``bench/architectures.py``).
+"""Coverage measured by the product: build every model type of the installed transformers for a
+task (causal LM by default; masked LM, image classification, base model) as a tiny random model,
+convert it with each variant, and say what happened (``hc-retrofit architectures --check``).
 
-Each model type ends in one of three outcomes:
+Each variant of each model type ends in one outcome:
 
-* ``exact``    -- every variant converted and passed the proof of :func:`hc_retrofit.convert`;
+* ``exact``    -- converted and passed the proof of :func:`hc_retrofit.convert`;
 * ``refused``  -- :func:`hc_retrofit.convert` refused (the reason is its one-line message);
-* ``no tiny``  -- the type could not be built as a tiny random model from its config here (it
-  needs a special config, or a forward of the *original* model fails), so nothing was tried.
+* ``error``    -- a crash of ``convert`` (anything but a clear refusal): a bug;
+* ``timeout``  -- building and converting took longer than the per-type budget.
 
-A crash of ``convert`` (anything but a clear refusal) is reported as ``error``: it is a bug.
-``timeout``: building and converting took longer than the per-type budget.
+A type is ``exact`` when every variant is, else it takes its worst variant's outcome (and the
+table says which variant gave what). ``no tiny``: the type could not be built as a tiny random
+model from its config here (it needs a special config or an input other than token ids or
+pixels, or a forward of the *original* model fails), so nothing was tried.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from hc_retrofit.config import VARIANTS, HCConfig
 from hc_retrofit.errors import HCRetrofitError
+from hc_retrofit.tasks import DEFAULT_TASK, TASKS, auto_class, model_class_names, model_types
 
 TINY_VOCAB = 128
 TINY_LAYERS = 2
@@ -111,6 +114,17 @@ TINY_SIZES: dict[str, Any] = dict(
 )
 
 
+# Image models: small pictures, few patches (unknown keys are just stored on text configs).
+VISION_SIZES: dict[str, Any] = dict(image_size=32, patch_size=8, num_channels=3, num_labels=3)
+
+# What the tables call each task's models.
+TASK_LABELS = {
+    "causal-lm": "causal-LM",
+    "masked-lm": "masked-LM",
+    "image-classification": "image-classification",
+    "base": "base-model (AutoModel)",
+}
+
 # Types whose config needs more than the sizes above (tried after the plain tiny config fails).
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "dbrx": dict(
@@ -124,24 +138,32 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
 TINY_RETRIES: tuple[dict[str, Any], ...] = (dict(num_key_value_heads=4, num_kv_heads=4),)
 
 
+OUTCOMES = ("exact", "refused", "error", "timeout", "no tiny")  # the order of the tables
+SEVERITY = ("exact", "refused", "timeout", "error")  # a type takes its worst variant's outcome
+
+
 @dataclass(frozen=True)
 class SweepRow:
-    """The outcome for one model type."""
+    """The outcome for one model type (``variants``: the outcome of each variant that ran)."""
 
     model_type: str
-    outcome: str  # "exact" | "refused" | "no tiny" | "error"
-    detail: str = ""  # structure kept (exact), or why not
+    outcome: str  # "exact" | "refused" | "error" | "timeout" | "no tiny"
+    detail: str = ""  # structure kept (exact), or why not, per variant where they differ
     seconds: float = 0.0
+    variants: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def task_types(task: str = DEFAULT_TASK) -> list[str]:
+    """Every ``model_type`` the installed transformers has a model class for in ``task``."""
+    return model_types(task)
+
+
 def causal_lm_types() -> list[str]:
     """Every ``model_type`` of the installed transformers' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return model_types("causal-lm")
 
 
 def _first_line(err: BaseException) -> str:
@@ -253,72 +275,105 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
             del kwargs[name]
 
 
-def build_tiny(model_type: str, seed: int = 0) -> Any:
-    """A tiny random ``AutoModelForCausalLM`` of ``model_type`` in eval mode, weights nudged off their
-    init (norms are identity at init, which would hide misplaced hooks); its forward is checked once.
-    The plain tiny config first, then :data:`TINY_OVERRIDES` / :data:`TINY_RETRIES`."""
+def build_tiny(model_type: str, seed: int = 0, task: str = DEFAULT_TASK) -> Any:
+    """A tiny random model of ``model_type`` for ``task`` (default: ``AutoModelForCausalLM``) in eval
+    mode, weights nudged off their init (norms are identity at init, which would hide misplaced
+    hooks); its forward is checked once. The plain tiny config first, then :data:`TINY_OVERRIDES` /
+    :data:`TINY_RETRIES`."""
     attempts = [{}, *TINY_RETRIES]
     if model_type in TINY_OVERRIDES:
         attempts = [TINY_OVERRIDES[model_type], *({**TINY_OVERRIDES[model_type], **a} for a in TINY_RETRIES)]
     for number, overrides in enumerate(attempts):
         try:
-            return _build(model_type, overrides, seed)
+            return _build(model_type, overrides, seed, task)
         except Exception:
             if number == len(attempts) - 1:
                 raise
     raise AssertionError("unreachable")
 
 
-def _build(model_type: str, overrides: dict[str, Any], seed: int) -> Any:
-    from transformers import AutoModelForCausalLM
+def _build(model_type: str, overrides: dict[str, Any], seed: int, task: str = DEFAULT_TASK) -> Any:
+    from hc_retrofit.proof import probe_inputs
 
     torch.manual_seed(seed)
-    config = tiny_config(model_type, **overrides)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    sizes = VISION_SIZES if task != "causal-lm" else {}
+    config = tiny_config(model_type, **{**sizes, **overrides})
+    names = model_class_names(task, model_type)
+    if len(names) > 1:  # the auto class picks among several classes by config.architectures
+        config.architectures = [names[0]]
+    model = auto_class(task).from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point():
                 p.add_(torch.randn_like(p) * 0.02)
-    vocab = model.get_input_embeddings().weight.shape[0]
     with torch.no_grad():
-        model(input_ids=torch.randint(3, min(vocab, TINY_VOCAB), (1, 4)))
+        if task == "causal-lm":
+            vocab = model.get_input_embeddings().weight.shape[0]
+            model(input_ids=torch.randint(3, min(vocab, TINY_VOCAB), (1, 4)))
+        else:  # token ids or pixels, as the proof will feed them (other inputs: not built)
+            model(**probe_inputs(model, batch=1, length=4))
     return model
 
 
 def sweep_one(
-    model_type: str, variants: Iterable[str] = VARIANTS, num_streams: int = 4, timeout: float | None = 300.0
+    model_type: str,
+    variants: Iterable[str] = VARIANTS,
+    num_streams: int = 4,
+    timeout: float | None = 300.0,
+    task: str = DEFAULT_TASK,
 ) -> SweepRow:
-    """Build ``model_type`` tiny and convert a fresh copy with each variant (within ``timeout`` seconds)."""
+    """Build ``model_type`` tiny for ``task`` and convert a fresh copy with each variant (within
+    ``timeout`` seconds for all of them)."""
     from hc_retrofit.families import family_for
     from hc_retrofit.proof import convert
 
     start = time.perf_counter()
+    variants = tuple(variants)
 
-    def row(outcome: str, detail: str) -> SweepRow:
-        return SweepRow(model_type, outcome, detail, round(time.perf_counter() - start, 2))
+    def left() -> float | None:
+        return None if timeout is None else max(1.0, timeout - (time.perf_counter() - start))
 
     with _quiet():
         try:
             with time_limit(timeout):
-                first = build_tiny(model_type)
+                first = build_tiny(model_type, task=task)
         except SweepTimeout as err:
-            return row("no tiny", f"building it {err}")
+            return SweepRow(model_type, "no tiny", f"building it {err}", round(time.perf_counter() - start, 2))
         except Exception as err:
-            return row("no tiny", _first_line(err))
-        detail = ""
+            return SweepRow(model_type, "no tiny", _first_line(err), round(time.perf_counter() - start, 2))
+        results: dict[str, tuple[str, str]] = {}
         for variant in variants:
             try:
-                with time_limit(None if timeout is None else max(1.0, timeout - (time.perf_counter() - start))):
-                    model, first = first or build_tiny(model_type), None  # a fresh model per variant
+                with time_limit(left()):
+                    model, first = first or build_tiny(model_type, task=task), None  # a fresh model per variant
                     convert(model, HCConfig(num_streams=num_streams, variant=variant))
+                    results[variant] = ("exact", family_for(model.config).describe(model.config))
             except SweepTimeout as err:
-                return row("timeout", f"{variant}: {err}")
+                results[variant] = ("timeout", str(err))
+                break  # the type's time is used up
             except HCRetrofitError as err:
-                return row("refused", f"{variant}: {err}")
+                results[variant] = ("refused", str(err))
             except Exception as err:
-                return row("error", f"{variant}: {_first_line(err)}")
-            detail = family_for(model.config).describe(model.config)
-    return row("exact", detail)
+                results[variant] = ("error", _first_line(err))
+    outcome = max((o for o, _ in results.values()), key=SEVERITY.index)
+    return SweepRow(
+        model_type,
+        outcome,
+        _detail(results),
+        round(time.perf_counter() - start, 2),
+        {v: o for v, (o, _) in results.items()},
+    )
+
+
+def _detail(results: dict[str, tuple[str, str]]) -> str:
+    """One line: the structure or reason, prefixed by the variants it holds for when they differ."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for variant, result in results.items():
+        groups.setdefault(result, []).append(variant)
+    if len(groups) == 1:
+        (outcome, detail), names = next(iter(groups.items()))
+        return detail if outcome == "exact" else f"{', '.join(names)}: {detail}"
+    return "; ".join(f"{', '.join(names)}: {outcome} ({detail})" for (outcome, detail), names in groups.items())
 
 
 def sweep(
@@ -327,13 +382,14 @@ def sweep(
     progress: Callable[[SweepRow], None] | None = None,
     timeout: float | None = 300.0,
     max_memory_gb: float | None = 8.0,
+    task: str = DEFAULT_TASK,
 ) -> list[SweepRow]:
-    """:func:`sweep_one` for each type (default: every causal-LM type of the installed transformers),
-    in at most ``max_memory_gb`` of address space."""
+    """:func:`sweep_one` for each type (default: every type of the installed transformers for
+    ``task``), in at most ``max_memory_gb`` of address space."""
     rows = []
     with memory_limit(max_memory_gb):
-        for model_type in model_types if model_types is not None else causal_lm_types():
-            row = sweep_one(model_type, tuple(variants), timeout=timeout)
+        for model_type in model_types if model_types is not None else task_types(task):
+            row = sweep_one(model_type, tuple(variants), timeout=timeout, task=task)
             rows.append(row)
             if progress is not None:
                 progress(row)
@@ -343,27 +399,31 @@ def sweep(
 def coverage(rows: Iterable[SweepRow]) -> dict[str, Any]:
     """Counts per outcome and the share of tiny-buildable types that convert exactly."""
     rows = list(rows)
-    counts = {k: sum(r.outcome == k for r in rows) for k in ("exact", "refused", "error", "timeout", "no tiny")}
+    counts = {k: sum(r.outcome == k for r in rows) for k in OUTCOMES}
     built = len(rows) - counts["no tiny"]
     return {**counts, "types": len(rows), "built": built, "exact_share": counts["exact"] / built if built else 0.0}
 
 
-def markdown(rows: Iterable[SweepRow], variants: Iterable[str] = VARIANTS) -> str:
+def check_command(task: str = DEFAULT_TASK) -> str:
+    """The command that measures ``task`` (printed with its table)."""
+    return "hc-retrofit architectures --check --markdown" + ("" if task == DEFAULT_TASK else f" --task {task}")
+
+
+def markdown(rows: Iterable[SweepRow], variants: Iterable[str] = VARIANTS, task: str = DEFAULT_TASK) -> str:
     """The README's supported-architectures table: coverage line, then one row per model type."""
     import transformers
 
-    rows = sorted(
-        rows, key=lambda r: (("exact", "refused", "error", "timeout", "no tiny").index(r.outcome), r.model_type)
-    )
+    rows = sorted(rows, key=lambda r: (OUTCOMES.index(r.outcome), r.model_type))
     c = coverage(rows)
+    label = TASK_LABELS[task] if task in TASKS else task
     lines = [
         f"Measured with transformers {transformers.__version__}, variants {', '.join(variants)}: "
-        f"**{c['exact']} of {c['built']} causal-LM types that build as tiny random models convert exactly "
+        f"**{c['exact']} of {c['built']} {label} types that build as tiny random models convert exactly "
         f"({100 * c['exact_share']:.1f}%)**; {c['refused']} refused, {c['error'] + c['timeout']} failed, "
         f"{c['no tiny']} of the {c['types']} types could not be built tiny. "
-        "Reproduce: `hc-retrofit architectures --check --markdown`.",
+        f"Reproduce: `{check_command(task)}`.",
         "",
-        "| model_type | outcome | structure kept, or why not |",
+        "| model_type | outcome | structure kept, or why not (per variant where they differ) |",
         "|---|---|---|",
     ]
     for row in rows:

@@ -48,6 +48,44 @@ def test_a_type_that_cannot_be_built_tiny_is_reported_as_such():
     assert row.outcome == "no tiny" and "xlnet" in row.detail
 
 
+@pytest.mark.parametrize(
+    ("task", "model_type", "structure"),
+    [
+        ("masked-lm", "bert", "bert.encoder.layer: layer [F(h) = layer(h) - h]"),
+        (
+            "image-classification",
+            "vit",
+            "vit.layers: sequential [layernorm_before -> attention; layernorm_after -> mlp]",
+        ),
+        ("base", "deit", "layers: sequential [layernorm_before -> attention; layernorm_after -> mlp]"),
+    ],
+)
+def test_other_tasks_build_their_own_models(task, model_type, structure):
+    row = sweep.sweep_one(model_type, ("static", "mhc"), task=task)
+    assert (row.outcome, row.detail) == ("exact", structure)
+    assert row.variants == {"static": "exact", "mhc": "exact"}
+
+
+def test_the_row_says_which_variant_gave_what(monkeypatch):
+    from hc_retrofit import proof
+    from hc_retrofit.errors import UnsupportedArchitectureError
+
+    real = proof.convert
+
+    def no_mhc(model, config):
+        if config.variant == "mhc":
+            raise UnsupportedArchitectureError("no mhc here")
+        return real(model, config)
+
+    monkeypatch.setattr(proof, "convert", no_mhc)
+    row = sweep.sweep_one("gpt2", VARIANTS)
+    assert row.outcome == "refused"  # a type is exact only when every variant is
+    assert row.variants == {"static": "exact", "dynamic": "exact", "mhc": "refused"}
+    assert row.detail == (
+        "static, dynamic: exact (transformer.h: sequential [ln_1 -> attn; ln_2 -> mlp]); mhc: refused (no mhc here)"
+    )
+
+
 def test_hybrid_stacks_get_one_layer_of_each_kind():
     config = sweep.tiny_config("qwen3_next")
     assert list(config.layer_types) == ["linear_attention", "full_attention"]
@@ -66,6 +104,7 @@ def test_coverage_and_the_readme_table():
     table = sweep.markdown(rows)
     assert "**2 of 3 causal-LM types that build as tiny random models convert exactly (66.7%)**" in table
     assert "| c | refused | mhc: cannot convert 'c' exactly \\| why |" in table
+    assert "masked-LM types" in sweep.markdown(rows, task="masked-lm")
     assert table.index("| a |") < table.index("| c |") < table.index("| d |")
 
 

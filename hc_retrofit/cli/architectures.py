@@ -1,5 +1,5 @@
 """``hc-retrofit architectures``: the hand-written families, or (``--check``) coverage measured on
-every causal-LM type of the installed transformers (:mod:`hc_retrofit.sweep`)."""
+every model type of the installed transformers for a task (causal LM by default; :mod:`hc_retrofit.sweep`)."""
 
 from __future__ import annotations
 
@@ -63,14 +63,22 @@ def architectures_command(
         float,
         typer.Option("--max-memory", help="With --check: GiB of address space the sweep may use.", min=1.0),
     ] = 8.0,
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            help="With --check: which models to build: causal-lm (AutoModelForCausalLM), masked-lm, "
+            "image-classification, base (AutoModel).",
+        ),
+    ] = "causal-lm",
 ) -> None:
     """List the hand-written model families (config.model_type) and their block kind; any other type
     is discovered from the model. --check measures which types convert exactly."""
     if check:
-        _check(types, as_json=as_json, as_markdown=as_markdown, timeout=timeout, max_memory=max_memory)
+        _check(types, as_json=as_json, as_markdown=as_markdown, timeout=timeout, max_memory=max_memory, task=task)
         return
-    if types is not None or as_markdown:
-        fail("--types and --markdown go with --check")
+    if types is not None or as_markdown or task != "causal-lm":
+        fail("--types, --task and --markdown go with --check")
     rows = describe_families()
     if as_json:
         console.print_json(json.dumps(rows))
@@ -83,16 +91,23 @@ def architectures_command(
     console.print(table)
 
 
-def _check(types: str | None, *, as_json: bool, as_markdown: bool, timeout: float, max_memory: float) -> None:
+def _check(
+    types: str | None, *, as_json: bool, as_markdown: bool, timeout: float, max_memory: float, task: str
+) -> None:
     from hc_retrofit import sweep
+    from hc_retrofit.config import VARIANTS
+    from hc_retrofit.tasks import TASKS
 
-    known = sweep.causal_lm_types()
+    if task not in TASKS:
+        fail(f"--task: unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    label = sweep.TASK_LABELS[task]
+    known = sweep.task_types(task)
     chosen = None
     if types is not None:
         chosen = [t.strip() for t in types.split(",") if t.strip()]
         unknown = [t for t in chosen if t not in known]
         if unknown or not chosen:
-            fail(f"--types: not a causal-LM model type of this transformers: {', '.join(unknown) or repr(types)}")
+            fail(f"--types: not a {label} model type of this transformers: {', '.join(unknown) or repr(types)}")
     total = len(chosen if chosen is not None else known)
     done = [0]
 
@@ -100,18 +115,21 @@ def _check(types: str | None, *, as_json: bool, as_markdown: bool, timeout: floa
         done[0] += 1
         err_console.print(f"[dim]{done[0]}/{total} {row.model_type}: {row.outcome} ({row.seconds:.1f} s)[/dim]")
 
-    rows = sweep.sweep(chosen, progress=progress, timeout=timeout, max_memory_gb=max_memory)
+    rows = sweep.sweep(chosen, progress=progress, timeout=timeout, max_memory_gb=max_memory, task=task)
     summary = sweep.coverage(rows)
     if as_json:
-        console.print_json(json.dumps({"coverage": summary, "rows": [r.to_dict() for r in rows]}))
+        console.print_json(json.dumps({"task": task, "coverage": summary, "rows": [r.to_dict() for r in rows]}))
     elif as_markdown:
-        typer.echo(sweep.markdown(rows), nl=False)
+        typer.echo(sweep.markdown(rows, task=task), nl=False)
     else:
-        table = Table(title="causal-LM types, tiny random models, static + dynamic + mhc")
-        for column in ("model_type", "outcome", "structure kept, or why not"):
+        table = Table(title=f"{label} types, tiny random models, {' + '.join(VARIANTS)}")
+        # a column per variant only when some type's variants disagree
+        split = [v for v in VARIANTS if any(len(set(r.variants.values())) > 1 for r in rows)]
+        for column in ("model_type", "outcome", *split, "structure kept, or why not"):
             table.add_column(column, overflow="fold")
         for row in rows:
-            table.add_row(row.model_type, row.outcome, escape(row.detail))
+            per_variant = [row.variants.get(v, "-") for v in split]
+            table.add_row(row.model_type, row.outcome, *per_variant, escape(row.detail))
         console.print(table)
         console.print(
             f"exact {summary['exact']} of {summary['built']} built ({100 * summary['exact_share']:.1f}%), "

@@ -208,3 +208,17 @@ def test_architectures_check_refuses_unknown_types(cli) -> None:
     assert result.exit_code == 1 and "not_a_type" in result.output and "\n" not in result.output.strip()
     result = cli("architectures", "--markdown")
     assert result.exit_code == 1 and "--check" in result.output
+    result = cli("architectures", "--check", "--task", "speech")
+    assert result.exit_code == 1 and "choose one of causal-lm, masked-lm, image-classification, base" in result.output
+    result = cli("architectures", "--check", "--task", "image-classification", "--types", "llama")
+    assert result.exit_code == 1 and "not a image-classification model type" in result.output
+
+
+def test_architectures_check_measures_other_tasks(cli) -> None:
+    result = cli("architectures", "--check", "--task", "image-classification", "--types", "vit", "--markdown")
+    assert result.exit_code == 0, result.output
+    assert "**1 of 1 image-classification types that build as tiny random models convert exactly" in result.stdout
+    assert "`hc-retrofit architectures --check --markdown --task image-classification`" in result.stdout
+    assert "| vit | exact | vit.layers: sequential [layernorm_before -> attention; layernorm_after -> mlp] |" in (
+        result.stdout
+    )
