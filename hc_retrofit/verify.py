@@ -25,6 +25,7 @@ from hc_retrofit.persist import (
 )
 from hc_retrofit.probe import probe_batch
 from hc_retrofit.remote_code import remote_code_problems
+from hc_retrofit.tasks import is_causal_lm
 
 LOGIT_ATOL = 1e-4
 LOGIT_RTOL = 1e-4
@@ -139,6 +140,11 @@ def verify_checkpoint(
     base = base or base_model_of(converted_dir)
     base_dtype = base_dtype or stored_dtype(converted_dir)
     converted = load_converted(converted_dir, dtype=torch.float32)
+    if not is_causal_lm(converted):
+        raise CheckpointError(
+            f"{converted_dir} holds a {type(converted).__name__.removeprefix('HCRetrofit')}, not a causal LM: verify "
+            "compares causal LMs (an encoder or vision model was proven exact when hc_retrofit.convert returned it)"
+        )
     try:
         base_model, tokenizer = load_base_model(base, revision=revision, dtype=base_dtype)
     except HCRetrofitError as err:

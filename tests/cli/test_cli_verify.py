@@ -48,6 +48,19 @@ def test_verify_bad_input(cli, base_dir: Path, tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def test_verify_refuses_an_encoder_checkpoint_in_one_line(cli, tmp_path: Path) -> None:
+    from tiny import tiny_encoder
+
+    import hc_retrofit
+
+    model = tiny_encoder("bert-masked-lm")
+    model.save_pretrained(tmp_path / "base")
+    out = hc_retrofit.save_converted(hc_retrofit.convert(model), tmp_path / "hc", base_model=str(tmp_path / "base"))
+    result = cli("verify", out)
+    assert result.exit_code == 1 and result.output.startswith("error: ") and "not a causal LM" in result.output
+    assert "Traceback" not in result.output and "\n" not in result.output.strip()
+
+
 def test_verify_needs_a_base_when_none_is_recorded(cli, converted_dir: Path, tmp_path: Path) -> None:
     import json
     import shutil
