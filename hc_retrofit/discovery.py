@@ -299,6 +299,7 @@ def discover(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor]) -
         return candidates, notes
     if not notes:
         notes.append(
-            "no ModuleList of decoder layers (none has num_hidden_layers entries or a _no_split_modules class)"
+            "no ModuleList of layers (none has num_hidden_layers entries or a _no_split_modules class; "
+            "a model that reuses one layer, as ALBERT does, has none)"
         )
     return [], notes

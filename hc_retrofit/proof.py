@@ -121,7 +121,10 @@ def probe_ids(model: nn.Module, *, batch: int = PROBE_BATCH, length: int = PROBE
 
 def _input_device(model: nn.Module) -> torch.device:
     device = next(model.parameters()).device
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:  # convolutional image models have no embedding table
+        embeddings = None
     if embeddings is not None and isinstance(getattr(embeddings, "weight", None), torch.Tensor):
         device = embeddings.weight.device
     return device

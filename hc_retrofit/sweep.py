@@ -273,6 +273,12 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
             if name not in kwargs or "setter" not in str(err):
                 raise
             del kwargs[name]
+        except Exception as err:  # a size of another shape (per-stage lists of hierarchical models): its default
+            found = re.search(r"error for field '(\w+)'", str(err))
+            name = found.group(1) if found else None
+            if name not in kwargs or name in overrides:
+                raise
+            del kwargs[name]
 
 
 def build_tiny(model_type: str, seed: int = 0, task: str = DEFAULT_TASK) -> Any:
