@@ -49,9 +49,8 @@ def test_verify_bad_input(cli, base_dir: Path, tmp_path: Path) -> None:
 
 
 def test_verify_refuses_an_encoder_checkpoint_in_one_line(cli, tmp_path: Path) -> None:
-    from tiny import tiny_encoder
-
     import hc_retrofit
+    from tests.tiny import tiny_encoder
 
     model = tiny_encoder("bert-masked-lm")
     model.save_pretrained(tmp_path / "base")
