@@ -397,32 +397,7 @@ class StreamSummary(ConvertSummary):
     linked_shards: int = 0
     reencoded_shards: int = 0
     verified: bool = False
-    verify_skipped: str | None = None  # why verify did not run although asked (memory)
-
-
-def verify_memory(plan: StreamPlan) -> tuple[int, int]:
-    """``(bytes verify needs, bytes available)``: it holds the base and the converted model in float32."""
-    params = count_parameters(plan.model)
-    return 2 * 4 * params, available_memory()
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; psutil elsewhere, if installed).
-
-    The core install has no psutil (issue 13: it is a ``[bench]`` dependency), so Linux reads ``/proc``.
-    """
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-    except ImportError:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(psutil.virtual_memory().available)
+    verify_loading: str | None = None  # how verify ran: "in memory" or "layer by layer" (larger than memory)
 
 
 def stream_convert(
@@ -441,10 +416,9 @@ def stream_convert(
 ) -> StreamSummary:
     """Convert ``model_id_or_dir`` to ``out_dir`` without loading its weights (see the module docstring).
 
-    ``verify``: run :func:`verify_streamed` on the result before moving it into place. It loads
-    the base and the converted model in float32; when they do not fit in the available memory it
-    is skipped (said through ``progress`` and in the summary), and the output rests on the proof
-    :func:`plan_streaming` made. ``check(dir)``: any other check at that point.
+    ``verify``: run :func:`verify_streamed` on the result before moving it into place: both
+    models in float32 in memory when they fit, else layer by layer (:mod:`hc_retrofit.layered`;
+    said through ``progress`` and in the summary). ``check(dir)``: any other check at that point.
     Raises :class:`CannotStream` before writing anything when only :func:`convert_checkpoint` can do it.
     """
     say = progress or (lambda _msg: None)
@@ -455,22 +429,13 @@ def stream_convert(
     plan = plan_streaming(
         model_id_or_dir, config, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, progress=say
     )
-    skipped = None
-    if verify:
-        need, available = verify_memory(plan)
-        if need > 0.9 * available:
-            skipped = (
-                f"verify needs ~{need / 2**30:.1f} GiB (both models in float32), {available / 2**30:.1f} GiB is "
-                "available; the output rests on the streaming proof (run `hc-retrofit verify OUT` where it fits)"
-            )
-            say(f"not verifying: {skipped}")
+    loading: list[str] = []
 
     def run_checks(directory: Path) -> None:
         if check is not None:
             check(directory)
-        if verify and skipped is None:
-            say("verifying: running the base and the converted model on a probe batch")
-            verify_streamed(directory, plan.dtype)
+        if verify:
+            loading.append(verify_streamed(directory, plan.dtype, progress=say))
 
     out, linked = write_plan(plan, out_dir, overwrite=overwrite, link=link, check=run_checks, progress=say)
     model = plan.model
@@ -493,8 +458,8 @@ def stream_convert(
         shards=len(plan.shards),
         linked_shards=linked,
         reencoded_shards=sum(1 for shard in plan.shards if shard.cast),
-        verified=verify and skipped is None,
-        verify_skipped=skipped,
+        verified=bool(loading),
+        verify_loading=loading[0] if loading else None,
     )
 
 
@@ -502,18 +467,24 @@ class NotEquivalentError(HCRetrofitError):
     """A streamed checkpoint failed verification (a bug: nothing was written)."""
 
 
-def verify_streamed(directory: Path, dtype: torch.dtype) -> None:
+def verify_streamed(directory: Path, dtype: torch.dtype, progress: Callable[[str], None] | None = None) -> str:
     """Run ``verify`` on a streamed checkpoint (before it is moved into place); refuse it unless exact.
 
     The base is loaded in the checkpoint's ``dtype``: a conversion to bfloat16 must compute what
-    the base computes in bfloat16.
+    the base computes in bfloat16. Both models in memory when they fit, else layer by layer.
+    Returns how they were loaded (``"in memory"`` or ``"layer by layer"``).
     """
-    from hc_retrofit.verify import verify_checkpoint
+    from hc_retrofit.verify import LAYERS, choose_mode, verify_checkpoint
 
-    report = verify_checkpoint(directory, base_dtype=dtype)
+    how = choose_mode(directory)
+    if progress is not None:
+        detail = " (larger than the memory: layer by layer)" if how == LAYERS else ""
+        progress(f"verifying: running the base and the converted model on a probe batch{detail}")
+    report = verify_checkpoint(directory, base_dtype=dtype, mode="layers" if how == LAYERS else "memory")
     if not report.equivalent:
         raise NotEquivalentError(
             f"the streamed checkpoint is not equivalent to {report.base_model} (max |logit diff| "
             f"{report.max_abs_logit_diff:.2e}, max KL {report.max_kl:.2e}); nothing was written. Convert with "
             "--in-memory, and please report this bug"
         )
+    return report.loading

@@ -50,6 +50,7 @@ class VerifyReport:
     trained: bool
     remote_code_problems: tuple[str, ...] = ()
     base_dtype: str = "float32"
+    loading: str = "in memory"  # or "layer by layer" (one decoder layer in memory at a time)
 
     @property
     def remote_code_ok(self) -> bool:
@@ -119,6 +120,48 @@ def stored_dtype(converted_dir: str | os.PathLike) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
+MODES = ("auto", "memory", "layers")
+MEMORY, LAYERS = "in memory", "layer by layer"
+
+
+def in_memory_bytes(converted_dir: str | os.PathLike) -> int:
+    """What the in-memory verify holds: the converted model and its base, both in float32 (from the headers)."""
+    from hc_retrofit.layered import stored_tensors
+
+    elements = sum(int(torch.Size(t.shape).numel()) for t in stored_tensors(converted_dir).values())
+    return 2 * 4 * elements
+
+
+def choose_mode(converted_dir: str | os.PathLike, mode: str = "auto") -> str:
+    """:data:`MEMORY` or :data:`LAYERS`: ``mode`` (``auto``: in memory when both float32 models fit
+    in 80% of the available memory, else layer by layer)."""
+    from hc_retrofit.layered import LayeredUnavailable, available_memory
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode != "auto":
+        return MEMORY if mode == "memory" else LAYERS
+    available = available_memory()
+    try:
+        need = in_memory_bytes(converted_dir)
+    except LayeredUnavailable:  # not safetensors: only the in-memory load reads it
+        return MEMORY
+    return LAYERS if available is not None and need > 0.8 * available else MEMORY
+
+
+def _pad_id(model: Any) -> int:
+    pad = model.generation_config.pad_token_id
+    pad = pad if isinstance(pad, int) else (model.config.eos_token_id or 0)
+    return pad[0] if isinstance(pad, list) else pad
+
+
+def _run(model: Any, ids: torch.Tensor, new_tokens: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the probe batch and the greedy continuation of its first half."""
+    logits = model(ids).logits.float()
+    prompt = ids[:, : max(2, ids.shape[1] // 2)]
+    return logits, greedy_continuation(model, prompt, new_tokens, pad)
+
+
 @torch.no_grad()
 def verify_checkpoint(
     converted_dir: str | os.PathLike,
@@ -128,49 +171,74 @@ def verify_checkpoint(
     new_tokens: int = 12,
     revision: str | None = None,
     base_dtype: torch.dtype | None = None,
+    mode: str = "auto",
 ) -> VerifyReport:
     """Compare ``converted_dir`` with ``base`` (default: the base model recorded in it).
 
     ``base_dtype``: load the base in this dtype (then compute in float32, like the converted model),
     to check a conversion that changed the dtype against the base at the same precision. Default: the
     dtype the converted checkpoint was saved in (:func:`stored_dtype`).
+    ``mode``: ``memory`` loads both models whole; ``layers`` runs them one after the other with one
+    decoder layer in memory at a time (:mod:`hc_retrofit.layered`: the same numbers, for models
+    larger than the memory); ``auto`` picks ``layers`` when both models would not fit.
     """
     require_converted_dir(converted_dir)
     recorded = base is None
     base = base or base_model_of(converted_dir)
     base_dtype = base_dtype or stored_dtype(converted_dir)
-    converted = load_converted(converted_dir, dtype=torch.float32)
-    if not is_causal_lm(converted):
-        raise CheckpointError(
-            f"{converted_dir} holds a {type(converted).__name__.removeprefix('HCRetrofit')}, not a causal LM: verify "
-            "compares causal LMs (an encoder or vision model was proven exact when hc_retrofit.convert returned it)"
-        )
-    try:
-        base_model, tokenizer = load_base_model(base, revision=revision, dtype=base_dtype)
-    except HCRetrofitError as err:
+    how = choose_mode(converted_dir, mode)
+
+    def base_failed(err: HCRetrofitError) -> HCRetrofitError | None:
+        """The error to raise when the base cannot be loaded: a recorded base is named as such."""
         if not recorded:
-            raise
-        raise type(err)(
-            f"the base model recorded in {converted_dir} cannot be loaded ({err}); pass it with --base"
-        ) from err
-    base_model.float()
-    if tokenizer is None:
-        tokenizer = load_tokenizer(str(converted_dir))
-    vocab = min(converted.config.vocab_size, base_model.config.vocab_size)
-    ids = probe_batch(tokenizer, vocab)
-    ref = base_model(ids).logits.float()
-    got = converted(ids).logits.float()
+            return None
+        return type(err)(f"the base model recorded in {converted_dir} cannot be loaded ({err}); pass it with --base")
+
+    def require_causal(converted: Any) -> None:
+        if not is_causal_lm(converted):
+            raise CheckpointError(
+                f"{converted_dir} holds a {type(converted).__name__.removeprefix('HCRetrofit')}, not a causal LM: "
+                "verify compares causal LMs (an encoder or vision model was proven exact when hc_retrofit.convert "
+                "returned it)"
+            )
+
+    if how == MEMORY:
+        converted = load_converted(converted_dir, dtype=torch.float32)
+        require_causal(converted)
+        try:
+            base_model, tokenizer = load_base_model(base, revision=revision, dtype=base_dtype)
+        except HCRetrofitError as err:
+            named = base_failed(err)
+            if named is None:
+                raise
+            raise named from err
+        base_model.float()
+        if tokenizer is None:
+            tokenizer = load_tokenizer(str(converted_dir))
+        vocab = min(converted.config.vocab_size, base_model.config.vocab_size)
+        ids = probe_batch(tokenizer, vocab)
+        pad = _pad_id(base_model)
+        ref, gen_ref = _run(base_model, ids, new_tokens, pad)
+        got, gen_got = _run(converted, ids, new_tokens, pad)
+    else:
+        from hc_retrofit.layered_verify import layered_outputs
+
+        converted, ids, (ref, gen_ref), (got, gen_got) = layered_outputs(
+            converted_dir,
+            base,
+            revision=revision,
+            base_dtype=base_dtype,
+            new_tokens=new_tokens,
+            run=_run,
+            pad_of=_pad_id,
+            base_failed=base_failed,
+            check_converted=require_causal,
+        )
     if ref.shape != got.shape:
         raise CheckpointError(
             f"{base} is not the base of {converted_dir}: logits {tuple(ref.shape)} vs {tuple(got.shape)}"
         )
     kl = _kl(ref, got)
-    pad = base_model.generation_config.pad_token_id
-    pad = pad if isinstance(pad, int) else (base_model.config.eos_token_id or 0)
-    pad = pad[0] if isinstance(pad, list) else pad
-    prompt = ids[:, : max(2, ids.shape[1] // 2)]
-    gen_ref = greedy_continuation(base_model, prompt, new_tokens, pad)
-    gen_got = greedy_continuation(converted, prompt, new_tokens, pad)
     settings = converted.hc_config
     return VerifyReport(
         converted_dir=str(converted_dir),
@@ -187,4 +255,5 @@ def verify_checkpoint(
         trained=trained,
         remote_code_problems=tuple(remote_code_problems(converted_dir, converted)),
         base_dtype=str(base_dtype).removeprefix("torch."),
+        loading=how,
     )

@@ -196,22 +196,27 @@ def test_hub_id_streams_from_its_downloaded_files(tmp_path: Path, monkeypatch: p
         assert (tmp_path / "streamed" / shard.name).read_bytes() == shard.read_bytes()
 
 
-def test_verify_runs_before_the_rename_and_is_skipped_when_it_cannot_fit(
+def test_verify_runs_before_the_rename_layer_by_layer_when_it_cannot_fit(
     sharded_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hc_retrofit import streaming
+    from hc_retrofit import layered, verify
 
-    verified: list[Path] = []
-    monkeypatch.setattr(streaming, "verify_streamed", lambda directory, dtype: verified.append(directory))
-    monkeypatch.setattr(streaming, "verify_memory", lambda plan: (2**20, 2**30))
+    runs: list[tuple[Path, str]] = []
+    real = verify.verify_checkpoint
+
+    def spy(directory: Path, **kwargs: object) -> verify.VerifyReport:
+        runs.append((Path(directory), str(kwargs["mode"])))
+        return real(directory, **kwargs)
+
+    monkeypatch.setattr(verify, "verify_checkpoint", spy)
     summary = stream_convert(str(sharded_base), tmp_path / "fits", HCConfig(), verify=True)
-    assert summary.verified and summary.verify_skipped is None
-    assert len(verified) == 1 and verified[0].name.endswith(".partial")  # the staging dir, not the output
-    monkeypatch.setattr(streaming, "verify_memory", lambda plan: (10 * 2**30, 2**30))
+    assert summary.verified and summary.verify_loading == "in memory"
+    assert runs[-1][0].name.endswith(".partial") and runs[-1][1] == "memory"  # the staging dir, not the output
+    monkeypatch.setattr(layered, "available_memory", lambda: 2**10)  # nothing fits: layer by layer
     messages: list[str] = []
     summary = stream_convert(str(sharded_base), tmp_path / "big", HCConfig(), verify=True, progress=messages.append)
-    assert len(verified) == 1 and not summary.verified and "~10.0 GiB" in summary.verify_skipped
-    assert any(m.startswith("not verifying") for m in messages)
+    assert summary.verified and summary.verify_loading == "layer by layer" and runs[-1][1] == "layers"
+    assert any("layer by layer" in m for m in messages)
     assert persist.is_converted_dir(tmp_path / "big")
 
 
@@ -219,9 +224,9 @@ def test_available_memory_needs_no_psutil(monkeypatch):
     """verify's memory check runs on the core install (psutil is only a [bench] dependency)."""
     import sys
 
-    from hc_retrofit import streaming
+    from hc_retrofit import layered
 
     monkeypatch.setitem(sys.modules, "psutil", None)
-    available = streaming.available_memory()
+    available = layered.available_memory()
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert 0 < available <= total

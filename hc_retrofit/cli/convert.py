@@ -50,7 +50,7 @@ def convert_command(
         typer.Option(
             "--verify/--no-verify",
             help="After streaming, run `verify` on the result before it is moved into place "
-            "(loads both models in float32: skip it for models larger than half the memory).",
+            "(both models in float32 in memory when they fit, else layer by layer).",
         ),
     ] = True,
 ) -> None:
@@ -122,9 +122,7 @@ def _streamed(summary: StreamSummary) -> str:
             parts.append(f"{count} {what}")
     shards = f"{summary.shards} base shard{'s' if summary.shards != 1 else ''}: {', '.join(parts)}"
     if summary.verified:
-        checked = "verified exact"
-    elif summary.verify_skipped:
-        checked = "not verified: too large to verify in this memory"
+        checked = "verified exact" + (" (layer by layer)" if summary.verify_loading == "layer by layer" else "")
     else:
         checked = "not verified (--no-verify)"
     return f"streamed ({shards}), {checked}"

@@ -20,16 +20,30 @@ def verify_command(
     trained: Annotated[
         bool, typer.Option("--trained", help="DIR was trained: report the difference, do not fail on it.")
     ] = False,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="How to load the models: memory (both whole, in float32), layers (one decoder layer at a time, "
+            "for models larger than the memory; the same numbers), auto (layers when both would not fit).",
+        ),
+    ] = "auto",
 ) -> None:
     """Run DIR and its base model on a probe batch and compare logits, KL divergence and greedy generation.
 
     Exit code 0 when they are equivalent within tolerance (or with --trained), 1 otherwise.
     """
-    from hc_retrofit.verify import KL_TOL, verify_checkpoint
+    from hc_retrofit.errors import ConfigError
+    from hc_retrofit.verify import KL_TOL, LAYERS, MODES, choose_mode, verify_checkpoint
 
+    if mode not in MODES:
+        raise ConfigError(f"unknown --mode {mode!r}: choose one of {', '.join(MODES)}")
     quiet_library_progress()
-    with err_console.status("loading both models and comparing", spinner="dots"):
-        report = verify_checkpoint(directory, base, trained=trained)
+    if mode == "auto" and (directory / "config.json").is_file():
+        mode = "layers" if choose_mode(directory) == LAYERS else "memory"
+    doing = "running both models layer by layer" if mode == "layers" else "loading both models and comparing"
+    with err_console.status(doing, spinner="dots"):
+        report = verify_checkpoint(directory, base, trained=trained, mode=mode)
     if as_json:
         console.print_json(json.dumps(report.to_dict()))
     else:
@@ -37,6 +51,9 @@ def verify_command(
         precision = "" if report.base_dtype == "float32" else f" (weights rounded to {report.base_dtype}, as DIR's)"
         table.add_row("base model", report.base_model + precision)
         table.add_row("hyper-connections", f"{report.variant}, {report.num_streams} streams")
+        table.add_row(
+            "loaded", report.loading + (" (one decoder layer in memory at a time)" if report.loading == LAYERS else "")
+        )
         table.add_row("probe batch", f"{report.probe_shape[0]} x {report.probe_shape[1]} tokens")
         table.add_row("max |logit diff|", f"{report.max_abs_logit_diff:.3e} (tolerance {report.logit_tolerance:.1e})")
         table.add_row(

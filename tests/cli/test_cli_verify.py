@@ -137,3 +137,11 @@ def test_verify_names_a_recorded_base_that_is_gone(cli, converted_dir: Path, tmp
     result = cli("verify", copy, "--trained")
     assert result.exit_code == 1 and result.output.startswith("error: the base model recorded in")
     assert "moved-away" in result.output and "pass it with --base" in result.output
+
+
+def test_verify_layer_by_layer(cli, converted_dir: Path) -> None:
+    result = cli("verify", converted_dir, "--mode", "layers")
+    assert result.exit_code == 0, result.output
+    assert "layer by layer (one decoder layer in memory at a time)" in result.output and "equivalent" in result.output
+    result = cli("verify", converted_dir, "--mode", "disk")
+    assert result.exit_code == 1 and result.output.startswith("error: ") and "--mode" in result.output

@@ -1,0 +1,275 @@
+"""Run a checkpoint's model with its decoder layers loaded one at a time: inference beyond RAM.
+
+``verify`` of a model larger than the free memory cannot hold it (let alone it and its base, in
+float32). But a forward pass needs one decoder layer at a time. So the model is built with every
+parameter on the meta device (buffers, e.g. rotary frequencies, are computed as usual), the
+parameters outside the decoder layers (embeddings, final norm, head) are loaded once, and each
+decoder layer's tensors are read from the safetensors files when the layer is called and dropped
+when it returns (hooks on the layer). Peak memory: the non-layer parameters plus one layer.
+
+Everything else is the model's own code (masks, rotary, KV cache, ``generate()``), with the same
+float32 weights as an in-memory load, so the outputs are the same numbers, bit for bit.
+
+Tensors are read with plain file reads at the offsets of the safetensors header (no ``mmap``:
+mapped pages would stay counted in the process's memory after the layer is dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hc_retrofit.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class LayeredUnavailable(Exception):
+    """Why a checkpoint cannot be run layer by layer (its tensors are not exactly the model's)."""
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (``MemAvailable``), or ``None`` if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    with contextlib.suppress(ImportError):  # psutil is a [bench] extra, not a core dependency
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+# ----------------------------------------------------------------------------- safetensors files
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lives: file, byte offset and length, dtype and shape."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def read(self) -> torch.Tensor:
+        """The tensor, read from its file into fresh memory."""
+        buffer = torch.empty(self.nbytes, dtype=torch.uint8)
+        if self.nbytes:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                view = memoryview(buffer.numpy())
+                done = 0
+                while done < self.nbytes:
+                    got = f.readinto(view[done:])
+                    if not got:
+                        raise CheckpointError(f"{self.path} is truncated; download or copy the checkpoint again")
+                    done += got
+        return buffer.view(self.dtype).reshape(self.shape)
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path} has a damaged header; download or copy the checkpoint again") from err
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def stored_tensors(directory: str | os.PathLike) -> dict[str, StoredTensor]:
+    """Every tensor of the safetensors checkpoint in ``directory`` (from its index, or its single file)."""
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is unreadable; download or copy the checkpoint again") from err
+    elif (directory / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    else:
+        raise LayeredUnavailable(f"{directory} has no safetensors weights")
+    out: dict[str, StoredTensor] = {}
+    for name in files:
+        path = (directory / name).resolve()
+        if not path.is_file():
+            raise CheckpointError(f"{directory / name} is missing; download or copy the checkpoint again")
+        header, start = _header(path)
+        for key, entry in header.items():
+            dtype = ST_DTYPES.get(entry.get("dtype"))
+            if dtype is None:
+                raise LayeredUnavailable(f"tensor {key} has dtype {entry.get('dtype')}")
+            begin, end = entry["data_offsets"]
+            out[key] = StoredTensor(path, start + begin, end - begin, dtype, tuple(entry["shape"]))
+    return out
+
+
+# ----------------------------------------------------------------------------- the model
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with every parameter on the meta device (no storage); buffers stay real.
+
+    Each parameter moves to meta as it is registered, before its module initialises it, so
+    building even a 70B model costs no memory and no random-init time.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _slot(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner, _, leaf = name.rpartition(".")
+    return (model.get_submodule(owner) if owner else model), leaf
+
+
+class LayerLoader:
+    """Loads ``model``'s non-layer tensors now and each decoder layer's around its call.
+
+    ``model``: built under :func:`parameters_on_meta`; ``layers``: its decoder-layer list;
+    ``cast(name, stored)``: the tensor the model must hold for checkpoint tensor ``stored``
+    (e.g. ``stored.float()``). Every parameter (and persistent buffer) of the model must be in
+    ``tensors`` under its own name with its shape (a tied parameter under one of its names), and
+    every tensor must be the model's: else :class:`LayeredUnavailable` (``strict``: a
+    :class:`CheckpointError`, for checkpoints that must match their model exactly).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: nn.ModuleList,
+        tensors: dict[str, StoredTensor],
+        cast: Callable[[str, torch.Tensor], torch.Tensor],
+        *,
+        source: str = "the checkpoint",
+        strict: bool = False,
+    ) -> None:
+        self.model, self.layers, self.tensors, self.cast = model, layers, tensors, cast
+        self.loaded_bytes = 0  # largest amount of layer tensors held at once
+        self._held = 0
+        self._hooks: list[Any] = []
+        expected = model.state_dict(keep_vars=True)
+        groups: dict[int, list[str]] = {}
+        for name, tensor in expected.items():
+            groups.setdefault(id(tensor), []).append(name)
+        fail = CheckpointError if strict else LayeredUnavailable
+        problems = [f"unexpected tensor {k}" for k in tensors if k not in expected]
+        self._source: dict[str, str] = {}  # model name -> checkpoint name
+        for names in groups.values():
+            stored = next((n for n in names if n in tensors), None)
+            if stored is None:
+                problems.append(f"missing tensor {names[0]}")
+                continue
+            if tuple(expected[names[0]].shape) != tensors[stored].shape:
+                problems.append(
+                    f"tensor {stored} has shape {list(tensors[stored].shape)}, the model {list(expected[names[0]].shape)}"
+                )
+            for name in names:
+                self._source[name] = stored
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise fail(f"{source} does not match the model it describes: {'; '.join(problems[:3])}{more}")
+        prefix = next(name for name, module in model.named_modules() if module is layers)
+        self._layer_names: list[list[str]] = [[] for _ in layers]
+        resident = []
+        for name in expected:
+            index = name[len(prefix) + 1 :].partition(".")[0] if name.startswith(prefix + ".") else ""
+            if index.isdigit():
+                self._layer_names[int(index)].append(name)
+            else:
+                resident.append(name)
+        self._place(resident)
+        for index, layer in enumerate(layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._loader(index)))
+            self._hooks.append(layer.register_forward_hook(self._unloader(index)))
+
+    def _place(self, names: list[str]) -> dict[str, Any]:
+        """Put the checkpoint values of ``names`` into the model; return what was there before."""
+        before: dict[str, Any] = {}
+        values: dict[str, torch.Tensor] = {}
+        for name in names:
+            module, leaf = _slot(self.model, name)
+            current = module._parameters.get(leaf) if leaf in module._parameters else module._buffers.get(leaf)
+            if current is not None and current.device.type != "meta" and leaf in module._parameters:
+                continue  # tied to a tensor loaded already
+            stored = self._source[name]
+            if stored not in values:
+                values[stored] = self.cast(stored, self.tensors[stored].read())
+            value = values[stored]
+            before[name] = current
+            if leaf in module._parameters:
+                module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+            else:
+                module._buffers[leaf] = value
+        self._held += sum(v.numel() * v.element_size() for v in values.values())
+        self.loaded_bytes = max(self.loaded_bytes, self._held)
+        return before
+
+    def _loader(self, index: int) -> Callable[..., None]:
+        def load(module: nn.Module, args: Any) -> None:
+            self._restore = self._place(self._layer_names[index])
+
+        return load
+
+    def _unloader(self, index: int) -> Callable[..., None]:
+        def unload(module: nn.Module, args: Any, output: Any) -> None:
+            freed: set[int] = set()
+            for name, previous in self._restore.items():
+                owner, leaf = _slot(self.model, name)
+                value = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+                if value is not None and id(value.untyped_storage()) not in freed:
+                    freed.add(id(value.untyped_storage()))
+                    self._held -= value.numel() * value.element_size()
+                if leaf in owner._parameters:
+                    owner._parameters[leaf] = previous
+                else:
+                    owner._buffers[leaf] = previous
+            for sub in module.modules():  # caches derived from the dropped tensors (hc sites)
+                clear = getattr(sub, "clear_cache", None)
+                if callable(clear):
+                    clear()
+            self._restore = {}
+
+        return unload
+
+    def close(self) -> None:
+        """Remove the hooks (the model keeps its non-layer tensors until it is dropped)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()

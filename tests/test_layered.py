@@ -1,0 +1,115 @@
+"""Layer-by-layer verify: the same numbers as the in-memory verify, with one decoder layer in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import save_base, train_a_few_steps
+from safetensors.torch import load_file, save_file
+
+from hc_retrofit import layered, layered_verify, persist
+from hc_retrofit.config import HCConfig
+from hc_retrofit.conversion import convert_checkpoint
+from hc_retrofit.errors import CheckpointError
+from hc_retrofit.verify import LAYERS, MEMORY, choose_mode, verify_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _convert(tmp_path: Path, case: str, settings: HCConfig, dtype: str = "auto") -> Path:
+    base = save_base(case, tmp_path / f"{case}-base")
+    return convert_checkpoint(str(base), tmp_path / f"{case}-hc", settings, dtype=dtype).out_dir
+
+
+def _same_report(directory: Path, **kwargs: object) -> dict:
+    """Both reports, which must agree on every number; returns the layered one."""
+    memory = verify_checkpoint(directory, mode="memory", **kwargs).to_dict()
+    layers = verify_checkpoint(directory, mode="layers", **kwargs).to_dict()
+    assert (memory.pop("loading"), layers.pop("loading")) == (MEMORY, LAYERS)
+    assert layers == memory
+    return layers
+
+
+@pytest.mark.parametrize(
+    ("case", "settings", "dtype"),
+    [
+        ("llama-gqa-untied", HCConfig(variant="mhc"), "auto"),
+        ("qwen2-tied", HCConfig(variant="dynamic", num_streams=3), "bfloat16"),
+        ("gpt2", HCConfig(variant="static", num_streams=2), "auto"),
+    ],
+    ids=["llama-mhc", "qwen2-tied-dynamic-bf16", "gpt2-static"],
+)
+def test_layered_verify_reports_the_in_memory_numbers(
+    tmp_path: Path, case: str, settings: HCConfig, dtype: str
+) -> None:
+    converted = Path(_convert(tmp_path, case, settings, dtype))
+    base_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+    report = _same_report(converted, base_dtype=base_dtype)
+    assert report["equivalent"] and report["ok"]
+    # a trained model differs from its base: the same (non-zero) numbers too
+    model = train_a_few_steps(persist.load_converted(converted), steps=2)
+    persist.save_converted(model, tmp_path / "trained")
+    report = _same_report(tmp_path / "trained", trained=True, base_dtype=base_dtype)
+    assert not report["equivalent"] and report["max_abs_logit_diff"] > 1e-3
+
+
+def test_a_tampered_hc_tensor_is_not_exact_layer_by_layer(tmp_path: Path) -> None:
+    converted = Path(_convert(tmp_path, "llama-gqa-untied", HCConfig(variant="mhc")))
+    file = converted / "model.safetensors"
+    tensors = load_file(file)
+    generator = torch.Generator().manual_seed(0)
+    site = "model.layers.1.hyper_connections.0."
+    for key in [k for k in tensors if k.startswith(site)]:  # one site away from its exact init
+        tensors[key] = tensors[key] + 0.5 * torch.randn(tensors[key].shape, generator=generator)
+    save_file(tensors, file, metadata={"format": "pt"})
+    report = _same_report(converted)
+    assert not report["equivalent"] and not report["ok"]
+    del tensors[key]  # a missing tensor (the site's last) is refused, as the in-memory load refuses it
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"missing tensor {key}"):
+        verify_checkpoint(converted, mode="layers")
+
+
+def test_one_decoder_layer_in_memory_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    converted = Path(_convert(tmp_path, "llama-gqa-untied", HCConfig(variant="dynamic")))
+    loaded: list[int] = []  # how many decoder layers hold real tensors, seen inside every layer call
+
+    class Counting(layered.LayerLoader):
+        def __init__(self, model: torch.nn.Module, layers: torch.nn.ModuleList, *args: object, **kwargs: object):
+            super().__init__(model, layers, *args, **kwargs)
+            assert all(p.is_meta for p in layers.parameters())  # nothing of the layers loaded up front
+            assert not any(p.is_meta for n, p in model.named_parameters() if ".layers." not in n)
+
+            def count(_module: torch.nn.Module, _args: object) -> None:
+                loaded.append(sum(any(not p.is_meta for p in layer.parameters()) for layer in layers))
+
+            for layer in layers:
+                self._hooks.append(layer.register_forward_pre_hook(count))  # runs after the loading hook
+
+    monkeypatch.setattr(layered_verify, "LayerLoader", Counting)
+    assert verify_checkpoint(converted, mode="layers").equivalent
+    # 2 models x (1 probe pass + 12 generation steps) x 3 layers, each call with exactly one layer loaded
+    assert loaded == [1] * (2 * 13 * 3)
+
+
+def test_auto_mode_goes_layer_by_layer_when_both_models_do_not_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    converted = Path(_convert(tmp_path, "llama-gqa-untied", HCConfig()))
+    assert choose_mode(converted) == MEMORY  # a tiny model fits
+    monkeypatch.setattr(layered, "available_memory", lambda: 2**16)
+    assert choose_mode(converted) == LAYERS
+    report = verify_checkpoint(converted)
+    assert report.loading == LAYERS and report.equivalent
+    assert choose_mode(converted, "memory") == MEMORY
+
+
+def test_a_checkpoint_that_needs_key_conversions_is_refused_layer_by_layer(tmp_path: Path) -> None:
+    converted = Path(_convert(tmp_path, "mixtral-moe", HCConfig()))  # per-expert keys, fused at load
+    with pytest.raises(CheckpointError, match=r"cannot verify layer by layer: .*unexpected tensor"):
+        verify_checkpoint(converted, mode="layers")
