@@ -105,8 +105,14 @@ def _header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 def stored_tensors(directory: str | os.PathLike) -> dict[str, StoredTensor]:
-    """Every tensor of the safetensors checkpoint in ``directory`` (from its index, or its single file)."""
+    """Every tensor of the safetensors checkpoint in ``directory`` (from its index, or its single file).
+
+    A damaged or truncated file is a :class:`CheckpointError` naming it (checked from the headers first).
+    """
+    from hc_retrofit.persist import check_weight_files
+
     directory = Path(directory)
+    check_weight_files(directory)
     index = directory / INDEX_FILE
     if index.is_file():
         try:
