@@ -45,11 +45,16 @@ from hc_retrofit.persist import (
     parse_dtype,
     write_converted_files,
 )
+from hc_retrofit.shard_copy import (
+    HC_SHARD,
+    INDEX_FILE,
+    EarlyCopy,
+    NoShards,
+    ShardCopier,
+    base_shards,
+    start_copy,
+)
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-HC_SHARD = "model-hc-retrofit.safetensors"
-SINGLE_RENAMED = "model-00001-of-00001.safetensors"  # model.safetensors would hide the index from transformers
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.py"]
 
 _ST_DTYPES: dict[str, torch.dtype] = {
@@ -165,22 +170,10 @@ def _local_dir(source: str, revision: str | None, progress: Callable[[str], None
 def _base_shards(local: Path) -> list[tuple[Path, str]]:
     """``(file, output name)`` of every weight shard, from the index or the single file."""
     check_weight_files(local)  # a damaged shard is the user's to fix, not a reason to fall back
-    index = local / INDEX_FILE
-    if (local / SINGLE_FILE).is_file():
-        return [(local / SINGLE_FILE, SINGLE_RENAMED)]
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CannotStream(f"{INDEX_FILE} is unreadable") from err
-        names = sorted(set(weight_map.values()))
-        if any(Path(n).name != n or n == HC_SHARD for n in names):
-            raise CannotStream(f"{INDEX_FILE} names shards in sub-directories or a shard called {HC_SHARD}")
-        missing = [n for n in names if not (local / n).is_file()]
-        if missing:
-            raise CannotStream(f"shard {missing[0]} is missing")
-        return [(local / n, n) for n in names]
-    raise CannotStream("it has no safetensors weights")
+    try:
+        return base_shards(local)
+    except NoShards as why:
+        raise CannotStream(str(why)) from why
 
 
 def _meta_model(base_config: Any, dtype: torch.dtype, config: HCConfig) -> Any:
@@ -297,26 +290,20 @@ def plan_streaming(
 
 
 # ----------------------------------------------------------------------------- writing
-def _copy_or_link(src: Path, dst: Path, link: bool, say: Callable[[str], None]) -> bool:
-    """Hard link ``src`` to ``dst`` if asked and possible (same filesystem), else copy; True if linked."""
-    real = src.resolve()  # Hub caches hold symlinks to blobs
-    if link:
-        try:
-            os.link(real, dst)
-            return True
-        except OSError as err:
-            say(f"cannot hard link {src.name} ({err.strerror or err}): copying it")
-    shutil.copyfile(real, dst)
-    return False
-
-
 def _reencode(shard: Shard, dst: Path) -> None:
     from safetensors import safe_open
 
+    dst.unlink(missing_ok=True)  # never write through a hard link (an early copy may have linked the base shard)
     specs = {k: (shard.cast.get(k, _ST_DTYPES[e["dtype"]]), list(e["shape"])) for k, e in shard.tensors.items()}
     names = sorted(shard.tensors, key=lambda k: shard.tensors[k]["data_offsets"][0])
     with safe_open(str(shard.source.resolve()), framework="pt") as f:
         write_safetensors(dst, names, f.get_tensor, specs, shard.metadata or {"format": "pt"})
+
+
+def _say_copying(copier: ShardCopier, say: Callable[[str], None]) -> None:
+    if copier.files:
+        n = len(copier.files)
+        say(f"{'linking' if copier.link else 'copying'} {n} base shard{'s' if n != 1 else ''} in the background")
 
 
 def write_plan(
@@ -327,29 +314,38 @@ def write_plan(
     link: bool = False,
     check: Callable[[Path], None] | None = None,
     progress: Callable[[str], None] | None = None,
+    early: EarlyCopy | None = None,
+    timings: dict[str, float] | None = None,
 ) -> tuple[Path, int]:
     """Write ``plan`` to ``out_dir`` atomically (beside it as ``.partial``, renamed at the end).
 
-    ``check(tmp_dir)`` runs on the finished directory before the rename (e.g. verify): if it
-    raises, nothing is left behind. Returns the output path and how many shards were hard linked.
+    The base shards are copied (or linked) in a background thread while the HC shard and the
+    small files are written; ``early``: a copy started before planning (:func:`start_copy`),
+    into the staging directory this then completes. ``check(tmp_dir)`` runs on the finished
+    directory before the rename (e.g. verify): if it raises, nothing is left behind. Returns the
+    output path and how many shards were hard linked. ``timings`` receives seconds per phase.
     """
     from safetensors.torch import save_file
 
     say = progress or (lambda _msg: None)
-    out = check_output_dir(Path(out_dir), overwrite=overwrite, source=str(plan.local_dir))
-    tmp = outputs.staging_dir(out)
-    linked = 0
+    timings = timings if timings is not None else {}
+    names = [shard.name for shard in plan.shards]
+    if early is not None:
+        out, tmp, copier = early.out, early.staging, early.copier
+        if [name for _, name in copier.files] != names:  # both come from base_shards(): a bug if not
+            early.abort()
+            raise RuntimeError(f"the early copy has shards {[n for _, n in copier.files]}, the plan {names}")
+    else:
+        out = check_output_dir(Path(out_dir), overwrite=overwrite, source=str(plan.local_dir))
+        tmp = outputs.staging_dir(out)
+        copier = ShardCopier([(s.source, s.name) for s in plan.shards if not s.cast], tmp, link=link).start()
     try:
+        if early is None:
+            _say_copying(copier, say)
+        started = time.perf_counter()
         weight_map: dict[str, str] = {}
         total = 0
-        for i, shard in enumerate(plan.shards, 1):
-            dst = tmp / shard.name
-            if shard.cast:
-                say(f"re-encoding {shard.source.name} to {plan.dtype} ({i}/{len(plan.shards)})")
-                _reencode(shard, dst)
-            else:
-                say(f"{'linking' if link else 'copying'} {shard.source.name} ({i}/{len(plan.shards)})")
-                linked += _copy_or_link(shard.source, dst, link, say)
+        for shard in plan.shards:
             for key, entry in shard.tensors.items():
                 weight_map[key] = shard.name
                 dtype = shard.cast.get(key, _ST_DTYPES[entry["dtype"]])
@@ -369,13 +365,27 @@ def write_plan(
         tokenizer = load_tokenizer(plan.source, revision=plan.revision, trust_remote_code=plan.trust_remote_code)
         base = str(plan.local_dir.resolve()) if Path(plan.source).expanduser().is_dir() else plan.source
         write_converted_files(tmp, model, tokenizer, base=base)
+        timings["files"] = time.perf_counter() - started
+        started = time.perf_counter()
+        linked = copier.wait()
+        timings["copy wait"] = time.perf_counter() - started
+        timings["copy"] = copier.seconds
+        for note in copier.notes:
+            say(note)
+        for i, shard in enumerate([s for s in plan.shards if s.cast], 1):
+            say(f"re-encoding {shard.source.name} to {plan.dtype} ({i}/{sum(1 for s in plan.shards if s.cast)})")
+            _reencode(shard, tmp / shard.name)
         if check is not None:
+            started = time.perf_counter()
             check(tmp)
+            timings["verify"] = time.perf_counter() - started
         outputs.replace_dir(tmp, out)
     except BaseException:
+        copier.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out, linked
+    cast = {s.name for s in plan.shards if s.cast}
+    return out, sum(1 for name in linked if name not in cast)
 
 
 def _generation_config(plan: StreamPlan) -> Any:
@@ -398,6 +408,9 @@ class StreamSummary(ConvertSummary):
     reencoded_shards: int = 0
     verified: bool = False
     verify_loading: str | None = None  # how verify ran: "in memory" or "layer by layer" (larger than memory)
+    timings: dict[str, float] = field(
+        default_factory=dict
+    )  # seconds: plan, files (HC shard, config, tokenizer, code), copy, copy wait, verify
 
 
 def stream_convert(
@@ -413,22 +426,37 @@ def stream_convert(
     verify: bool = False,
     check: Callable[[Path], None] | None = None,
     progress: Callable[[str], None] | None = None,
+    early: EarlyCopy | None = None,
 ) -> StreamSummary:
     """Convert ``model_id_or_dir`` to ``out_dir`` without loading its weights (see the module docstring).
 
     ``verify``: run :func:`verify_streamed` on the result before moving it into place: both
     models in float32 in memory when they fit, else layer by layer (:mod:`hc_retrofit.layered`;
     said through ``progress`` and in the summary). ``check(dir)``: any other check at that point.
-    Raises :class:`CannotStream` before writing anything when only :func:`convert_checkpoint` can do it.
+    The shards of a local checkpoint are copied in the background from the start (with ``dtype``
+    ``auto``; ``early``: a copy the caller started, see :func:`start_copy`), while it plans.
+    Raises :class:`CannotStream` when only :func:`convert_checkpoint` can do it (nothing left behind).
     """
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     parse_dtype(dtype)
-    check_output_dir(Path(out_dir), overwrite=overwrite, source=model_id_or_dir)
-    say(f"reading the config and tensor headers of {model_id_or_dir}")
-    plan = plan_streaming(
-        model_id_or_dir, config, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, progress=say
-    )
+    if early is None and dtype == "auto":  # a dtype change re-encodes, most likely every shard: no early copy
+        early = start_copy(model_id_or_dir, out_dir, overwrite=overwrite, link=link)
+    if early is None:
+        check_output_dir(Path(out_dir), overwrite=overwrite, source=model_id_or_dir)
+    else:
+        _say_copying(early.copier, say)
+    timings: dict[str, float] = {}
+    try:
+        say(f"reading the config and tensor headers of {model_id_or_dir}")
+        plan = plan_streaming(
+            model_id_or_dir, config, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, progress=say
+        )
+        timings["plan"] = time.perf_counter() - start
+    except BaseException:
+        if early is not None:
+            early.abort()
+        raise
     loading: list[str] = []
 
     def run_checks(directory: Path) -> None:
@@ -437,7 +465,16 @@ def stream_convert(
         if verify:
             loading.append(verify_streamed(directory, plan.dtype, progress=say))
 
-    out, linked = write_plan(plan, out_dir, overwrite=overwrite, link=link, check=run_checks, progress=say)
+    out, linked = write_plan(
+        plan,
+        out_dir,
+        overwrite=overwrite,
+        link=link,
+        check=run_checks,
+        progress=say,
+        early=early,
+        timings=timings,
+    )
     model = plan.model
     family = family_for(plan.base_config)
     added = sum(t.numel() for t in plan.hc_tensors.values())
@@ -460,6 +497,7 @@ def stream_convert(
         reencoded_shards=sum(1 for shard in plan.shards if shard.cast),
         verified=bool(loading),
         verify_loading=loading[0] if loading else None,
+        timings=timings,
     )
 
 

@@ -230,3 +230,49 @@ def test_available_memory_needs_no_psutil(monkeypatch):
     available = layered.available_memory()
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert 0 < available <= total
+
+
+def test_a_linked_shard_that_must_be_re_encoded_leaves_the_base_intact(tmp_path: Path) -> None:
+    """The early copy links every shard; a shard re-encoded afterwards must replace the link, not write through it."""
+    base = _sharded_base(tmp_path / "base")  # float32 tensors
+    config = json.loads((base / "config.json").read_text())
+    config["dtype"] = "bfloat16"  # dtype auto -> bfloat16: every shard is re-encoded
+    (base / "config.json").write_text(json.dumps(config))
+    before = {s.name: s.read_bytes() for s in base.glob("*.safetensors")}
+    summary = stream_convert(str(base), tmp_path / "out", HCConfig(), link=True)
+    assert summary.reencoded_shards == summary.shards and summary.linked_shards == 0
+    assert {s.name: s.read_bytes() for s in base.glob("*.safetensors")} == before
+    for name in before:
+        assert not os.path.samefile(tmp_path / "out" / name, base / name)
+        assert read_header(tmp_path / "out" / name)[0]  # a readable bf16 shard
+    loaded = persist.load_converted(tmp_path / "out")
+    assert next(loaded.model.layers[0].parameters()).dtype == torch.bfloat16
+
+
+def test_the_shard_copy_is_cancelled_between_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from hc_retrofit import shard_copy
+
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(1 << 20))
+    monkeypatch.setattr(shard_copy, "CHUNK", 4096)
+    copier = shard_copy.ShardCopier([(src, "copy.bin")], tmp_path)
+    started = threading.Event()
+    real = shard_copy.os.copy_file_range
+
+    def slow(*args: int) -> int:
+        started.set()
+        threading.Event().wait(0.01)
+        return real(*args)
+
+    monkeypatch.setattr(shard_copy.os, "copy_file_range", slow)
+    copier.start()
+    started.wait()
+    copier.cancel()
+    assert (tmp_path / "copy.bin").stat().st_size < src.stat().st_size
+    with pytest.raises(shard_copy.Cancelled):
+        copier.wait()
+    monkeypatch.setattr(shard_copy.os, "copy_file_range", real)
+    whole = shard_copy.ShardCopier([(src, "whole.bin")], tmp_path).start()
+    assert whole.wait() == [] and (tmp_path / "whole.bin").read_bytes() == src.read_bytes()

@@ -61,13 +61,23 @@ def convert_command(
     plain transformers via AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True).
     """
     settings = HCConfig(num_streams=streams, variant=variant)  # bad settings fail before any loading
-    from hc_retrofit.conversion import convert_checkpoint  # torch + transformers: only when a command runs
-    from hc_retrofit.persist import parse_dtype
-    from hc_retrofit.streaming import CannotStream, stream_convert
-
-    quiet_library_progress()
-    parse_dtype(dtype)
     start = time.perf_counter()
+    early = None
+    if stream and dtype == "auto":  # start copying the shards now: torch and transformers import meanwhile
+        from hc_retrofit.shard_copy import start_copy
+
+        early = start_copy(model, out, overwrite=overwrite, link=link)
+    try:
+        from hc_retrofit.conversion import convert_checkpoint  # torch + transformers: only when a command runs
+        from hc_retrofit.persist import parse_dtype
+        from hc_retrofit.streaming import CannotStream, stream_convert
+
+        quiet_library_progress()
+        parse_dtype(dtype)
+    except BaseException:
+        if early is not None:
+            early.abort()
+        raise
     with err_console.status("converting", spinner="dots") as status:
 
         def progress(message: str) -> None:
@@ -86,6 +96,7 @@ def convert_command(
                     link=link,
                     verify=verify,
                     progress=progress,
+                    early=early,
                     **common,
                 )
                 how = _streamed(summary)
@@ -106,6 +117,13 @@ def convert_command(
     table.add_row("conversion", how)
     table.add_row("output", summary.out_dir)
     table.add_row("time", f"{time.perf_counter() - start:.1f} s")
+    split = getattr(summary, "timings", None)
+    if split:  # the copy runs in the background from the start: "waited" is what it added
+        parts = [f"{k} {split[k]:.1f}" for k in ("plan", "files") if k in split]
+        parts.append(f"copy {split.get('copy', 0):.1f} (waited {split.get('copy wait', 0):.1f})")
+        if "verify" in split:
+            parts.append(f"verify {split['verify']:.1f}")
+        table.add_row("of which", ", ".join(parts) + " s")
     console.print(table)
 
 

@@ -213,6 +213,7 @@ def test_convert_falls_back_to_in_memory_and_says_why(cli, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     assert "cannot stream" in result.output and "converting in memory instead" in result.output
     assert persist.is_converted_dir(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe", "out"]  # the early shard copy was removed
 
 
 def test_streamed_output_that_fails_verify_is_not_written(

@@ -1,0 +1,163 @@
+"""Copy a checkpoint's safetensors shards in the background, while the rest of convert starts up.
+
+A streamed convert is a copy of the base shards plus a few small files. The copy is the kernel's
+work (``copy_file_range``, as ``cp`` does), the rest is mostly Python importing torch and
+transformers and building a weightless model. Done one after the other, the start-up is added to
+the copy; here the copy starts first, in a thread (the system call releases the GIL), so a
+convert takes about the longer of the two. This module imports neither torch nor transformers,
+so the copy can start before they are imported.
+
+The copy goes into the staging directory the convert writes its output to; if the convert then
+fails (or cannot stream), :meth:`ShardCopier.cancel` stops it between chunks, and the caller
+removes the directory, as for any failed convert.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+HC_SHARD = "model-hc-retrofit.safetensors"
+SINGLE_RENAMED = "model-00001-of-00001.safetensors"  # model.safetensors would hide the index from transformers
+CHUNK = 64 * 2**20  # bytes per copy_file_range call: how soon a cancel takes effect
+
+
+class NoShards(Exception):
+    """Why the shards cannot be listed (the caller then does not stream)."""
+
+
+def base_shards(local: Path) -> list[tuple[Path, str]]:
+    """``(file, output name)`` of every weight shard of checkpoint directory ``local``, from its
+    single ``model.safetensors`` or its index (which must name existing files beside it)."""
+    index = local / INDEX_FILE
+    if (local / SINGLE_FILE).is_file():
+        return [(local / SINGLE_FILE, SINGLE_RENAMED)]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+            raise NoShards(f"{INDEX_FILE} is unreadable") from err
+        if any(not isinstance(n, str) or Path(n).name != n or n == HC_SHARD for n in names):
+            raise NoShards(f"{INDEX_FILE} names shards in sub-directories or a shard called {HC_SHARD}")
+        missing = [n for n in names if not (local / n).is_file()]
+        if missing:
+            raise NoShards(f"shard {missing[0]} is missing")
+        return [(local / n, n) for n in names]
+    raise NoShards("it has no safetensors weights")
+
+
+class Cancelled(Exception):
+    """The copy was cancelled."""
+
+
+def _copy(src: Path, dst: Path, stop: threading.Event) -> None:
+    """``src`` to ``dst`` in chunks, in the kernel where it can (``copy_file_range``, else ``sendfile``)."""
+    size = src.stat().st_size
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        done = 0
+        kernel = hasattr(os, "copy_file_range")
+        while done < size:
+            if stop.is_set():
+                raise Cancelled
+            n = min(CHUNK, size - done)
+            try:
+                got = os.copy_file_range(fin.fileno(), fout.fileno(), n) if kernel else 0
+            except OSError:  # e.g. across filesystems on old kernels: a plain copy
+                kernel, got = False, 0
+            if not kernel:
+                got = os.sendfile(fout.fileno(), fin.fileno(), done, n)  # writes at (and advances) fout's position
+            if got == 0:
+                raise OSError(f"{src} shrank while being copied")
+            done += got
+    shutil.copymode(src, dst)
+
+
+class ShardCopier:
+    """Copies (or with ``link``, hard links where possible) shards into a directory, in a thread.
+
+    ``files``: ``(source, name in dest)``. :meth:`wait` returns the names hard linked and re-raises
+    the copy's error, if any; ``seconds`` is how long the copy took.
+    """
+
+    def __init__(self, files: list[tuple[Path, str]], dest: Path, *, link: bool = False) -> None:
+        self.files, self.dest, self.link = files, dest, link
+        self.linked: list[str] = []
+        self.notes: list[str] = []  # e.g. why a shard could not be linked
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="hc-retrofit-shard-copy", daemon=True)
+
+    def start(self) -> ShardCopier:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        try:
+            for src, name in self.files:
+                real, dst = src.resolve(), self.dest / name  # Hub caches hold symlinks to blobs
+                if self.link:
+                    try:
+                        os.link(real, dst)
+                        self.linked.append(name)
+                        continue
+                    except OSError as err:
+                        self.notes.append(f"cannot hard link {src.name} ({err.strerror or err}): copying it")
+                _copy(real, dst, self._stop)
+        except BaseException as err:  # handed to the waiting thread
+            self._error = err
+        finally:
+            self.seconds = time.perf_counter() - start
+
+    def wait(self) -> list[str]:
+        """Block until the copy is done; the names that were hard linked. Re-raises a copy error."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.linked
+
+    def cancel(self) -> None:
+        """Stop the copy (between chunks) and wait for the thread; its files are the caller's to remove."""
+        self._stop.set()
+        self._thread.join()
+
+
+class EarlyCopy:
+    """A staging directory for the output of a convert, with the base shards being copied into it."""
+
+    def __init__(self, out: Path, staging: Path, copier: ShardCopier) -> None:
+        self.out, self.staging, self.copier = out, staging, copier
+
+    def abort(self) -> None:
+        """Stop the copy and remove the staging directory (the convert failed or does not stream)."""
+        self.copier.cancel()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def start_copy(source: str, out_dir: str | os.PathLike, *, overwrite: bool, link: bool) -> EarlyCopy | None:
+    """Check ``out_dir`` (as every convert does) and start copying local checkpoint ``source``'s
+    shards into a fresh staging directory for it; ``None`` when ``source`` is not a local
+    safetensors checkpoint (a Hub id is downloaded first; the caller then copies later).
+
+    Raises :class:`~hc_retrofit.errors.OutputExistsError` for an ``out_dir`` that may not be written.
+    """
+    from hc_retrofit import outputs
+
+    out = outputs.check_output_dir(Path(out_dir), overwrite=overwrite, inputs=[source])
+    local = Path(source).expanduser()
+    if not local.is_dir():
+        return None
+    try:
+        files = base_shards(local)
+    except NoShards:
+        return None
+    staging = outputs.staging_dir(out)
+    return EarlyCopy(out, staging, ShardCopier(files, staging, link=link).start())
