@@ -1,22 +1,25 @@
 """Size ladder: streaming ``hc-retrofit convert`` of real-shaped checkpoints vs ``cp -r``.
 
-    python bench/size_ladder.py                    # 1B and 3B llama shapes
+    python bench/size_ladder.py                    # 1.5 GB, 1B and 3B llama shapes
     python bench/size_ladder.py --sizes 1b 3b 8b   # + 8B (~16 GB; needs ~50 GB free disk)
     python bench/size_ladder.py --quick            # a tiny rung, smoke test
 
 Each rung is a synthetic random bf16 checkpoint with the config of a real model (Llama-3.2-1B,
-Llama-3.2-3B, Llama-3.1-8B) sharded as that model is on the Hub (5 GB shards; the 1B is one file),
-written tensor by tensor (never a whole model in memory). Then, in fresh processes, alternating:
+Llama-3.2-3B, Llama-3.1-8B) sharded as that model is on the Hub (5 GB shards; the 1B is one file;
+"1.5gb" is the 1B's shapes with 8 of its 16 layers in 500 MB shards), written tensor by tensor
+(never a whole model in memory). Then, in fresh processes, alternating:
 
-* ``cp``: ``cp -r CKPT OUT``;
-* ``convert``: ``hc-retrofit convert CKPT --out OUT --no-verify`` (streamed: copies the shards);
-* ``convert --link``: the same with hard links;
+* ``cp -r CKPT OUT``;
+* ``hc-retrofit convert CKPT --out OUT --no-verify`` (streamed: copies the shards);
+* the same with ``--link`` (hard links);
 
-and, once per rung, ``hc-retrofit verify OUT`` when both models fit in memory in float32 (else it
-is reported as skipped). Reported: median wall time, time / ``cp``, peak RSS (``wait4``
-``ru_maxrss`` of the process) and the peak RSS beyond the CLI's own start-up (peak RSS of the same
-convert of a tiny checkpoint) as a fraction of the checkpoint size. Every checkpoint and output
-is deleted at the end (also on failure).
+and once per rung the default ``hc-retrofit convert CKPT --out OUT``, which verifies the result
+before moving it into place (both models in float32 in memory when they fit, else layer by
+layer). Reported: median wall time, time / ``cp``, the convert's own time split (plan: imports,
+config, weightless model, proof; copy: how long the background shard copy took and how long the
+convert waited for it; verify), peak RSS (GNU ``time``'s ``%M``) and the peak RSS beyond the CLI's
+own start-up (peak RSS of the same convert of a tiny checkpoint) as a fraction of the checkpoint
+size, and the load average. Every checkpoint and output is deleted at the end (also on failure).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -59,6 +63,10 @@ SHAPES: dict[str, tuple[dict[str, Any], str | None]] = {
             hidden_size=256, intermediate_size=768, num_hidden_layers=2, vocab_size=4096, bos_token_id=1, eos_token_id=2
         ),
         None,
+    ),
+    "1.5gb": (  # the issue's ~1.5 GB sharded checkpoint: Llama-3.2-1B's shapes, 8 of its 16 layers, 500 MB shards
+        dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, head_dim=64, tie_word_embeddings=True),
+        "500MB",
     ),
     "1b": (  # meta-llama/Llama-3.2-1B: one model.safetensors (2.47 GB)
         dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64, tie_word_embeddings=True),
@@ -158,14 +166,23 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "hc_retrofit", *args]
 
 
-def fits_verify(size: int) -> bool:
-    """verify holds both models in float32 (2 x 2 x a bf16 checkpoint); leave a quarter of RAM free."""
-    import psutil
+SPLIT = re.compile(
+    r"of which\s+plan (?P<plan>[\d.]+), files (?P<files>[\d.]+), copy (?P<copy>[\d.]+) \(waited (?P<wait>[\d.]+)\)"
+    r"(?:, verify (?P<verify>[\d.]+))? s"
+)
 
-    return 4 * size < 0.75 * psutil.virtual_memory().available
+
+def time_split(stdout: str) -> dict[str, float]:
+    """The convert's own time split (its "of which" row): plan, files, copy, copy wait, verify."""
+    match = SPLIT.search(" ".join(stdout.split()))
+    if not match:
+        raise RuntimeError(f"no time split in the convert output:\n{stdout}")
+    return {k: float(v) for k, v in match.groupdict().items() if v is not None}
 
 
-def ladder_rung(name: str, work: Path, repeats: int, env: dict[str, str], startup_rss: float) -> dict[str, Any]:
+def ladder_rung(
+    name: str, work: Path, repeats: int, env: dict[str, str], startup_rss: float, verify: bool
+) -> dict[str, Any]:
     ckpt = work / f"llama-{name}"
     t0 = time.perf_counter()
     size = build_checkpoint(name, ckpt)
@@ -173,33 +190,40 @@ def ladder_rung(name: str, work: Path, repeats: int, env: dict[str, str], startu
     print(f"[{name}] built {size / 1e9:.2f} GB in {files} file(s) in {time.perf_counter() - t0:.0f} s", flush=True)
     sides = {
         "cp -r": lambda out: ["cp", "-r", str(ckpt), str(out)],
-        "convert": lambda out: cli("convert", str(ckpt), "--out", str(out), "--no-verify"),
-        "convert --link": lambda out: cli("convert", str(ckpt), "--out", str(out), "--no-verify", "--link"),
+        "convert --no-verify": lambda out: cli("convert", str(ckpt), "--out", str(out), "--no-verify"),
+        "convert --link --no-verify": lambda out: cli("convert", str(ckpt), "--out", str(out), "--no-verify", "--link"),
     }
-    results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
-    verify: dict[str, Any] = {"skipped": "both models in float32 do not fit in memory"}
+    results: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     out = work / "out"
     try:
         for r in range(repeats):
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
             for side in order:
                 res = run(sides[side](out), env)
-                if side.startswith("convert") and "streamed" not in res["stdout"]:
-                    raise RuntimeError(f"{side} did not stream:\n{res['stdout']}")
+                if side.startswith("convert"):
+                    if "streamed" not in res["stdout"]:
+                        raise RuntimeError(f"{side} did not stream:\n{res['stdout']}")
+                    res["split"] = time_split(res["stdout"])
                 results[side].append(res)
                 print(
-                    f"[{name}] {side}: {res['seconds']:.1f} s, peak RSS {res['peak_rss'] / 2**20:.0f} MiB", flush=True
+                    f"[{name}] {side}: {res['seconds']:.1f} s, peak RSS {res['peak_rss'] / 2**20:.0f} MiB"
+                    + (f", split {res['split']}" if "split" in res else ""),
+                    flush=True,
                 )
-                if side == "convert" and r == repeats - 1 and fits_verify(size):
-                    res = run(cli("verify", str(out), "--json"), env)
-                    report = json.loads(res["stdout"])
-                    verify = {
-                        "seconds": res["seconds"],
-                        "peak_rss": res["peak_rss"],
-                        "equivalent": report["equivalent"],
-                    }
-                    print(f"[{name}] verify: {verify}", flush=True)
                 shutil.rmtree(out)
+        if verify:  # the default convert: verify before the rename (in memory, or layer by layer if too large)
+            res = run(cli("convert", str(ckpt), "--out", str(out)), env)
+            if "verified exact" not in res["stdout"]:
+                raise RuntimeError(f"convert did not verify exact:\n{res['stdout']}")
+            res["split"] = time_split(res["stdout"])
+            res["layer_by_layer"] = "verified exact (layer by layer)" in res["stdout"]
+            results["convert (verifies)"] = [res]
+            print(
+                f"[{name}] convert (verifies{', layer by layer' if res['layer_by_layer'] else ', in memory'}): "
+                f"{res['seconds']:.1f} s, peak RSS {res['peak_rss'] / 2**20:.0f} MiB, split {res['split']}",
+                flush=True,
+            )
+            shutil.rmtree(out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -208,6 +232,7 @@ def ladder_rung(name: str, work: Path, repeats: int, env: dict[str, str], startu
     for side, runs in results.items():
         seconds = statistics.median(x["seconds"] for x in runs)
         peak = max(x["peak_rss"] for x in runs)
+        split = {k: statistics.median(x["split"].get(k, 0.0) for x in runs) for k in runs[0].get("split", {})}
         rows.append(
             {
                 "model": name,
@@ -216,16 +241,25 @@ def ladder_rung(name: str, work: Path, repeats: int, env: dict[str, str], startu
                 "side": side,
                 "seconds": seconds,
                 "x_cp": seconds / cp,
+                "copy_s": split.get("copy"),
+                "copy_wait_s": split.get("wait"),
+                "plan_s": split.get("plan"),
+                "verify_s": split.get("verify"),
                 "peak_rss_mib": peak / 2**20,
                 "beyond_startup_x_size": (peak - startup_rss) / size if side != "cp -r" else None,
             }
         )
-    return {"rows": rows, "verify": verify, "runs": results}
+    return {"rows": rows, "runs": results}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["1b", "3b"], choices=[s for s in SHAPES if s != "tiny"])
+    parser.add_argument("--sizes", nargs="+", default=["1.5gb", "1b", "3b"], choices=[s for s in SHAPES if s != "tiny"])
+    parser.add_argument(
+        "--no-verify-run",
+        action="store_true",
+        help="skip the once-per-rung default convert (which verifies: in memory, or layer by layer)",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="only the tiny rung, once")
@@ -240,21 +274,36 @@ def main() -> None:
         startup = run(cli("convert", str(work / "startup"), "--out", str(work / "startup-out"), "--no-verify"), env)
         shutil.rmtree(work / "startup-out")
         print(f"CLI start-up (tiny convert): peak RSS {startup['peak_rss'] / 2**20:.0f} MiB", flush=True)
-        rungs = {name: ladder_rung(name, work, repeats, env, startup["peak_rss"]) for name in sizes}
+        rungs = {
+            name: ladder_rung(name, work, repeats, env, startup["peak_rss"], not args.no_verify_run) for name in sizes
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = [row for rung in rungs.values() for row in rung["rows"]]
     print()
     C.print_table(
-        rows, ["model", "size_gb", "files", "side", "seconds", "x_cp", "peak_rss_mib", "beyond_startup_x_size"]
+        rows,
+        [
+            "model",
+            "size_gb",
+            "files",
+            "side",
+            "seconds",
+            "x_cp",
+            "plan_s",
+            "copy_s",
+            "copy_wait_s",
+            "verify_s",
+            "peak_rss_mib",
+            "beyond_startup_x_size",
+        ],
     )
-    for name, rung in rungs.items():
-        print(f"{name} verify: {rung['verify']}")
+    print(f"load average at the end: {os.getloadavg()}")
     payload = {
         "settings": {"sizes": sizes, "repeats": repeats},
         "startup_peak_rss": startup["peak_rss"],
         "rows": rows,
-        "verify": {name: rung["verify"] for name, rung in rungs.items()},
+        "load_average_end": os.getloadavg(),
         "runs": {
             name: {k: [{kk: vv for kk, vv in x.items() if kk != "stdout"} for x in v] for k, v in rung["runs"].items()}
             for name, rung in rungs.items()

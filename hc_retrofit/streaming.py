@@ -378,7 +378,7 @@ def write_plan(
         if check is not None:
             started = time.perf_counter()
             check(tmp)
-            timings["verify"] = time.perf_counter() - started
+            timings["checks"] = time.perf_counter() - started
         outputs.replace_dir(tmp, out)
     except BaseException:
         copier.cancel()
@@ -410,7 +410,7 @@ class StreamSummary(ConvertSummary):
     verify_loading: str | None = None  # how verify ran: "in memory" or "layer by layer" (larger than memory)
     timings: dict[str, float] = field(
         default_factory=dict
-    )  # seconds: plan, files (HC shard, config, tokenizer, code), copy, copy wait, verify
+    )  # seconds: plan, files (HC shard, config, tokenizer, code), copy, copy wait, checks, verify
 
 
 def stream_convert(
@@ -463,7 +463,9 @@ def stream_convert(
         if check is not None:
             check(directory)
         if verify:
+            started = time.perf_counter()
             loading.append(verify_streamed(directory, plan.dtype, progress=say))
+            timings["verify"] = time.perf_counter() - started
 
     out, linked = write_plan(
         plan,

@@ -524,12 +524,20 @@ def _save_model(
 
 
 def _unsharded_copy(sharded: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """A CPU model with ``sharded``'s structure (incl. hyper-connections) holding ``state_dict``."""
+    """A CPU model with ``sharded``'s structure (incl. hyper-connections) holding ``state_dict``.
+
+    A model converted on the fly has the plain class: its sites are rebuilt from the structure its
+    config records (the one it was converted with, proven or discovered), never looked up anew.
+    """
+    from hc_retrofit.families import recorded_family
     from hc_retrofit.patch import convert
 
     model = type(sharded)._from_config(sharded.config, dtype=torch.float32)
     if hyper_connection_sites(sharded) and not hyper_connection_sites(model):
-        convert(model, sharded.hc_config)  # converted on the fly: the class is the plain one
+        family = recorded_family(sharded.config)
+        if family is None:
+            raise TrainingError("the trained model records no hyper-connection structure; cannot gather it to save")
+        convert(model, sharded.hc_config, family=family)
     model.load_state_dict(state_dict, strict=True)
     return model
 

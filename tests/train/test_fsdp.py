@@ -4,7 +4,9 @@ accelerate accepts FSDP without a GPU (``use_cpu: true`` in recipes/accelerate/f
 is the launcher and the code path a GPU run takes, on gloo. It trains a converted model a few steps
 and checks: every parameter, base and HC, is a sharded DTensor; the loss of each step equals a
 1-process run with the same global batch; the final save is gathered into one checkpoint that
-`verify --trained` reads, holding the same weights as the 1-process run's.
+`verify --trained` reads, holding the same weights as the 1-process run's; and a run resumed
+(``--resume``) from the sharded ``save_state`` mid-run ends where the uninterrupted run ends (the
+same losses and final weights).
 """
 
 from __future__ import annotations
@@ -52,15 +54,20 @@ def test_fsdp2_two_cpu_processes_match_one_process(tokenizer, corpus, cache_dir,
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
         "HC_PREPARED_RECORD": str(record),
     }
-    cmd = [
-        "accelerate", "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp_cpu.yaml"),
-        "--main_process_port", str(_free_port()), str(HERE / "fsdp_run.py"),
-        "train", str(converted), "--data", str(corpus), "--out", str(out), "--block-size", "32",
-        "--batch-size", "2", "--max-steps", "3", "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "2",
-        "--eval-batches", "2", "--eval-fraction", "0.1", "--save-every", "2", "--cache-dir", cache_dir, "--no-progress",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def launch(run_dir: Path, *extra: str) -> None:
+        cmd = [
+            "accelerate", "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp_cpu.yaml"),
+            "--main_process_port", str(_free_port()), str(HERE / "fsdp_run.py"),
+            "train", str(converted), "--data", str(corpus), "--out", str(run_dir), "--block-size", "32",
+            "--batch-size", "2", "--max-steps", "3", "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "2",
+            "--eval-batches", "2", "--eval-fraction", "0.1", "--save-every", "2", "--cache-dir", cache_dir,
+            "--no-progress", *extra,
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch(out)
 
     # one gloo group of two processes, every parameter sharded across them (HC sites with their layer)
     assert json.loads((out / "summary.json").read_text())["num_processes"] == 2
@@ -103,3 +110,45 @@ def test_fsdp2_two_cpu_processes_match_one_process(tokenizer, corpus, cache_dir,
     assert got.keys() == want.keys()
     for key in got:
         torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=0, msg=key)
+
+    # interrupted after the sharded checkpoint at step 2 (what a crash in step 2 leaves), then --resume:
+    # the same loss curve and the same final weights as the uninterrupted run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("final", "summary.json", "loss.png"))
+    rows_cut = [r for r in read_metrics(out) if r.get("step", 0) < 2]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_cut))
+    launch(resumed, "--resume")
+    assert json.loads((resumed / "summary.json").read_text())["start_step"] == 2
+    rows_resumed = read_metrics(resumed)
+    assert [r["step"] for r in rows_resumed] == [r["step"] for r in rows]
+    for a, b in zip(rows_resumed, rows, strict=True):
+        for key in ("loss", "eval_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a["step"])
+    got = persist.load_converted(resumed / "final").state_dict()
+    want = persist.load_converted(out / "final").state_dict()
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_the_gathered_copy_of_a_model_converted_on_the_fly_uses_its_recorded_structure(tokenizer) -> None:
+    """The FSDP final save rebuilds a plain-class model's sites from the structure its config records."""
+    import hc_retrofit
+    from hc_retrofit.families import STRUCTURE_KEY
+    from hc_retrofit.train.errors import TrainingError
+    from hc_retrofit.train.loop import _unsharded_copy
+
+    model = hc_retrofit.convert(tiny_lm(tokenizer), HCConfig(num_streams=2, variant="dynamic"))
+    with torch.no_grad():
+        for p in hc_retrofit.hyper_connection_sites(model)[1].parameters():  # away from init: a copy must carry it
+            p.add_(0.1)
+    recorded = getattr(model.config, STRUCTURE_KEY)
+    copy = _unsharded_copy(model, model.state_dict())
+    assert type(copy) is type(model) and getattr(copy.config, STRUCTURE_KEY) == recorded
+    ids = torch.randint(3, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(copy.eval()(ids).logits, model.eval()(ids).logits, atol=0, rtol=0)
+    delattr(model.config, STRUCTURE_KEY)
+    with pytest.raises(TrainingError, match="records no hyper-connection structure"):
+        _unsharded_copy(model, model.state_dict())
