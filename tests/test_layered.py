@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import save_base, train_a_few_steps
+from tests.checkpoints import save_base, train_a_few_steps
 from safetensors.torch import load_file, save_file
 
 from hc_retrofit import layered, layered_verify, persist
