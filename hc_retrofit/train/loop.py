@@ -242,16 +242,28 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = 
     accelerator = make_accelerator(cfg, out)
     warn_if_alone(accelerator.num_processes)
     _check_fsdp_dtype(cfg, accelerator)
+    existed = out.exists()
     aside = _prepare_out_dir(cfg, out, accelerator)
     try:
         result = _train_in(cfg, out, accelerator, model, tokenizer)
     except BaseException:
         if aside is not None and accelerator.is_main_process:
             _after_failed_overwrite(out, aside, accelerator)
+        elif accelerator.is_main_process:
+            _after_failed_start(out, existed=existed)
         raise
     if aside is not None and accelerator.is_main_process:
         shutil.rmtree(aside, ignore_errors=True)  # the new run is complete: now the old one may go
     return result
+
+
+def _after_failed_start(out: Path, *, existed: bool) -> None:
+    """A run that failed before writing anything but the marker leaves no trace (and no directory it made)."""
+    if [p.name for p in out.iterdir()] != [outputs.MARKER]:
+        return  # it wrote something (metrics, checkpoints) worth reading or resuming
+    (out / outputs.MARKER).unlink()
+    if not existed:
+        out.rmdir()
 
 
 def _after_failed_overwrite(out: Path, aside: Path, accelerator: Any) -> None:

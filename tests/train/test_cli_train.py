@@ -94,7 +94,14 @@ def test_encoders_and_vision_models_are_refused_in_one_line(corpus, tmp_path, ca
     assert run_cli("train", path, "--data", corpus, "--out", tmp_path / "o", "--no-progress") == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "causal" in last, last
-    assert not (tmp_path / "o" / "final").exists()
+    assert not (tmp_path / "o").exists()  # a refused run leaves nothing behind
+
+
+def test_a_refused_run_in_an_existing_empty_dir_keeps_the_dir_and_leaves_no_marker(plain_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    assert run_cli("train", plain_dir, "--data", tmp_path / "no-such.txt", "--out", out, "--no-progress") == 1
+    assert out.is_dir() and not any(out.iterdir())  # the user's directory stays, as it was
 
 
 def test_demo_quick_retrofits_the_bundled_pretrained_model(tmp_path, capsys):
