@@ -216,7 +216,9 @@ def ladder_rung(
             if "verified exact" not in res["stdout"]:
                 raise RuntimeError(f"convert did not verify exact:\n{res['stdout']}")
             res["split"] = time_split(res["stdout"])
-            res["layer_by_layer"] = "verified exact (layer by layer)" in res["stdout"]
+            res["layer_by_layer"] = "verified exact (layer by layer)" in " ".join(
+                res["stdout"].split()
+            )  # table may wrap
             results["convert (verifies)"] = [res]
             print(
                 f"[{name}] convert (verifies{', layer by layer' if res['layer_by_layer'] else ', in memory'}): "

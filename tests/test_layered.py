@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.checkpoints import save_base, train_a_few_steps
 from safetensors.torch import load_file, save_file
 
 from hc_retrofit import layered, layered_verify, persist
@@ -14,6 +13,7 @@ from hc_retrofit.config import HCConfig
 from hc_retrofit.conversion import convert_checkpoint
 from hc_retrofit.errors import CheckpointError
 from hc_retrofit.verify import LAYERS, MEMORY, choose_mode, verify_checkpoint
+from tests.checkpoints import save_base, train_a_few_steps
 
 
 @pytest.fixture(autouse=True)
