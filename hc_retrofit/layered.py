@@ -28,9 +28,8 @@ import torch
 from torch import nn
 
 from hc_retrofit.errors import CheckpointError
+from hc_retrofit.shard_copy import INDEX_FILE, SINGLE_FILE
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,

@@ -36,6 +36,7 @@ from hc_retrofit.connections import HyperConnection
 from hc_retrofit.conversion import ConvertSummary, count_parameters
 from hc_retrofit.errors import HCRetrofitError
 from hc_retrofit.families import FAMILIES, family_for
+from hc_retrofit.layered import ST_DTYPES
 from hc_retrofit.patch import convert, decoder_layers, hyper_connection_sites
 from hc_retrofit.persist import (
     check_output_dir,
@@ -57,19 +58,7 @@ from hc_retrofit.shard_copy import (
 
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.py"]
 
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
 class CannotStream(Exception):
@@ -223,7 +212,7 @@ def _target_dtype(requested: str | torch.dtype, base_config: Any, first: dict[st
         return configured
     if first is not None:
         for entry in first.values():
-            dtype = _ST_DTYPES.get(entry["dtype"])
+            dtype = ST_DTYPES.get(entry["dtype"])
             if dtype is not None and dtype.is_floating_point:
                 return dtype
     return torch.get_default_dtype()
@@ -273,7 +262,7 @@ def plan_streaming(
             if key not in expected:
                 raise CannotStream(f"its tensor {key} is not a parameter of {type(model).__name__}")
             want = expected[key]
-            stored = _ST_DTYPES.get(entry.get("dtype"))
+            stored = ST_DTYPES.get(entry.get("dtype"))
             if stored is None:
                 raise CannotStream(f"tensor {key} has dtype {entry.get('dtype')}")
             if list(entry["shape"]) != list(want.shape):
@@ -294,7 +283,7 @@ def _reencode(shard: Shard, dst: Path) -> None:
     from safetensors import safe_open
 
     dst.unlink(missing_ok=True)  # never write through a hard link (an early copy may have linked the base shard)
-    specs = {k: (shard.cast.get(k, _ST_DTYPES[e["dtype"]]), list(e["shape"])) for k, e in shard.tensors.items()}
+    specs = {k: (shard.cast.get(k, ST_DTYPES[e["dtype"]]), list(e["shape"])) for k, e in shard.tensors.items()}
     names = sorted(shard.tensors, key=lambda k: shard.tensors[k]["data_offsets"][0])
     with safe_open(str(shard.source.resolve()), framework="pt") as f:
         write_safetensors(dst, names, f.get_tensor, specs, shard.metadata or {"format": "pt"})
@@ -348,7 +337,7 @@ def write_plan(
         for shard in plan.shards:
             for key, entry in shard.tensors.items():
                 weight_map[key] = shard.name
-                dtype = shard.cast.get(key, _ST_DTYPES[entry["dtype"]])
+                dtype = shard.cast.get(key, ST_DTYPES[entry["dtype"]])
                 total += torch.Size(entry["shape"]).numel() * torch.empty((), dtype=dtype).element_size()
         save_file(plan.hc_tensors, str(tmp / HC_SHARD), metadata={"format": "pt"})
         for key, tensor in plan.hc_tensors.items():
