@@ -17,6 +17,7 @@ import torch
 from hc_retrofit.errors import CheckpointError, HCRetrofitError
 from hc_retrofit.persist import (
     BASE_KEY,
+    DTYPES,
     load_base_model,
     load_converted,
     load_tokenizer,
@@ -115,9 +116,9 @@ def stored_dtype(converted_dir: str | os.PathLike) -> torch.dtype:
     both models then compute in float32): the same rounding on both sides, an exact conversion agrees.
     """
     config = read_config_dict(converted_dir)
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    dtype = DTYPES.get(name)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 MODES = ("auto", "memory", "layers")

@@ -81,7 +81,7 @@ class _KnownTiesFilter(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet_known_ties(models: list[Any]) -> Iterator[None]:
-    names = set().union(*(tied_names(m) for m in models)) if models else set()
+    names = set().union(*(tied_names(m) for m in models))
     accelerate_logger = logging.getLogger("accelerate.utils.other")
     notice = _KnownTiesFilter(names)
     accelerate_logger.addFilter(notice)
