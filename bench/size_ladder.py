@@ -3,6 +3,7 @@
     python bench/size_ladder.py                    # 1.5 GB, 1B and 3B llama shapes
     python bench/size_ladder.py --sizes 1b 3b 8b   # + 8B (~16 GB; needs ~50 GB free disk)
     python bench/size_ladder.py --quick            # a tiny rung, smoke test
+    python bench/size_ladder.py --cold             # each command reads the checkpoint from disk
 
 Each rung is a synthetic random bf16 checkpoint with the config of a real model (Llama-3.2-1B,
 Llama-3.2-3B, Llama-3.1-8B) sharded as that model is on the Hub (5 GB shards; the 1B is one file;
@@ -162,6 +163,16 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     return {"seconds": seconds, "peak_rss": float(int(lines[-1]) * 1024), "stdout": proc.stdout}
 
 
+def evict(directory: Path) -> None:
+    """Drop ``directory``'s files from the page cache (flushed first: dirty pages cannot be dropped),
+    so that the next command reads them from disk: a cold start, as for a checkpoint downloaded
+    some time ago. ``posix_fadvise(DONTNEED)`` needs no privileges."""
+    for file in directory.iterdir():
+        with open(file, "rb+") as f:
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "hc_retrofit", *args]
 
@@ -181,7 +192,7 @@ def time_split(stdout: str) -> dict[str, float]:
 
 
 def ladder_rung(
-    name: str, work: Path, repeats: int, env: dict[str, str], startup_rss: float, verify: bool
+    name: str, work: Path, repeats: int, env: dict[str, str], startup_rss: float, verify: bool, cold: bool = False
 ) -> dict[str, Any]:
     ckpt = work / f"llama-{name}"
     t0 = time.perf_counter()
@@ -199,6 +210,8 @@ def ladder_rung(
         for r in range(repeats):
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
             for side in order:
+                if cold:
+                    evict(ckpt)
                 res = run(sides[side](out), env)
                 if side.startswith("convert"):
                     if "streamed" not in res["stdout"]:
@@ -212,6 +225,8 @@ def ladder_rung(
                 )
                 shutil.rmtree(out)
         if verify:  # the default convert: verify before the rename (in memory, or layer by layer if too large)
+            if cold:
+                evict(ckpt)
             res = run(cli("convert", str(ckpt), "--out", str(out)), env)
             if "verified exact" not in res["stdout"]:
                 raise RuntimeError(f"convert did not verify exact:\n{res['stdout']}")
@@ -263,6 +278,11 @@ def main() -> None:
         help="skip the once-per-rung default convert (which verifies: in memory, or layer by layer)",
     )
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the checkpoint from the page cache before every command (default: warm, just written)",
+    )
     parser.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="only the tiny rung, once")
     parser.add_argument("--out", default=None)
@@ -277,7 +297,8 @@ def main() -> None:
         shutil.rmtree(work / "startup-out")
         print(f"CLI start-up (tiny convert): peak RSS {startup['peak_rss'] / 2**20:.0f} MiB", flush=True)
         rungs = {
-            name: ladder_rung(name, work, repeats, env, startup["peak_rss"], not args.no_verify_run) for name in sizes
+            name: ladder_rung(name, work, repeats, env, startup["peak_rss"], not args.no_verify_run, args.cold)
+            for name in sizes
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -300,9 +321,10 @@ def main() -> None:
             "beyond_startup_x_size",
         ],
     )
+    print(f"page cache: {'cold (evicted before each command)' if args.cold else 'warm'}")
     print(f"load average at the end: {os.getloadavg()}")
     payload = {
-        "settings": {"sizes": sizes, "repeats": repeats},
+        "settings": {"sizes": sizes, "repeats": repeats, "cold": args.cold},
         "startup_peak_rss": startup["peak_rss"],
         "rows": rows,
         "load_average_end": os.getloadavg(),

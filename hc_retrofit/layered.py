@@ -7,6 +7,13 @@ parameters outside the decoder layers (embeddings, final norm, head) are loaded 
 decoder layer's tensors are read from the safetensors files when the layer is called and dropped
 when it returns (hooks on the layer). Peak memory: the non-layer parameters plus one layer.
 
+A verify runs the model 13 times (the probe batch, then one pass per greedy token), and reading
+every layer from disk for each pass made an 8B verify take an hour on this machine. So the loader
+keeps layers' *stored* tensors (e.g. bfloat16, half their float32 size) in memory up to a byte
+budget (``keep_bytes``: what the memory has room for): the first pass reads each layer once, and
+later passes read from disk only the layers that did not fit. The budget is filled in layer
+order and never evicted (an LRU cache over a cyclic scan longer than itself would hit nothing).
+
 Everything else is the model's own code (masks, rotary, KV cache, ``generate()``), with the same
 float32 weights as an in-memory load, so the outputs are the same numbers, bit for bit.
 
@@ -49,7 +56,20 @@ class LayeredUnavailable(Exception):
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (``MemAvailable``), or ``None`` if unknown."""
+    """Bytes of memory available to a new allocation, or ``None`` if unknown.
+
+    The system's ``MemAvailable``, capped by the cgroup's room (a container's memory limit minus
+    its working set, i.e. usage less the reclaimable file cache, as the kubelet counts it):
+    inside a container ``/proc/meminfo`` describes the host, and trusting it would get us killed.
+    """
+    system = _system_available()
+    room = _cgroup_room()
+    if system is None or room is None:
+        return system if room is None else room
+    return min(system, room)
+
+
+def _system_available() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -63,6 +83,47 @@ def available_memory() -> int | None:
     with contextlib.suppress(ValueError, OSError, AttributeError):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return None
+
+
+CGROUPS = (  # (limit, usage, stat file, its reclaimable-cache key): cgroup v2, then v1
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
+    (
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        "/sys/fs/cgroup/memory/memory.stat",
+        "total_inactive_file",
+    ),
+)
+
+
+def _cgroup_room(root: str = "") -> int | None:
+    """The cgroup's memory limit minus its working set, or ``None`` if there is no (readable) limit."""
+    for limit_file, usage_file, stat_file, cache_key in CGROUPS:
+        try:
+            limit_text = Path(root + limit_file).read_text().strip()
+            usage = int(Path(root + usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if not limit_text.isdigit() or int(limit_text) >= 2**60:  # "max", or v1's "no limit" (~2^63)
+            return None
+        cache = 0
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(root + stat_file).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == cache_key:
+                    cache = int(value)
+        return max(0, int(limit_text) - max(0, usage - cache))
+    return None
+
+
+def keep_budget(loader: LayerLoader, headroom: int = 2**30) -> int:
+    """What ``loader`` may keep of its layers between passes: the available memory less room for
+    the run itself (two layers in float32, ``headroom`` and a tenth of what is available)."""
+    available = available_memory()
+    if available is None:
+        return 0
+    working = 2 * max(loader.layer_bytes(itemsize=4), default=0) + headroom + available // 10
+    return max(0, available - working)
 
 
 # ----------------------------------------------------------------------------- safetensors files
@@ -184,9 +245,14 @@ class LayerLoader:
         *,
         source: str = "the checkpoint",
         strict: bool = False,
+        keep_bytes: int = 0,
     ) -> None:
         self.model, self.layers, self.tensors, self.cast = model, layers, tensors, cast
         self.loaded_bytes = 0  # largest amount of layer tensors held at once
+        self.read_bytes = 0  # bytes read from the files so far
+        self.keep_bytes = keep_bytes  # budget for stored layer tensors kept between passes
+        self.kept_bytes = 0
+        self._kept: dict[str, torch.Tensor] = {}
         self._held = 0
         self._hooks: list[Any] = []
         expected = model.state_dict(keep_vars=True)
@@ -219,7 +285,9 @@ class LayerLoader:
                 self._layer_names[int(index)].append(name)
             else:
                 resident.append(name)
+        self._layers_built = False  # the resident tensors stay in the model: never kept twice
         self._place(resident)
+        self._layers_built = True
         for index, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._loader(index)))
             self._hooks.append(layer.register_forward_hook(self._unloader(index)))
@@ -235,7 +303,7 @@ class LayerLoader:
                 continue  # tied to a tensor loaded already
             stored = self._source[name]
             if stored not in values:
-                values[stored] = self.cast(stored, self.tensors[stored].read())
+                values[stored] = self.cast(stored, self._stored(stored))
             value = values[stored]
             before[name] = current
             if leaf in module._parameters:
@@ -245,6 +313,28 @@ class LayerLoader:
         self._held += sum(v.numel() * v.element_size() for v in values.values())
         self.loaded_bytes = max(self.loaded_bytes, self._held)
         return before
+
+    def _stored(self, key: str) -> torch.Tensor:
+        """Checkpoint tensor ``key`` as stored: kept in memory, or read (and kept if the budget allows).
+
+        Called for the non-layer tensors once (they stay in the model) and for layer tensors per pass."""
+        kept = self._kept.get(key)
+        if kept is not None:
+            return kept
+        tensor = self.tensors[key].read()
+        self.read_bytes += tensor.nbytes
+        if self._layers_built and self.kept_bytes + tensor.nbytes <= self.keep_bytes:
+            self._kept[key] = tensor
+            self.kept_bytes += tensor.nbytes
+        return tensor
+
+    def layer_bytes(self, itemsize: int | None = None) -> list[int]:
+        """Bytes of each decoder layer's checkpoint tensors: as stored, or at ``itemsize`` bytes an element."""
+        sizes = []
+        for names in self._layer_names:
+            stored = [self.tensors[k] for k in {self._source[n] for n in names}]
+            sizes.append(sum(t.nbytes if itemsize is None else t.nbytes // t.dtype.itemsize * itemsize for t in stored))
+        return sizes
 
     def _loader(self, index: int) -> Callable[..., None]:
         def load(module: nn.Module, args: Any) -> None:
@@ -278,3 +368,5 @@ class LayerLoader:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self._kept.clear()
+        self.kept_bytes = 0
