@@ -20,6 +20,9 @@ from typing import Any
 
 from hc_retrofit.compare.runner import COMPARE_FILE, TrialOutcome, is_finished, read_outcome
 from hc_retrofit.compare.spec import Arm, CompareSpec, Trial
+from hc_retrofit.log import get_logger
+
+logger = get_logger(__name__)
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "compare.png"
@@ -210,7 +213,11 @@ def plot_compare(curves: dict[str, list[TrialOutcome]], out_png: Path) -> Path:
     ax_tok, ax_sec = fig.subplots(1, 2, sharey=True)
     for i, (name, runs) in enumerate(curves.items()):
         points = mean_curve(runs)
-        if not points:
+        if not points:  # said, in the legend and as a warning, rather than an arm silently missing
+            why = "no run" if not runs else f"no eval step after 0 shared by its {len(runs)} run(s)"
+            logger.warning("%s: %s is not plotted (%s)", out_png.name, name, why)
+            for ax in (ax_tok, ax_sec):
+                ax.plot([], [], color=f"C{i}", lw=0, marker="x", label=f"{name}: not plotted ({why})")
             continue
         tokens, seconds, loss = zip(*points, strict=True)
         style = dict(color=f"C{i}", marker="o", ms=3, lw=1.6, label=f"{name} ({len(runs)} seed(s))")

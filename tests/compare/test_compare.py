@@ -215,3 +215,23 @@ def test_bad_specs_are_one_clear_error(change, message, tmp_path):
     with pytest.raises(TrainingError, match=message):
         spec.validate()
     assert not (tmp_path / "x").exists()
+
+
+def test_an_arm_without_a_shared_eval_step_is_said_not_dropped(tmp_path, caplog):
+    from hc_retrofit.compare.report import mean_curve, plot_compare
+    from hc_retrofit.compare.runner import CurvePoint, TrialOutcome
+
+    def run(arm: Arm, seed: int, steps: list[int]) -> TrialOutcome:
+        curve = [CurvePoint(s, 100 * s, 1.0 * s, 2.0, 3.0 - 0.1 * s) for s in [0, *steps]]
+        return TrialOutcome(Trial(arm, 1e-3, None, seed), "x", 2.0, 2.9, curve=curve)
+
+    plain, hc = Arm(), Arm("mhc", 4)
+    curves = {plain.name: [run(plain, 0, [2, 4]), run(plain, 1, [2, 4])], hc.name: [run(hc, 0, [2]), run(hc, 1, [3])]}
+    assert [p[0] for p in mean_curve(curves[plain.name])] == [200, 400]
+    assert mean_curve(curves[hc.name]) == []  # its seeds share no eval step after 0
+    with caplog.at_level("WARNING", logger="hc_retrofit"):
+        png = plot_compare(curves, tmp_path / "compare.png")
+    assert png.is_file()
+    assert any(
+        "mhc n=4 is not plotted (no eval step after 0 shared by its 2 run(s))" in r.message for r in caplog.records
+    )
