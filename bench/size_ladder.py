@@ -167,7 +167,7 @@ def evict(directory: Path) -> None:
     """Drop ``directory``'s files from the page cache (flushed first: dirty pages cannot be dropped),
     so that the next command reads them from disk: a cold start, as for a checkpoint downloaded
     some time ago. ``posix_fadvise(DONTNEED)`` needs no privileges."""
-    for file in directory.iterdir():
+    for file in (f for f in directory.iterdir() if f.is_file()):
         with open(file, "rb+") as f:
             os.fsync(f.fileno())
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
@@ -192,7 +192,14 @@ def time_split(stdout: str) -> dict[str, float]:
 
 
 def ladder_rung(
-    name: str, work: Path, repeats: int, env: dict[str, str], startup_rss: float, verify: bool, cold: bool = False
+    name: str,
+    work: Path,
+    repeats: int,
+    env: dict[str, str],
+    startup_rss: float,
+    verify: bool,
+    cold: bool = False,
+    verify_ab: bool = False,
 ) -> dict[str, Any]:
     ckpt = work / f"llama-{name}"
     t0 = time.perf_counter()
@@ -240,6 +247,18 @@ def ladder_rung(
                 f"{res['seconds']:.1f} s, peak RSS {res['peak_rss'] / 2**20:.0f} MiB, split {res['split']}",
                 flush=True,
             )
+            for extra in ([], ["--reread-layers"]) if verify_ab else ():  # layers kept between passes, or re-read
+                side = " ".join(["verify --mode layers", *extra])
+                if cold:
+                    evict(ckpt)
+                    evict(out)
+                res = run(cli("verify", str(out), "--mode", "layers", *extra), env)
+                if "equivalent" not in res["stdout"] or "NOT equivalent" in res["stdout"]:
+                    raise RuntimeError(f"{side} did not say equivalent:\n{res['stdout']}")
+                results[side] = [res]
+                print(
+                    f"[{name}] {side}: {res['seconds']:.1f} s, peak RSS {res['peak_rss'] / 2**20:.0f} MiB", flush=True
+                )
             shutil.rmtree(out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -279,6 +298,11 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
+        "--verify-ab",
+        action="store_true",
+        help="also time `verify --mode layers` with layers kept in memory and with --reread-layers",
+    )
+    parser.add_argument(
         "--cold",
         action="store_true",
         help="drop the checkpoint from the page cache before every command (default: warm, just written)",
@@ -297,7 +321,9 @@ def main() -> None:
         shutil.rmtree(work / "startup-out")
         print(f"CLI start-up (tiny convert): peak RSS {startup['peak_rss'] / 2**20:.0f} MiB", flush=True)
         rungs = {
-            name: ladder_rung(name, work, repeats, env, startup["peak_rss"], not args.no_verify_run, args.cold)
+            name: ladder_rung(
+                name, work, repeats, env, startup["peak_rss"], not args.no_verify_run, args.cold, args.verify_ab
+            )
             for name in sizes
         }
     finally:
@@ -324,7 +350,7 @@ def main() -> None:
     print(f"page cache: {'cold (evicted before each command)' if args.cold else 'warm'}")
     print(f"load average at the end: {os.getloadavg()}")
     payload = {
-        "settings": {"sizes": sizes, "repeats": repeats, "cold": args.cold},
+        "settings": {"sizes": sizes, "repeats": repeats, "cold": args.cold, "verify_ab": args.verify_ab},
         "startup_peak_rss": startup["peak_rss"],
         "rows": rows,
         "load_average_end": os.getloadavg(),
