@@ -194,11 +194,34 @@ def build_data(
     config_name: str | None = None,
     split: str = "train",
     cache_dir: str | None = None,
+    progress: bool = True,
 ) -> PackedData:
-    """Load, tokenise, pack and split ``source`` (see the module docstring)."""
-    docs = load_documents(source, text_column=text_column, config_name=config_name, split=split, cache_dir=cache_dir)
-    blocks = pack_documents(docs, tokenizer, block_size, text_column=text_column)
+    """Load, tokenise, pack and split ``source`` (see the module docstring).
+
+    ``progress=False``: without datasets' own bars (building the split, tokenising, packing), as a
+    run without a progress bar expects; their setting is restored afterwards.
+    """
+    with _datasets_progress(progress):
+        docs = load_documents(
+            source, text_column=text_column, config_name=config_name, split=split, cache_dir=cache_dir
+        )
+        blocks = pack_documents(docs, tokenizer, block_size, text_column=text_column)
     return PackedData(*split_blocks(blocks, eval_fraction, heldout_fraction))
+
+
+@contextlib.contextmanager
+def _datasets_progress(enabled: bool) -> Iterator[None]:
+    """datasets' progress bars off inside the block when not ``enabled``, then as they were."""
+    from datasets.utils import logging as datasets_logging
+
+    switch = not enabled and datasets_logging.is_progress_bar_enabled()
+    if switch:
+        datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if switch:
+            datasets_logging.enable_progress_bar()
 
 
 class BatchSchedule:

@@ -297,6 +297,7 @@ def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | 
             config_name=cfg.dataset_config,
             split=cfg.dataset_split,
             cache_dir=cfg.cache_dir,
+            progress=main and bool(cfg.progress),
         )
     schedule = BatchSchedule(len(data.train), cfg.batch_size, seed=cfg.seed, world_size=world, rank=rank)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world

@@ -147,9 +147,7 @@ def test_verify_layer_by_layer(cli, converted_dir: Path) -> None:
     assert result.exit_code == 1 and result.output.startswith("error: ") and "--mode" in result.output
 
 
-def test_verify_layer_by_layer_kept_or_reread_gives_the_same_report(
-    cli, converted_dir: Path, monkeypatch
-) -> None:
+def test_verify_layer_by_layer_kept_or_reread_gives_the_same_report(cli, converted_dir: Path, monkeypatch) -> None:
     from hc_retrofit import layered_verify
 
     budgets: list[bool] = []

@@ -117,3 +117,17 @@ def test_eval_shards_give_every_process_the_same_number_of_batches():
     assert len({len(s) for s in shards}) == 1
     real = sorted(i for s in shards for idx, w in s for i, wt in zip(idx, w, strict=True) if wt > 0)
     assert real == list(range(7))
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_datasets_bars_only_with_progress_and_their_setting_restored(tokenizer, tmp_path, capfd, progress):
+    from datasets.utils import logging as datasets_logging
+
+    path = tmp_path / "a.txt"
+    path.write_text("\n\n".join(f"paragraph {i}: " + "words " * 20 for i in range(50)))
+    assert datasets_logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    build_data(path, tokenizer, 8, eval_fraction=0.1, cache_dir=str(tmp_path / "cache"), progress=progress)
+    err = capfd.readouterr().err
+    assert ("Tokenising" in err and "Packing into blocks of 8" in err) is progress  # a fresh cache: work to show
+    assert datasets_logging.is_progress_bar_enabled()  # the caller's setting is left as it was
