@@ -285,15 +285,15 @@ class LayerLoader:
                 self._layer_names[int(index)].append(name)
             else:
                 resident.append(name)
-        self._layers_built = False  # the resident tensors stay in the model: never kept twice
-        self._place(resident)
-        self._layers_built = True
+        self._place(resident)  # these stay in the model: not kept a second time
         for index, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._loader(index)))
             self._hooks.append(layer.register_forward_hook(self._unloader(index)))
 
-    def _place(self, names: list[str]) -> dict[str, Any]:
-        """Put the checkpoint values of ``names`` into the model; return what was there before."""
+    def _place(self, names: list[str], keep: bool = False) -> dict[str, Any]:
+        """Put the checkpoint values of ``names`` into the model; return what was there before.
+
+        ``keep``: keep what is read for the next call, as far as the budget allows (layer tensors)."""
         before: dict[str, Any] = {}
         values: dict[str, torch.Tensor] = {}
         for name in names:
@@ -303,7 +303,7 @@ class LayerLoader:
                 continue  # tied to a tensor loaded already
             stored = self._source[name]
             if stored not in values:
-                values[stored] = self.cast(stored, self._stored(stored))
+                values[stored] = self.cast(stored, self._stored(stored, keep))
             value = values[stored]
             before[name] = current
             if leaf in module._parameters:
@@ -314,16 +314,14 @@ class LayerLoader:
         self.loaded_bytes = max(self.loaded_bytes, self._held)
         return before
 
-    def _stored(self, key: str) -> torch.Tensor:
-        """Checkpoint tensor ``key`` as stored: kept in memory, or read (and kept if the budget allows).
-
-        Called for the non-layer tensors once (they stay in the model) and for layer tensors per pass."""
+    def _stored(self, key: str, keep: bool) -> torch.Tensor:
+        """Checkpoint tensor ``key`` as stored: kept in memory, or read (and kept if ``keep`` and the budget allows)."""
         kept = self._kept.get(key)
         if kept is not None:
             return kept
         tensor = self.tensors[key].read()
         self.read_bytes += tensor.nbytes
-        if self._layers_built and self.kept_bytes + tensor.nbytes <= self.keep_bytes:
+        if keep and self.kept_bytes + tensor.nbytes <= self.keep_bytes:
             self._kept[key] = tensor
             self.kept_bytes += tensor.nbytes
         return tensor
@@ -338,7 +336,7 @@ class LayerLoader:
 
     def _loader(self, index: int) -> Callable[..., None]:
         def load(module: nn.Module, args: Any) -> None:
-            self._restore = self._place(self._layer_names[index])
+            self._restore = self._place(self._layer_names[index], keep=True)
 
         return load
 
