@@ -199,7 +199,6 @@ def ladder_rung(
     startup_rss: float,
     verify: bool,
     cold: bool = False,
-    verify_ab: bool = False,
 ) -> dict[str, Any]:
     ckpt = work / f"llama-{name}"
     t0 = time.perf_counter()
@@ -247,18 +246,6 @@ def ladder_rung(
                 f"{res['seconds']:.1f} s, peak RSS {res['peak_rss'] / 2**20:.0f} MiB, split {res['split']}",
                 flush=True,
             )
-            for extra in ([], ["--reread-layers"]) if verify_ab else ():  # layers kept between passes, or re-read
-                side = " ".join(["verify --mode layers", *extra])
-                if cold:
-                    evict(ckpt)
-                    evict(out)
-                res = run(cli("verify", str(out), "--mode", "layers", *extra), env)
-                if "equivalent" not in res["stdout"] or "NOT equivalent" in res["stdout"]:
-                    raise RuntimeError(f"{side} did not say equivalent:\n{res['stdout']}")
-                results[side] = [res]
-                print(
-                    f"[{name}] {side}: {res['seconds']:.1f} s, peak RSS {res['peak_rss'] / 2**20:.0f} MiB", flush=True
-                )
             shutil.rmtree(out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -298,11 +285,6 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
-        "--verify-ab",
-        action="store_true",
-        help="also time `verify --mode layers` with layers kept in memory and with --reread-layers",
-    )
-    parser.add_argument(
         "--cold",
         action="store_true",
         help="drop the checkpoint from the page cache before every command (default: warm, just written)",
@@ -321,9 +303,7 @@ def main() -> None:
         shutil.rmtree(work / "startup-out")
         print(f"CLI start-up (tiny convert): peak RSS {startup['peak_rss'] / 2**20:.0f} MiB", flush=True)
         rungs = {
-            name: ladder_rung(
-                name, work, repeats, env, startup["peak_rss"], not args.no_verify_run, args.cold, args.verify_ab
-            )
+            name: ladder_rung(name, work, repeats, env, startup["peak_rss"], not args.no_verify_run, args.cold)
             for name in sizes
         }
     finally:
@@ -350,7 +330,7 @@ def main() -> None:
     print(f"page cache: {'cold (evicted before each command)' if args.cold else 'warm'}")
     print(f"load average at the end: {os.getloadavg()}")
     payload = {
-        "settings": {"sizes": sizes, "repeats": repeats, "cold": args.cold, "verify_ab": args.verify_ab},
+        "settings": {"sizes": sizes, "repeats": repeats, "cold": args.cold},
         "startup_peak_rss": startup["peak_rss"],
         "rows": rows,
         "load_average_end": os.getloadavg(),

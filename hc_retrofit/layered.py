@@ -7,13 +7,6 @@ parameters outside the decoder layers (embeddings, final norm, head) are loaded 
 decoder layer's tensors are read from the safetensors files when the layer is called and dropped
 when it returns (hooks on the layer). Peak memory: the non-layer parameters plus one layer.
 
-A verify runs the model 13 times (the probe batch, then one pass per greedy token), and reading
-every layer from disk for each pass made an 8B verify take an hour on this machine. So the loader
-keeps layers' *stored* tensors (e.g. bfloat16, half their float32 size) in memory up to a byte
-budget (``keep_bytes``: what the memory has room for): the first pass reads each layer once, and
-later passes read from disk only the layers that did not fit. The budget is filled in layer
-order and never evicted (an LRU cache over a cyclic scan longer than itself would hit nothing).
-
 Everything else is the model's own code (masks, rotary, KV cache, ``generate()``), with the same
 float32 weights as an in-memory load, so the outputs are the same numbers, bit for bit.
 
@@ -114,16 +107,6 @@ def _cgroup_room(root: str = "") -> int | None:
                     cache = int(value)
         return max(0, int(limit_text) - max(0, usage - cache))
     return None
-
-
-def keep_budget(loader: LayerLoader, headroom: int = 2**30) -> int:
-    """What ``loader`` may keep of its layers between passes: the available memory less room for
-    the run itself (two layers in float32, ``headroom`` and a tenth of what is available)."""
-    available = available_memory()
-    if available is None:
-        return 0
-    working = 2 * max(loader.layer_bytes(itemsize=4), default=0) + headroom + available // 10
-    return max(0, available - working)
 
 
 # ----------------------------------------------------------------------------- safetensors files
@@ -245,14 +228,9 @@ class LayerLoader:
         *,
         source: str = "the checkpoint",
         strict: bool = False,
-        keep_bytes: int = 0,
     ) -> None:
         self.model, self.layers, self.tensors, self.cast = model, layers, tensors, cast
         self.loaded_bytes = 0  # largest amount of layer tensors held at once
-        self.read_bytes = 0  # bytes read from the files so far
-        self.keep_bytes = keep_bytes  # budget for stored layer tensors kept between passes
-        self.kept_bytes = 0
-        self._kept: dict[str, torch.Tensor] = {}
         self._held = 0
         self._hooks: list[Any] = []
         expected = model.state_dict(keep_vars=True)
@@ -285,15 +263,13 @@ class LayerLoader:
                 self._layer_names[int(index)].append(name)
             else:
                 resident.append(name)
-        self._place(resident)  # these stay in the model: not kept a second time
+        self._place(resident)
         for index, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._loader(index)))
             self._hooks.append(layer.register_forward_hook(self._unloader(index)))
 
-    def _place(self, names: list[str], keep: bool = False) -> dict[str, Any]:
-        """Put the checkpoint values of ``names`` into the model; return what was there before.
-
-        ``keep``: keep what is read for the next call, as far as the budget allows (layer tensors)."""
+    def _place(self, names: list[str]) -> dict[str, Any]:
+        """Put the checkpoint values of ``names`` into the model; return what was there before."""
         before: dict[str, Any] = {}
         values: dict[str, torch.Tensor] = {}
         for name in names:
@@ -303,7 +279,7 @@ class LayerLoader:
                 continue  # tied to a tensor loaded already
             stored = self._source[name]
             if stored not in values:
-                values[stored] = self.cast(stored, self._stored(stored, keep))
+                values[stored] = self.cast(stored, self.tensors[stored].read())
             value = values[stored]
             before[name] = current
             if leaf in module._parameters:
@@ -314,29 +290,9 @@ class LayerLoader:
         self.loaded_bytes = max(self.loaded_bytes, self._held)
         return before
 
-    def _stored(self, key: str, keep: bool) -> torch.Tensor:
-        """Checkpoint tensor ``key`` as stored: kept in memory, or read (and kept if ``keep`` and the budget allows)."""
-        kept = self._kept.get(key)
-        if kept is not None:
-            return kept
-        tensor = self.tensors[key].read()
-        self.read_bytes += tensor.nbytes
-        if keep and self.kept_bytes + tensor.nbytes <= self.keep_bytes:
-            self._kept[key] = tensor
-            self.kept_bytes += tensor.nbytes
-        return tensor
-
-    def layer_bytes(self, itemsize: int | None = None) -> list[int]:
-        """Bytes of each decoder layer's checkpoint tensors: as stored, or at ``itemsize`` bytes an element."""
-        sizes = []
-        for names in self._layer_names:
-            stored = [self.tensors[k] for k in {self._source[n] for n in names}]
-            sizes.append(sum(t.nbytes if itemsize is None else t.nbytes // t.dtype.itemsize * itemsize for t in stored))
-        return sizes
-
     def _loader(self, index: int) -> Callable[..., None]:
         def load(module: nn.Module, args: Any) -> None:
-            self._restore = self._place(self._layer_names[index], keep=True)
+            self._restore = self._place(self._layer_names[index])
 
         return load
 
@@ -366,5 +322,3 @@ class LayerLoader:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        self._kept.clear()
-        self.kept_bytes = 0

@@ -18,7 +18,7 @@ import torch
 
 from hc_retrofit.errors import CheckpointError, HCRetrofitError
 from hc_retrofit.families import family_for
-from hc_retrofit.layered import LayeredUnavailable, LayerLoader, keep_budget, parameters_on_meta, stored_tensors
+from hc_retrofit.layered import LayeredUnavailable, LayerLoader, parameters_on_meta, stored_tensors
 from hc_retrofit.patch import decoder_layers
 from hc_retrofit.persist import (
     _converted_classes,
@@ -104,14 +104,11 @@ def layered_outputs(
     pad_of: Callable[[Any], int],
     base_failed: Callable[[HCRetrofitError], HCRetrofitError | None] = lambda _err: None,
     check_converted: Callable[[Any], None] = lambda _model: None,
-    keep_layers: bool = True,
 ) -> tuple[Any, torch.Tensor, Outputs, Outputs]:
     """``(converted model (meta weights), probe ids, base outputs, converted outputs)``; ``run(model,
     ids, new_tokens, pad)`` computes the outputs, exactly as the in-memory verify does.
     ``base_failed(err)``: the error to raise instead when the base cannot be loaded (``None``: ``err``);
-    ``check_converted(model)``: runs on the weightless converted model first (it raises to refuse).
-    ``keep_layers``: keep layers in memory between passes as far as it has room (:func:`keep_budget`),
-    so that each model's layers are read from disk about once instead of once per pass."""
+    ``check_converted(model)``: runs on the weightless converted model first (it raises to refuse)."""
     directory = Path(converted_dir)
     converted = _converted_skeleton(directory)
     check_converted(converted)  # e.g. a causal LM: refused before anything runs
@@ -130,8 +127,6 @@ def layered_outputs(
     converted_config = _converted_config(directory)
     ids = probe_batch(tokenizer, min(converted_config.vocab_size, base_model.config.vocab_size))
     pad = pad_of(base_model)
-    if keep_layers:
-        loader.keep_bytes = keep_budget(loader)
     reference = run(base_model, ids, new_tokens, pad)
     loader.close()
     del base_model, loader
@@ -140,8 +135,6 @@ def layered_outputs(
         loader = _converted_loader(converted, directory)
     except LayeredUnavailable as why:
         raise CheckpointError(f"cannot verify {directory} layer by layer: {why}") from why
-    if keep_layers:
-        loader.keep_bytes = keep_budget(loader)
     outputs = run(converted, ids, new_tokens, pad)
     loader.close()
     return converted, ids, reference, outputs

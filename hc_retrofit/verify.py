@@ -173,7 +173,6 @@ def verify_checkpoint(
     revision: str | None = None,
     base_dtype: torch.dtype | None = None,
     mode: str = "auto",
-    keep_layers: bool = True,
 ) -> VerifyReport:
     """Compare ``converted_dir`` with ``base`` (default: the base model recorded in it).
 
@@ -183,8 +182,6 @@ def verify_checkpoint(
     ``mode``: ``memory`` loads both models whole; ``layers`` runs them one after the other with one
     decoder layer in memory at a time (:mod:`hc_retrofit.layered`: the same numbers, for models
     larger than the memory); ``auto`` picks ``layers`` when both models would not fit.
-    ``keep_layers`` (layer by layer): keep the layers in memory between passes as far as there is
-    room, so each is read from disk once; ``False`` re-reads every layer on every pass (least memory).
     """
     require_converted_dir(converted_dir)
     recorded = base is None
@@ -237,7 +234,6 @@ def verify_checkpoint(
             pad_of=_pad_id,
             base_failed=base_failed,
             check_converted=require_causal,
-            keep_layers=keep_layers,
         )
     if ref.shape != got.shape:
         raise CheckpointError(

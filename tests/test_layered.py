@@ -115,68 +115,6 @@ def test_a_checkpoint_that_needs_key_conversions_is_refused_layer_by_layer(tmp_p
         verify_checkpoint(converted, mode="layers")
 
 
-def _loaders(monkeypatch: pytest.MonkeyPatch) -> list[layered.LayerLoader]:
-    """Every LayerLoader the layered verify builds (base first, then converted)."""
-    made: list[layered.LayerLoader] = []
-
-    class Recorded(layered.LayerLoader):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(layered_verify, "LayerLoader", Recorded)
-    return made
-
-
-def _outputs(converted: Path, **kwargs: object) -> tuple:
-    from hc_retrofit.verify import _pad_id, _run, base_model_of
-
-    _model, _ids, reference, outputs = layered_verify.layered_outputs(
-        converted, base_model_of(converted), revision=None, base_dtype=None, new_tokens=12, run=_run, pad_of=_pad_id,
-        **kwargs,
-    )  # fmt: skip
-    return reference, outputs
-
-
-def test_kept_layers_are_read_from_disk_once_with_the_same_numbers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    converted = Path(_convert(tmp_path, "llama-gqa-untied", HCConfig(variant="mhc")))
-    made = _loaders(monkeypatch)
-    reread = _outputs(converted, keep_layers=False)
-    (base_reread, converted_reread), made[:] = made, []
-    kept = _outputs(converted, keep_layers=True)
-    base_kept, converted_kept = made
-    for a, b in zip(reread, kept, strict=True):  # logits and greedy tokens, bit for bit
-        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    for loader_reread, loader_kept in ((base_reread, base_kept), (converted_reread, converted_kept)):
-        total = sum(t.nbytes for t in loader_kept.tensors.values())
-        layers = sum(loader_kept.layer_bytes())
-        resident = total - layers  # embeddings, final norm, head: read once either way
-        assert resident > 0 and layers > 0
-        assert loader_kept.read_bytes == total  # every tensor read once
-        assert loader_reread.read_bytes == resident + 13 * layers  # every pass reads every layer
-        assert loader_kept.kept_bytes == 0  # released by close()
-
-
-def test_the_keep_budget_is_filled_in_layer_order_and_never_exceeded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    converted = Path(_convert(tmp_path, "llama-gqa-untied", HCConfig(variant="static")))
-    made = _loaders(monkeypatch)
-
-    def one_layer(loader: layered.LayerLoader, headroom: int = 0) -> int:
-        return loader.layer_bytes()[0]  # room for the first layer only
-
-    monkeypatch.setattr(layered_verify, "keep_budget", one_layer)
-    _outputs(converted)
-    for loader in made:
-        layers = loader.layer_bytes()
-        resident = sum(t.nbytes for t in loader.tensors.values()) - sum(layers)
-        assert len(layers) > 1 and resident > 0
-        assert loader.read_bytes == resident + layers[0] + 13 * sum(layers[1:])  # layer 0 read once
-
-
 def test_available_memory_is_capped_by_the_cgroup_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     v2 = tmp_path / "v2" / "sys/fs/cgroup"
     v2.mkdir(parents=True)

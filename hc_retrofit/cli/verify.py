@@ -28,14 +28,6 @@ def verify_command(
             "for models larger than the memory; the same numbers), auto (layers when both would not fit).",
         ),
     ] = "auto",
-    reread_layers: Annotated[
-        bool,
-        typer.Option(
-            "--reread-layers",
-            help="Layer by layer: read every layer from disk on every pass instead of keeping layers in memory "
-            "as far as there is room (least memory, much slower).",
-        ),
-    ] = False,
 ) -> None:
     """Run DIR and its base model on a probe batch and compare logits, KL divergence and greedy generation.
 
@@ -51,7 +43,7 @@ def verify_command(
         mode = "layers" if choose_mode(directory) == LAYERS else "memory"
     doing = "running both models layer by layer" if mode == "layers" else "loading both models and comparing"
     with err_console.status(doing, spinner="dots"):
-        report = verify_checkpoint(directory, base, trained=trained, mode=mode, keep_layers=not reread_layers)
+        report = verify_checkpoint(directory, base, trained=trained, mode=mode)
     if as_json:
         console.print_json(json.dumps(report.to_dict()))
     else:
