@@ -11,7 +11,8 @@
    module after the branch is inside it) or ``h + y1 + y2`` of two children (a parallel site). The
    new stream is what a later child reads, or the layer's output. Which kind a site is follows from
    the modules: an entry that is a norm and an exit that is a norm is ``sandwich``, an entry that is
-   not a norm is ``post_norm``, two exits ``parallel``, else ``sequential``.
+   not a norm (nor an empty norm slot, ``nn.Identity``) is ``post_norm``, two exits ``parallel``,
+   else ``sequential``.
 3. **Otherwise the whole layer** is the branch, ``F(h) = layer(h) - h`` (post-LN layers, residual
    adds hidden behind functional dropout, state-space layers with their own caches, ...).
 
@@ -131,7 +132,8 @@ def _analyse_layer(layer: nn.Module, record: _LayerRecord, rtol: float) -> Block
 def _site_kind(layer: nn.Module, site: Site) -> str:
     if len(site.exits) > 1:
         return "parallel"
-    entry_norm = all(_is_norm(getattr(layer, n)) for n in site.entries)
+    # an empty pre-norm slot (nn.Identity, e.g. ModernBERT's first layer, whose embeddings are normed) is still one
+    entry_norm = all(_is_norm(getattr(layer, n)) or isinstance(getattr(layer, n), nn.Identity) for n in site.entries)
     if not entry_norm:
         return "post_norm"
     return "sandwich" if _is_norm(getattr(layer, site.exits[0])) else "sequential"

@@ -91,3 +91,14 @@ def test_the_discovered_structure_is_recorded_and_reloads(tmp_path, monkeypatch)
     ids = torch.randint(3, VOCAB, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, base(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_an_empty_pre_norm_slot_is_a_sequential_block_not_post_norm():
+    from tests.tiny import tiny_encoder
+
+    base = tiny_encoder("modernbert-masked-lm")  # layer 0's attn_norm is nn.Identity (the embeddings are normed)
+    assert isinstance(base.model.layers[0].attn_norm, torch.nn.Identity)
+    model = hc_retrofit.convert(copy.deepcopy(base), HCConfig(num_streams=2))
+    structure = getattr(model.config, STRUCTURE_KEY)
+    assert "layer_blocks" not in structure  # one block for every layer now, the first included
+    assert structure["block"]["kind"] == "sequential"
