@@ -115,25 +115,26 @@ def test_a_checkpoint_that_needs_key_conversions_is_refused_layer_by_layer(tmp_p
         verify_checkpoint(converted, mode="layers")
 
 
-def test_available_memory_is_capped_by_the_cgroup_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    v2 = tmp_path / "v2" / "sys/fs/cgroup"
-    v2.mkdir(parents=True)
-    (v2 / "memory.max").write_text(f"{8 * 2**30}\n")
-    (v2 / "memory.current").write_text(f"{5 * 2**30}\n")
-    (v2 / "memory.stat").write_text(f"anon 123\ninactive_file {2 * 2**30}\nactive_file 7\n")
-    # limit 8 GiB, usage 5 GiB of which 2 GiB reclaimable cache: 5 GiB of room
-    assert layered._cgroup_room(str(tmp_path / "v2")) == 5 * 2**30
-    (v2 / "memory.max").write_text("max\n")
-    assert layered._cgroup_room(str(tmp_path / "v2")) is None
-    v1 = tmp_path / "v1" / "sys/fs/cgroup/memory"
-    v1.mkdir(parents=True)
-    (v1 / "memory.limit_in_bytes").write_text(f"{4 * 2**30}\n")
-    (v1 / "memory.usage_in_bytes").write_text(f"{3 * 2**30}\n")
-    (v1 / "memory.stat").write_text(f"cache 1\ntotal_inactive_file {2**30}\n")
-    assert layered._cgroup_room(str(tmp_path / "v1")) == 2 * 2**30
-    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
-    assert layered._cgroup_room(str(tmp_path / "v1")) is None
+@pytest.mark.parametrize("version", [2, 1])
+def test_cgroup_room_is_the_limit_minus_the_working_set(tmp_path: Path, version: int) -> None:
+    limit_file, usage_file, stat_file, cache_key = layered.CGROUPS[0 if version == 2 else 1]
+    root = tmp_path / f"v{version}"
+    for name, text in (
+        (limit_file, f"{8 * 2**30}"),
+        (usage_file, f"{5 * 2**30}"),
+        (stat_file, f"anon 123\n{cache_key} {2 * 2**30}\nactive_file 7"),
+    ):
+        (root / name.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / name.lstrip("/")).write_text(text + "\n")
+    # limit 8 GiB, usage 5 GiB of which 2 GiB is reclaimable file cache: 5 GiB of room
+    assert layered._cgroup_room(str(root)) == 5 * 2**30
+    no_limit = "max" if version == 2 else "9223372036854771712"  # how each version says "no limit"
+    (root / limit_file.lstrip("/")).write_text(no_limit + "\n")
+    assert layered._cgroup_room(str(root)) is None
     assert layered._cgroup_room(str(tmp_path / "none")) is None
+
+
+def test_available_memory_is_capped_by_the_cgroup_room(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(layered, "_system_available", lambda: 20 * 2**30)
     monkeypatch.setattr(layered, "_cgroup_room", lambda: 3 * 2**30)
     assert layered.available_memory() == 3 * 2**30  # the container's room, not the host's
