@@ -244,10 +244,12 @@ def decoder_layers(model: nn.Module, family: Family | None = None) -> nn.ModuleL
 
 
 def _hidden_size(config: Any) -> int:
-    """The width of the residual stream (multimodal configs keep it in their text config)."""
-    if isinstance(getattr(config, "hidden_size", None), int):
-        return config.hidden_size
-    return int(config.get_text_config().hidden_size)
+    """The width of the residual stream: the text config's ``hidden_size`` (a multimodal config keeps
+    the decoder's there, and may have a top-level one of another tower's width), else the config's."""
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    if isinstance(getattr(text, "hidden_size", None), int):
+        return text.hidden_size
+    return int(config.hidden_size)
 
 
 def hyper_connection_sites(model: nn.Module) -> list[HyperConnection]:

@@ -312,3 +312,13 @@ def test_a_refused_adapter_leaves_the_model_untouched():
     assert not hc_retrofit.is_converted(base)
     assert not any("hyper_connections" in n for n, _ in base.named_parameters())
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in base.modules())
+
+
+def test_the_stream_width_of_a_multimodal_model_is_its_text_configs():
+    from hc_retrofit.sweep import build_tiny
+
+    model = build_tiny("got_ocr2")  # its tiny top-level config says hidden_size 32; the language model is 1024 wide
+    text_width = model.config.get_text_config().hidden_size
+    assert model.config.hidden_size != text_width
+    converted = hc_retrofit.convert(model, HCConfig(variant="dynamic"))  # proven exact, or it raises
+    assert {site.dim for site in hc_retrofit.hyper_connection_sites(converted)} == {text_width}
