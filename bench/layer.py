@@ -27,7 +27,7 @@ import _common as C
 import torch
 
 import hc_retrofit
-from hc_retrofit.patch import decoder_layers
+from hc_retrofit.modeling.patch import decoder_layers
 
 
 def layer_inputs(model, ids: torch.Tensor) -> tuple[tuple, dict]:

@@ -12,7 +12,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below load on first use (PEP 562), so `import hc_retrofit` stays light
-    from hc_retrofit.config import HCConfig
     from hc_retrofit.connections import (
         HyperConnection,
         depth_connection,
@@ -22,15 +21,16 @@ if TYPE_CHECKING:  # the names below load on first use (PEP 562), so `import hc_
         stream_mix,
         width_connection,
     )
-    from hc_retrofit.errors import (
+    from hc_retrofit.modeling.config import HCConfig
+    from hc_retrofit.modeling.errors import (
         AlreadyConvertedError,
         ConfigError,
         HCRetrofitError,
         NotConvertedError,
         UnsupportedArchitectureError,
     )
-    from hc_retrofit.families import FAMILIES, Block, Family, Site, register_family, supported_model_types
-    from hc_retrofit.patch import hyper_connection_sites, is_converted
+    from hc_retrofit.modeling.families import FAMILIES, Block, Family, Site, register_family, supported_model_types
+    from hc_retrofit.modeling.patch import hyper_connection_sites, is_converted
     from hc_retrofit.persist import load_converted, save_converted
     from hc_retrofit.proof import convert
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # the names below load on first use (PEP 562), so `import hc_
 # package imports them only when one of these names is used: `hc-retrofit --help` and the light
 # modules (errors, config, families) never pay for them.
 _LAZY = {
-    "HCConfig": "config",
+    "HCConfig": "modeling.config",
     **dict.fromkeys(
         (
             "HyperConnection",
@@ -59,10 +59,12 @@ _LAZY = {
             "NotConvertedError",
             "UnsupportedArchitectureError",
         ),
-        "errors",
+        "modeling.errors",
     ),
-    **dict.fromkeys(("FAMILIES", "Block", "Family", "Site", "register_family", "supported_model_types"), "families"),
-    **dict.fromkeys(("hyper_connection_sites", "is_converted"), "patch"),
+    **dict.fromkeys(
+        ("FAMILIES", "Block", "Family", "Site", "register_family", "supported_model_types"), "modeling.families"
+    ),
+    **dict.fromkeys(("hyper_connection_sites", "is_converted"), "modeling.patch"),
     "convert": "proof",
     **dict.fromkeys(("load_converted", "save_converted"), "persist"),
 }

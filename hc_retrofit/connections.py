@@ -2,14 +2,14 @@
 
 Where each piece lives (one job per module):
 
-* :mod:`hc_retrofit.formulas` -- the papers' equations, plainly (notation and references there).
-* :mod:`hc_retrofit.kernels`, :mod:`hc_retrofit.sinkhorn_knopp` -- fast autograd Functions, gradchecked
+* :mod:`hc_retrofit.modeling.formulas` -- the papers' equations, plainly (notation and references there).
+* :mod:`hc_retrofit.modeling.kernels`, :mod:`hc_retrofit.modeling.sinkhorn_knopp` -- fast autograd Functions, gradchecked
   against the formulas.
-* :mod:`hc_retrofit.stream_ops` -- expand/reduce and the stream operations, each choosing the
+* :mod:`hc_retrofit.modeling.stream_ops` -- expand/reduce and the stream operations, each choosing the
   formula (``torch.compile``), a kernel (autograd) or plain ops (no grad).
-* :mod:`hc_retrofit.site` -- :class:`HyperConnection`: parameters, init, and the per-site API
+* :mod:`hc_retrofit.modeling.site` -- :class:`HyperConnection`: parameters, init, and the per-site API
   ``x, ctx = site.width_connection(H)``, ``H' = site.depth_connection(ctx, y)``;
-  :mod:`hc_retrofit.site_cache` its no-grad coefficient cache.
+  :mod:`hc_retrofit.modeling.site_cache` its no-grad coefficient cache.
 
 Standalone use over any branch (the role of lucidrains' ``hyper-connections``)::
 
@@ -21,9 +21,9 @@ Standalone use over any branch (the role of lucidrains' ``hyper-connections``)::
 
 from __future__ import annotations
 
-from hc_retrofit.sinkhorn_knopp import sinkhorn
-from hc_retrofit.site import Coefficients, HyperConnection, SiteContext, initial_residual_logits, initial_width
-from hc_retrofit.stream_ops import (
+from hc_retrofit.modeling.sinkhorn_knopp import sinkhorn
+from hc_retrofit.modeling.site import Coefficients, HyperConnection, SiteContext, initial_residual_logits, initial_width
+from hc_retrofit.modeling.stream_ops import (
     depth_connection,
     expand_streams,
     outer_streams,

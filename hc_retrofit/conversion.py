@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit.config import HCConfig
-from hc_retrofit.families import family_for
-from hc_retrofit.patch import decoder_layers, hyper_connection_sites
+from hc_retrofit.modeling.config import HCConfig
+from hc_retrofit.modeling.families import family_for
+from hc_retrofit.modeling.patch import decoder_layers, hyper_connection_sites
 from hc_retrofit.persist import check_output_dir, load_base_config, load_base_model, parse_dtype, save_converted
 from hc_retrofit.proof import convert
 
@@ -64,7 +64,7 @@ def convert_checkpoint(
 ) -> ConvertSummary:
     """Load ``model_id_or_dir``, retrofit it with ``config`` and save it to ``out_dir``.
 
-    Raises the :class:`~hc_retrofit.errors.HCRetrofitError` subclasses of the steps (unknown model,
+    Raises the :class:`~hc_retrofit.modeling.errors.HCRetrofitError` subclasses of the steps (unknown model,
     not a checkpoint, unsupported or already converted architecture, existing output, ...) before
     anything is written.
     """

@@ -1,4 +1,4 @@
-"""Derive an adapter (:class:`~hc_retrofit.families.Family`) from a loaded model, for any ``model_type``.
+"""Derive an adapter (:class:`~hc_retrofit.modeling.families.Family`) from a loaded model, for any ``model_type``.
 
 1. **The layer stack.** The ``ModuleList`` whose length is the config's number of layers and whose
    classes are in the model's ``_no_split_modules`` (ties: the one the forward actually calls in
@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hc_retrofit.errors import UnsupportedArchitectureError
-from hc_retrofit.families import Block, Family, Site
+from hc_retrofit.modeling.errors import UnsupportedArchitectureError
+from hc_retrofit.modeling.families import Block, Family, Site
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers")
 

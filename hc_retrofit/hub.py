@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit.errors import HubError
+from hc_retrofit.modeling.errors import HubError
+from hc_retrofit.modeling.patch import CONFIG_KEY
+from hc_retrofit.modeling.remote_model import BASE_ARCH_KEY, BASE_TYPE_KEY
 from hc_retrofit.outputs import MARKER
-from hc_retrofit.patch import CONFIG_KEY
 from hc_retrofit.persist import (
     BASE_KEY,
     METADATA_KEY,
@@ -25,7 +26,6 @@ from hc_retrofit.persist import (
     read_config_dict,
     require_converted_dir,
 )
-from hc_retrofit.remote_model import BASE_ARCH_KEY, BASE_TYPE_KEY
 from hc_retrofit.tasks import TASKS
 
 CARD_FILE = "README.md"

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from hc_retrofit.errors import NotConvertedError
-from hc_retrofit.patch import HCDecoderLayerMixin, is_converted
+from hc_retrofit.modeling.errors import NotConvertedError
+from hc_retrofit.modeling.patch import HCDecoderLayerMixin, is_converted
+from hc_retrofit.modeling.site import HyperConnection
 from hc_retrofit.persist import load_converted, load_tokenizer, require_converted_dir
 from hc_retrofit.probe import probe_batch
-from hc_retrofit.site import HyperConnection
 
 
 @dataclass(frozen=True)

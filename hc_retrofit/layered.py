@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hc_retrofit.errors import CheckpointError
+from hc_retrofit.modeling.errors import CheckpointError
 from hc_retrofit.shard_copy import INDEX_FILE, SINGLE_FILE
 
 ST_DTYPES: dict[str, torch.dtype] = {

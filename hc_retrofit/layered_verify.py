@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from hc_retrofit.errors import CheckpointError, HCRetrofitError
-from hc_retrofit.families import family_for
 from hc_retrofit.layered import LayeredUnavailable, LayerLoader, parameters_on_meta, stored_tensors
-from hc_retrofit.patch import decoder_layers
+from hc_retrofit.modeling.errors import CheckpointError, HCRetrofitError
+from hc_retrofit.modeling.families import family_for
+from hc_retrofit.modeling.patch import decoder_layers
 from hc_retrofit.persist import (
     _converted_classes,
     _converted_config,

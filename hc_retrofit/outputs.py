@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from hc_retrofit.errors import OutputExistsError
+from hc_retrofit.modeling.errors import OutputExistsError
 
 MARKER = ".hc-retrofit-output"
 """File that marks a directory as written by hc-retrofit (JSON: which command wrote it)."""

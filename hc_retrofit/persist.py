@@ -29,11 +29,10 @@ from typing import Any
 import torch
 
 from hc_retrofit import outputs
-from hc_retrofit.errors import AlreadyConvertedError, CheckpointError, ConfigError, NotConvertedError
 from hc_retrofit.log import get_logger
-from hc_retrofit.patch import CONFIG_KEY, is_converted
-from hc_retrofit.remote_code import VERSION_KEY, shipped_code_warnings, write_remote_code
-from hc_retrofit.remote_model import (
+from hc_retrofit.modeling.errors import AlreadyConvertedError, CheckpointError, ConfigError, NotConvertedError
+from hc_retrofit.modeling.patch import CONFIG_KEY, is_converted
+from hc_retrofit.modeling.remote_model import (
     BASE_ARCH_KEY,
     BASE_TYPE_KEY,
     HCRetrofitModelMixin,
@@ -41,6 +40,7 @@ from hc_retrofit.remote_model import (
     register_conversions,
     retrofit_model_type,
 )
+from hc_retrofit.remote_code import VERSION_KEY, shipped_code_warnings, write_remote_code
 
 log = get_logger(__name__)
 

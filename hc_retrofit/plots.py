@@ -3,7 +3,7 @@
 Drawn on a bare :class:`matplotlib.figure.Figure` (no ``pyplot``, no ``matplotlib.use``): nothing
 global changes, so calling these from a notebook leaves its plotting backend and open figures
 alone. matplotlib is an optional dependency (``pip install "hc-retrofit[plot]"``); without it these
-functions raise a one-line :class:`~hc_retrofit.errors.HCRetrofitError` naming the extra.
+functions raise a one-line :class:`~hc_retrofit.modeling.errors.HCRetrofitError` naming the extra.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hc_retrofit.errors import HCRetrofitError
 from hc_retrofit.extras import missing_extra_hint
+from hc_retrofit.modeling.errors import HCRetrofitError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

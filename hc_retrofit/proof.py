@@ -3,7 +3,7 @@
 A wrong model is the one unforgivable bug, so no adapter is trusted (hand-written or discovered):
 the original model is run on a small probe batch first (full-sequence logits, plus a two-token
 greedy ``generate()`` through the KV cache where the model can generate), then each candidate
-adapter is applied with :func:`hc_retrofit.patch.convert` and the probe is run again. The first
+adapter is applied with :func:`hc_retrofit.modeling.patch.convert` and the probe is run again. The first
 candidate whose logits agree (fp32 tolerance; tokens identical) is kept and its structure is
 recorded in ``config.hc_retrofit_structure`` (so saved checkpoints rebuild exactly that structure).
 A candidate that is not exact, or fails, is undone -- every module gets back its class, attributes,
@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from hc_retrofit.config import HCConfig
 from hc_retrofit.discovery import discover
-from hc_retrofit.errors import HCRetrofitError, UnsupportedArchitectureError
-from hc_retrofit.families import FAMILIES, Family
-from hc_retrofit.patch import check_convertible
-from hc_retrofit.patch import convert as apply_adapter
+from hc_retrofit.modeling.config import HCConfig
+from hc_retrofit.modeling.errors import HCRetrofitError, UnsupportedArchitectureError
+from hc_retrofit.modeling.families import FAMILIES, Family
+from hc_retrofit.modeling.patch import check_convertible
+from hc_retrofit.modeling.patch import convert as apply_adapter
 
 LOGIT_ATOL = 1e-4
 LOGIT_RTOL = 1e-4

@@ -5,7 +5,7 @@
 base class, see :func:`auto_classes`) must rebuild the hyper-connection model on a machine without
 hc-retrofit. transformers imports the file named in
 ``config.json``'s ``auto_map`` and, through relative imports, its siblings. So we copy
-:mod:`hc_retrofit.remote_model` and every package module it imports (transitively) into the
+:mod:`hc_retrofit.modeling.remote_model` and every package module it imports (transitively) into the
 directory, byte for byte: those modules import each other relatively (``from .x import y``), so
 the remote code is the package's code as it is installed, never a rewritten or hand-maintained
 copy. A generated ``modeling_hc_retrofit.py`` defines the two classes transformers looks up by
@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit.remote_model import BASE_ARCH_KEY, BASE_TYPE_KEY, base_model_type, retrofit_model_type
+from hc_retrofit.modeling.remote_model import BASE_ARCH_KEY, BASE_TYPE_KEY, base_model_type, retrofit_model_type
 from hc_retrofit.tasks import TASKS
 
 MODELING_FILE = "modeling_hc_retrofit.py"
@@ -71,7 +71,7 @@ def model_class_name(base_architecture: str) -> str:
 
 
 def _module_source(name: str) -> str:
-    return resources.files("hc_retrofit").joinpath(f"{name}.py").read_text(encoding="utf-8")
+    return resources.files("hc_retrofit.modeling").joinpath(f"{name}.py").read_text(encoding="utf-8")
 
 
 def package_module_closure(root: str = _ROOT_MODULE) -> dict[str, str]:
@@ -90,14 +90,16 @@ def package_module_closure(root: str = _ROOT_MODULE) -> dict[str, str]:
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.ImportFrom) and node.level > 0:
                 if node.level != 1 or not node.module or "." in node.module:
-                    raise RuntimeError(f"hc_retrofit/{name}.py: only 'from .module import name' can be shipped")
+                    raise RuntimeError(
+                        f"hc_retrofit/modeling/{name}.py: only 'from .module import name' can be shipped"
+                    )
                 todo.append(node.module)
             elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "hc_retrofit":
                 raise RuntimeError(
-                    f"hc_retrofit/{name}.py is shipped as remote code: import {node.module} relatively (from .x import y)"
+                    f"hc_retrofit/modeling/{name}.py is shipped as remote code: import {node.module} relatively (from .x import y)"
                 )
             elif isinstance(node, ast.Import) and any(a.name.split(".")[0] == "hc_retrofit" for a in node.names):
-                raise RuntimeError(f"hc_retrofit/{name}.py is shipped as remote code: use 'from .x import y'")
+                raise RuntimeError(f"hc_retrofit/modeling/{name}.py is shipped as remote code: use 'from .x import y'")
         files[f"{name}.py"] = source
     return files
 

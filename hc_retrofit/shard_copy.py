@@ -165,7 +165,7 @@ def start_copy(source: str, out_dir: str | os.PathLike, *, overwrite: bool, link
     shards into a fresh staging directory for it; ``None`` when ``source`` is not a local
     safetensors checkpoint (a Hub id is downloaded first; the caller then copies later).
 
-    Raises :class:`~hc_retrofit.errors.OutputExistsError` for an ``out_dir`` that may not be written.
+    Raises :class:`~hc_retrofit.modeling.errors.OutputExistsError` for an ``out_dir`` that may not be written.
     """
     from hc_retrofit import outputs
 

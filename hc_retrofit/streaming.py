@@ -6,7 +6,7 @@ linked with ``link=True``; re-encoded tensor by tensor only when the dtype chang
 shard of HC tensors, an index, the converted config, tokenizer, generation config and remote code.
 Memory stays at one tensor (re-encoding) or nothing (copying), whatever the model size.
 
-The HC tensors come from :func:`hc_retrofit.patch.convert` itself: the base model is built on the
+The HC tensors come from :func:`hc_retrofit.modeling.patch.convert` itself: the base model is built on the
 meta device (no storage), converted as in memory, and each of its HC sites is instantiated on the
 CPU from the arguments ``convert()`` gave it (the same constructor, so the same values).
 
@@ -31,13 +31,13 @@ from typing import Any
 import torch
 
 from hc_retrofit import outputs
-from hc_retrofit.config import HCConfig
 from hc_retrofit.connections import HyperConnection
 from hc_retrofit.conversion import ConvertSummary, count_parameters
-from hc_retrofit.errors import HCRetrofitError
-from hc_retrofit.families import FAMILIES, family_for
 from hc_retrofit.layered import ST_DTYPES
-from hc_retrofit.patch import convert, decoder_layers, hyper_connection_sites
+from hc_retrofit.modeling.config import HCConfig
+from hc_retrofit.modeling.errors import HCRetrofitError
+from hc_retrofit.modeling.families import FAMILIES, family_for
+from hc_retrofit.modeling.patch import convert, decoder_layers, hyper_connection_sites
 from hc_retrofit.persist import (
     check_output_dir,
     check_weight_files,
@@ -229,7 +229,7 @@ def plan_streaming(
 ) -> StreamPlan:
     """Check that ``model_id_or_dir`` can be streamed and plan it, reading only configs and headers.
 
-    Raises the usual :class:`~hc_retrofit.errors.HCRetrofitError` for bad input (unknown model,
+    Raises the usual :class:`~hc_retrofit.modeling.errors.HCRetrofitError` for bad input (unknown model,
     unsupported or converted architecture), and :class:`CannotStream` (with the reason) when only
     the in-memory conversion can do it.
     """

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from hc_retrofit.config import VARIANTS, HCConfig
-from hc_retrofit.errors import HCRetrofitError
+from hc_retrofit.modeling.config import VARIANTS, HCConfig
+from hc_retrofit.modeling.errors import HCRetrofitError
 from hc_retrofit.tasks import DEFAULT_TASK, TASKS, auto_class, model_class_names, model_types
 
 TINY_VOCAB = 128
@@ -330,7 +330,7 @@ def sweep_one(
 ) -> SweepRow:
     """Build ``model_type`` tiny for ``task`` and convert a fresh copy with each variant (within
     ``timeout`` seconds for all of them)."""
-    from hc_retrofit.families import family_for
+    from hc_retrofit.modeling.families import family_for
     from hc_retrofit.proof import convert
 
     start = time.perf_counter()

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from hc_retrofit.errors import CheckpointError, HCRetrofitError
+from hc_retrofit.modeling.errors import CheckpointError, HCRetrofitError
 from hc_retrofit.persist import (
     BASE_KEY,
     DTYPES,

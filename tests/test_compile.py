@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hc_retrofit
-from hc_retrofit import HCConfig, patch
+from hc_retrofit import HCConfig
+from hc_retrofit.modeling import patch
 from tests.tiny import VOCAB, tiny_config
 
 VARIANTS = ["static", "dynamic", "mhc"]

@@ -2,7 +2,7 @@
 
 import torch
 
-from hc_retrofit import formulas
+from hc_retrofit.modeling import formulas
 
 
 def test_width_mix_outer_depth_by_hand():

@@ -10,7 +10,7 @@ import pytest
 
 import hc_retrofit
 from hc_retrofit import hub, persist
-from hc_retrofit.errors import HubError, NotConvertedError
+from hc_retrofit.modeling.errors import HubError, NotConvertedError
 from tests.hub_server import FakeHub
 from tests.tiny import tiny_encoder, tiny_model
 

@@ -21,7 +21,7 @@ from hc_retrofit import (
     width_connection,
 )
 from hc_retrofit.connections import outer_streams, rms_project
-from hc_retrofit.sinkhorn_knopp import sinkhorn_op
+from hc_retrofit.modeling.sinkhorn_knopp import sinkhorn_op
 
 F64 = {"dtype": torch.float64}
 

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hc_retrofit import layered, layered_verify, persist
-from hc_retrofit.config import HCConfig
 from hc_retrofit.conversion import convert_checkpoint
-from hc_retrofit.errors import CheckpointError
+from hc_retrofit.modeling.config import HCConfig
+from hc_retrofit.modeling.errors import CheckpointError
 from hc_retrofit.verify import LAYERS, MEMORY, choose_mode, verify_checkpoint
 from tests.checkpoints import save_base, train_a_few_steps
 

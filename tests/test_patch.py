@@ -11,8 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hc_retrofit
 from hc_retrofit import AlreadyConvertedError, ConfigError, HCConfig, UnsupportedArchitectureError
-from hc_retrofit.families import FAMILIES, family_for
-from hc_retrofit.patch import decoder_layers
+from hc_retrofit.modeling.families import FAMILIES, family_for
+from hc_retrofit.modeling.patch import decoder_layers
 from tests.tiny import CASES, VOCAB, tiny_model
 
 VARIANTS = ["static", "dynamic", "mhc"]
@@ -211,10 +211,10 @@ def test_every_listed_family_has_a_test_case():
 
 
 def test_register_family_refuses_to_replace_silently(monkeypatch):
-    from hc_retrofit.families import register_family
+    from hc_retrofit.modeling.families import register_family
 
-    monkeypatch.setattr("hc_retrofit.families.FAMILIES", dict(FAMILIES))
-    import hc_retrofit.families as families
+    monkeypatch.setattr("hc_retrofit.modeling.families.FAMILIES", dict(FAMILIES))
+    import hc_retrofit.modeling.families as families
 
     llama = families.FAMILIES["llama"]
     mine = dataclasses.replace(llama, model_types=("llama", "my_llama"))
@@ -302,8 +302,8 @@ def test_layer_class_names_are_kept_for_fsdp_and_device_map():
 
 def test_a_refused_adapter_leaves_the_model_untouched():
     """patch.convert checks every named module of every layer before changing any."""
-    from hc_retrofit import patch
-    from hc_retrofit.families import PRE_NORM, Block, Family, Site
+    from hc_retrofit.modeling import patch
+    from hc_retrofit.modeling.families import PRE_NORM, Block, Family, Site
 
     base = tiny_model("llama-gqa-untied")
     bad = Family(("llama",), "model.layers", Block("sequential", (PRE_NORM.sites[0], Site(("nope",), ("mlp",)))))

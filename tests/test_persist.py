@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import hc_retrofit
 from hc_retrofit import persist
-from hc_retrofit.errors import AlreadyConvertedError, CheckpointError, NotConvertedError, OutputExistsError
+from hc_retrofit.modeling.errors import AlreadyConvertedError, CheckpointError, NotConvertedError, OutputExistsError
 from tests.checkpoints import (
     HUB_OFFLINE_ENV,
     config_json,
@@ -221,7 +221,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     import sys
     sys.modules["hc_retrofit"] = None  # as if hc-retrofit were not installed
     try:
-        import hc_retrofit.patch
+        import hc_retrofit.modeling.patch
     except ImportError:
         pass
     else:

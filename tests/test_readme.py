@@ -65,7 +65,7 @@ def test_the_readme_error_examples_are_what_the_cli_prints(shared_dir, tmp_path)
 
 
 def test_the_supported_architectures_table_lists_every_family():
-    from hc_retrofit.families import supported_model_types
+    from hc_retrofit.modeling.families import supported_model_types
 
     text = README.read_text(encoding="utf-8")
     table = text[text.index("## Supported architectures") :].split("\n\n")[1]

@@ -49,7 +49,7 @@ def test_discovered_path_equals_the_hand_written_llama_family(monkeypatch):
     """The bundled stories260K converted with no llama Family (discovery) is the same model as with it."""
     from pathlib import Path
 
-    from hc_retrofit.families import FAMILIES, STRUCTURE_KEY
+    from hc_retrofit.modeling.families import FAMILIES, STRUCTURE_KEY
 
     path = Path(hc_retrofit.__file__).parent / "data" / "stories260K"
     base = AutoModelForCausalLM.from_pretrained(path).eval()

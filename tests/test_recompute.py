@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import hc_retrofit
-from hc_retrofit import HCConfig, patch
+from hc_retrofit import HCConfig
+from hc_retrofit.modeling import patch
 from tests.tiny import VOCAB, tiny_model
 
 VARIANTS = ["static", "dynamic", "mhc"]

@@ -25,9 +25,11 @@ def test_closure_holds_every_imported_module_as_installed() -> None:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 assert not any(n.startswith("hc_retrofit") for n in names if n), f"{name} still imports hc_retrofit"
-    package = Path(hc_retrofit.__file__).parent
+    package = Path(hc_retrofit.__file__).parent / "modeling"
     for name, source in files.items():  # copied, not rewritten
         assert source == (package / name).read_text(encoding="utf-8")
+    # the subpackage is exactly what ships: no module there stays behind, none outside is copied
+    assert set(files) == {p.name for p in package.glob("*.py")} - {"__init__.py"}
 
 
 def test_an_absolute_package_import_in_shipped_code_is_refused(monkeypatch) -> None:
@@ -35,10 +37,12 @@ def test_an_absolute_package_import_in_shipped_code_is_refused(monkeypatch) -> N
     monkeypatch.setattr(
         remote_code,
         "_module_source",
-        lambda name: real(name) + ("\nfrom hc_retrofit.errors import ConfigError\n" if name == "config" else ""),
+        lambda name: (
+            real(name) + ("\nfrom hc_retrofit.modeling.errors import ConfigError\n" if name == "config" else "")
+        ),
     )
     with pytest.raises(
-        RuntimeError, match=r"config\.py is shipped as remote code: import hc_retrofit\.errors relatively"
+        RuntimeError, match=r"config\.py is shipped as remote code: import hc_retrofit\.modeling\.errors relatively"
     ):
         remote_code.package_module_closure()
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from hc_retrofit import persist
-from hc_retrofit.config import HCConfig
 from hc_retrofit.conversion import convert_checkpoint
-from hc_retrofit.errors import OutputExistsError
+from hc_retrofit.modeling.config import HCConfig
+from hc_retrofit.modeling.errors import OutputExistsError
 from hc_retrofit.streaming import (
     HC_SHARD,
     INDEX_FILE,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hc_retrofit import sweep
-from hc_retrofit.config import VARIANTS
+from hc_retrofit.modeling.config import VARIANTS
 
 # model type -> what the kept structure must say: a hand-written-free pre-norm decoder (gemma,
 # olmo), a post-LN-like layer whose residual add is inside the attention module (bloom), local/
@@ -68,7 +68,7 @@ def test_other_tasks_build_their_own_models(task, model_type, structure):
 
 def test_the_row_says_which_variant_gave_what(monkeypatch):
     from hc_retrofit import proof
-    from hc_retrofit.errors import UnsupportedArchitectureError
+    from hc_retrofit.modeling.errors import UnsupportedArchitectureError
 
     real = proof.convert
 

@@ -2,7 +2,7 @@
 
 Each command lives in its own module and registers itself on :data:`app` when imported;
 :mod:`hc_retrofit.cli.commands` imports them all. Errors the user can fix
-(:class:`~hc_retrofit.errors.HCRetrofitError`) and usage errors are printed as one line,
+(:class:`~hc_retrofit.modeling.errors.HCRetrofitError`) and usage errors are printed as one line,
 ``error: <message>``, on stderr with exit code 1 (2 for usage errors); Ctrl-C exits with 130.
 No traceback is shown for any of them.
 """
@@ -18,8 +18,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from hc_retrofit.errors import HCRetrofitError
 from hc_retrofit.extras import missing_extra_hint
+from hc_retrofit.modeling.errors import HCRetrofitError
 
 try:  # typer >= 0.2x vendors click as typer._click; older typer uses click itself
     from typer._click import exceptions as click_exceptions

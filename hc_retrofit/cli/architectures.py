@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hc_retrofit.cli.app import app, console, err_console, fail
-from hc_retrofit.families import FAMILIES, supported_model_types
+from hc_retrofit.modeling.families import FAMILIES, supported_model_types
 
 
 class _EveryFlag:
@@ -95,7 +95,7 @@ def _check(
     types: str | None, *, as_json: bool, as_markdown: bool, timeout: float, max_memory: float, task: str
 ) -> None:
     from hc_retrofit import sweep
-    from hc_retrofit.config import VARIANTS
+    from hc_retrofit.modeling.config import VARIANTS
     from hc_retrofit.tasks import TASKS
 
     if task not in TASKS:

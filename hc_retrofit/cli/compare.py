@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from hc_retrofit.cli.app import app
-from hc_retrofit.errors import HCRetrofitError
+from hc_retrofit.modeling.errors import HCRetrofitError
 
 
 def _list(text: str, kind: type, flag: str) -> tuple:

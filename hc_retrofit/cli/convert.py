@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from hc_retrofit.cli.app import app, console, err_console, quiet_library_progress
-from hc_retrofit.config import VARIANTS, HCConfig
+from hc_retrofit.modeling.config import VARIANTS, HCConfig
 
 if TYPE_CHECKING:
     from hc_retrofit.streaming import StreamSummary

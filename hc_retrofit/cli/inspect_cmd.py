@@ -44,8 +44,8 @@ def inspect_command(
     R's distance from the identity (and, for mHC, from the doubly stochastic matrices) shows how far the
     streams mix; stream divergence is 0 at conversion and grows with training.
     """
-    from hc_retrofit.errors import OutputExistsError
     from hc_retrofit.inspection import inspect_checkpoint, plot_report
+    from hc_retrofit.modeling.errors import OutputExistsError
     from hc_retrofit.outputs import check_output_file
 
     if plot is not None:

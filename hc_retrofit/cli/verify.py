@@ -33,7 +33,7 @@ def verify_command(
 
     Exit code 0 when they are equivalent within tolerance (or with --trained), 1 otherwise.
     """
-    from hc_retrofit.errors import ConfigError
+    from hc_retrofit.modeling.errors import ConfigError
     from hc_retrofit.verify import KL_TOL, LAYERS, MODES, choose_mode, verify_checkpoint
 
     if mode not in MODES:

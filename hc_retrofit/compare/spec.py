@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit.config import VARIANTS
+from hc_retrofit.modeling.config import VARIANTS
 from hc_retrofit.train.errors import TrainingError
 from hc_retrofit.train.recipe import TrainConfig, merge
 

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from hc_retrofit import outputs
-from hc_retrofit.config import HCConfig
-from hc_retrofit.errors import HCRetrofitError
-from hc_retrofit.patch import convert, hyper_connection_sites
+from hc_retrofit.modeling.config import HCConfig
+from hc_retrofit.modeling.errors import HCRetrofitError
+from hc_retrofit.modeling.patch import convert, hyper_connection_sites
 from hc_retrofit.train.errors import TrainingError
 
 CORPUS = "shakespeare_200k.txt"

@@ -1,11 +1,11 @@
-"""Training errors the user can act on (all derive from :class:`~hc_retrofit.errors.HCRetrofitError`).
+"""Training errors the user can act on (all derive from :class:`~hc_retrofit.modeling.errors.HCRetrofitError`).
 
 The CLI prints them as one line; library callers can catch them by type.
 """
 
 from __future__ import annotations
 
-from hc_retrofit.errors import HCRetrofitError
+from hc_retrofit.modeling.errors import HCRetrofitError
 
 
 class TrainingError(HCRetrofitError):

@@ -32,7 +32,7 @@ from torch import nn
 
 from hc_retrofit import outputs
 from hc_retrofit.log import get_logger
-from hc_retrofit.patch import hyper_connection_sites, is_converted
+from hc_retrofit.modeling.patch import hyper_connection_sites, is_converted
 from hc_retrofit.train import checkpoint as ckpt
 from hc_retrofit.train.data import BatchSchedule, PackedData, build_data, eval_shards
 from hc_retrofit.train.errors import NonFiniteLossError, TrainingError
@@ -542,8 +542,8 @@ def _unsharded_copy(sharded: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
     A model converted on the fly has the plain class: its sites are rebuilt from the structure its
     config records (the one it was converted with, proven or discovered), never looked up anew.
     """
-    from hc_retrofit.families import recorded_family
-    from hc_retrofit.patch import convert
+    from hc_retrofit.modeling.families import recorded_family
+    from hc_retrofit.modeling.patch import convert
 
     model = type(sharded)._from_config(sharded.config, dtype=torch.float32)
     if hyper_connection_sites(sharded) and not hyper_connection_sites(model):

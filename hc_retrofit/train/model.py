@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hc_retrofit.log import get_logger
-from hc_retrofit.patch import is_converted
+from hc_retrofit.modeling.patch import is_converted
 from hc_retrofit.proof import convert  # proven exact on a probe batch (and discovered for any family)
 from hc_retrofit.tasks import is_causal_lm, sees_future_tokens
 from hc_retrofit.train.errors import TrainingError

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from hc_retrofit.config import HCConfig
-from hc_retrofit.errors import ConfigError
+from hc_retrofit.modeling.config import HCConfig
+from hc_retrofit.modeling.errors import ConfigError
 from hc_retrofit.train.errors import TrainingError
 
 #: Learning-rate multiplier of the HC parameters relative to ``lr``. Measured with ``compare`` (README

@@ -43,8 +43,8 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def converted_dir(tmp_path_factory: pytest.TempPathFactory, base_dir: Path) -> Path:
     """``base_dir`` converted (mHC, 4 streams) through the Python API the CLI uses."""
-    from hc_retrofit.config import HCConfig
     from hc_retrofit.conversion import convert_checkpoint
+    from hc_retrofit.modeling.config import HCConfig
 
     out = tmp_path_factory.mktemp("converted") / "tiny-llama-mhc"
     with pytest.MonkeyPatch.context() as mp:

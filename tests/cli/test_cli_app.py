@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hc_retrofit.families import supported_model_types
+from hc_retrofit.modeling.families import supported_model_types
 from tests.checkpoints import HUB_OFFLINE_ENV, populate_hf_cache, save_base
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,7 +186,7 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path: Path, hidden: str, argv
 
 
 def test_plots_name_the_plot_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hc_retrofit.errors import HCRetrofitError
+    from hc_retrofit.modeling.errors import HCRetrofitError
     from hc_retrofit.plots import new_figure
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)

@@ -172,7 +172,7 @@ def test_ctrl_c_leaves_no_partial_output(cli, base_dir: Path, tmp_path: Path, mo
 
 
 def test_convert_checkpoint_python_api(base_dir: Path, tmp_path: Path) -> None:
-    from hc_retrofit.config import HCConfig
+    from hc_retrofit.modeling.config import HCConfig
 
     messages: list[str] = []
     summary = conversion.convert_checkpoint(

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from hc_retrofit import persist
-from hc_retrofit.config import HCConfig
+from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.streaming import stream_convert
 from hc_retrofit.train import train
 from hc_retrofit.train.checkpoint import list_checkpoints
@@ -135,7 +135,7 @@ def test_fsdp2_two_cpu_processes_match_one_process(tokenizer, corpus, cache_dir,
 def test_the_gathered_copy_of_a_model_converted_on_the_fly_uses_its_recorded_structure(tokenizer) -> None:
     """The FSDP final save rebuilds a plain-class model's sites from the structure its config records."""
     import hc_retrofit
-    from hc_retrofit.families import STRUCTURE_KEY
+    from hc_retrofit.modeling.families import STRUCTURE_KEY
     from hc_retrofit.train.errors import TrainingError
     from hc_retrofit.train.loop import _unsharded_copy
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hc_retrofit import outputs
-from hc_retrofit.errors import HCRetrofitError
+from hc_retrofit.modeling.errors import HCRetrofitError
 from hc_retrofit.train import NonFiniteLossError, TrainingError, train
 from hc_retrofit.train import loop as train_loop
 from hc_retrofit.train.checkpoint import STATE_FILE, list_checkpoints
