@@ -79,15 +79,27 @@ def _outer(b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def mid_layer_streams(h0: torch.Tensor, r0: torch.Tensor, b0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
-    """``R0 H0 + b0 (x) y0``, bit for bit as the forward pass made it (same kernels, same inputs).
+def _depth(streams: torch.Tensor, r: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor:
+    """``R H (+ b (x) y)`` as a new ``(..., n, D)`` tensor (the forward of :class:`DepthConnection`)."""
+    lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
+    result = _mix(streams, r)
+    if y is not None:
+        b_t = _per_token(b, lead, (n,), streams.dtype).unsqueeze(-1)  # (M, n, 1)
+        y_t = y.to(streams.dtype).expand(*lead, d).reshape(-1, 1, d)
+        result.view(-1, n, d).baddbmm_(b_t, y_t)
+    return result
 
-    A converted layer's mid-layer streams (the input of its second site) are exactly this sum of
-    the outputs of :func:`stream_mix` and :func:`outer_streams` of its first site. Their inputs
-    are saved for backward anyway, so the second site's Functions save those (``source``) and
-    recompute the streams in backward instead of keeping another ``n x D`` per token.
+
+def mid_layer_streams(h0: torch.Tensor, r0: torch.Tensor, b0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+    """``R0 H0 + b0 (x) y0``, bit for bit as the forward pass made it (:class:`DepthConnection`'s
+    kernels on the same inputs).
+
+    A converted layer's mid-layer streams (the input of its second site) are exactly the depth
+    connection of its first site. Its inputs are saved for backward anyway, so the second site's
+    Functions save those (``source``) and recompute the streams in backward instead of keeping
+    another ``n x D`` per token.
     """
-    return _mix(h0, r0).add_(_outer(b0, y0))
+    return _depth(h0, r0, b0, y0)
 
 
 class Recomputed:
@@ -176,12 +188,7 @@ class DepthConnection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, streams, r, b, y, source=None):  # type: ignore[override]
-        lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
-        result = _mix(streams, r)
-        if y is not None:
-            b_t = _per_token(b, lead, (n,), streams.dtype).unsqueeze(-1)  # (M, n, 1)
-            y_t = y.to(streams.dtype).expand(*lead, d).reshape(-1, 1, d)
-            result.view(-1, n, d).baddbmm_(b_t, y_t)
+        result = _depth(streams, r, b, y)
         ctx.shape, ctx.dtype = streams.shape, streams.dtype
         _save(ctx, streams if ctx.needs_input_grad[1] else None, source if ctx.needs_input_grad[1] else None, r, b, y)
         return result

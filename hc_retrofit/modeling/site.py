@@ -278,9 +278,9 @@ class HyperConnection(nn.Module):
         """``x = a . H``, the branch input, and the context :meth:`depth_connection` (or :meth:`delta`) needs.
 
         ``adds_input``: the caller adds ``H`` itself after :meth:`delta` (a layer's own residual).
-        ``made_of = (ctx0, y0)``: ``streams`` are exactly ``mix(ctx0) + outer(ctx0, y0)`` of another
-        site, added unchanged. With autograd (eager) they are then not saved for backward but
-        recomputed there, once, from tensors saved anyway (``n x D`` per token less memory).
+        ``made_of = (ctx0, y0)``: ``streams`` are exactly ``depth_connection(ctx0, y0)`` of another
+        site. With autograd (eager) they are then not saved for backward but recomputed there,
+        once, from tensors saved anyway (``n x D`` per token less memory).
         """
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return self._width_no_grad(streams, adds_input)
@@ -302,7 +302,24 @@ class HyperConnection(nn.Module):
         """``H' = R H + b (x) y``."""
         if ctx.mixed is not None:
             return torch.addcmul(ctx.mixed, cast(ctx.b, y.dtype).unsqueeze(-1), y.unsqueeze(-2))
+        if ctx.source is not None and not ctx.adds_input:  # H recomputed in backward
+            return DepthConnection.apply(ctx.streams, ctx.r, ctx.b, y, ctx.source)
         return depth_connection(ctx.streams, ctx.r, ctx.b, y)
+
+    def advance(
+        self, ctx: SiteContext, y: torch.Tensor, following: HyperConnection | None = None, recompute: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, SiteContext | None]:
+        """``H' = R H + b (x) y`` and, if a ``following`` site reads ``H'``, its width connection.
+
+        Returns ``(H', x', ctx')`` (``x', ctx'`` are ``None`` without a following site). With
+        ``recompute`` (eager, autograd) the following site recomputes ``H'`` in backward from
+        what this site saves anyway instead of saving it (see :meth:`width_connection`).
+        """
+        new = self.depth_connection(ctx, y)
+        if following is None:
+            return new, None, None
+        x, next_ctx = following.width_connection(new, made_of=(ctx, y) if recompute else None)
+        return new, x, next_ctx
 
     def mix(self, ctx: SiteContext) -> torch.Tensor:
         """``R H`` (what a layer that adds ``b (x) y`` to its input receives as input)."""
