@@ -29,10 +29,13 @@ hooks use the copy's own HC parameters.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .config import HCConfig
 from .errors import AlreadyConvertedError, UnsupportedArchitectureError
@@ -159,17 +162,69 @@ class HCDecoderLayerMixin:
             new = reduce_streams(new)
         return _replace_first(out, new)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Hooks follow their child's name: a child replaced after conversion (vLLM swaps norms, linears
+        and attention for its own; peft wraps modules) gets the site hooks its predecessor had."""
+        old = self.__dict__.get("_modules", {}).get(name)
+        super().__setattr__(name, value)
+        surgery = self.__dict__.get("_hc_surgery")
+        if surgery is None or old is None or value is old or not isinstance(value, nn.Module):
+            return
+        for hook in surgery.hooks:
+            if hook.child == name:
+                hook.detach()
+                hook.attach(value)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickle as "a converted layer of the original class" plus its state, so ``torch.load`` in a
+        new process rebuilds the class (generated at conversion) from the importable original."""
+        return _rebuild_layer, (self._hc_surgery.original_class,), self.__getstate__()
+
 
 @functools.cache
 def _hc_layer_class(cls: type) -> type:
-    """``cls`` with :class:`HCDecoderLayerMixin` in front (one class per original class).
+    """``cls`` with :class:`HCDecoderLayerMixin` in front, named ``HC<name>`` (one class per original class).
 
-    It keeps the original class *name*: accelerate/FSDP auto-wrap policies and transformers'
-    ``_no_split_modules`` (``device_map="auto"``) find decoder layers by class name.
+    The class is a global of this module under its own name, so ``type(layer)`` and ``repr`` say what
+    the layer is and pickling finds it (see :meth:`HCDecoderLayerMixin.__reduce_ex__` for a new
+    process). :func:`convert` adds the name to the model's ``_no_split_modules``, where accelerate's
+    FSDP auto-wrap policy and transformers' ``device_map="auto"`` look for decoder layers by name.
     """
-    return type(
-        cls.__name__, (HCDecoderLayerMixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-    )
+    name = f"HC{cls.__name__}"
+    hc_cls = type(name, (HCDecoderLayerMixin, cls), {"__module__": __name__, "__qualname__": name})
+    globals().setdefault(name, hc_cls)
+    return hc_cls
+
+
+def _rebuild_layer(original: type) -> nn.Module:
+    """Unpickling half of :meth:`HCDecoderLayerMixin.__reduce_ex__`: an empty converted layer of ``original``."""
+    return object.__new__(_hc_layer_class(original))
+
+
+@dataclass
+class _Hook:
+    """One hook :func:`convert` registered on a child of a decoder layer, and its handle."""
+
+    child: str
+    kind: str  # "pre" (entry: feeds x) or "post" (exit: turns y into what the layer adds)
+    fn: Callable[..., Any]
+    handle: RemovableHandle | None = None
+
+    def attach(self, module: nn.Module) -> None:
+        register = module.register_forward_pre_hook if self.kind == "pre" else module.register_forward_hook
+        self.handle = register(self.fn, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+@dataclass
+class _Surgery:
+    """What :func:`convert` did to one decoder layer, so that :func:`remove_hyper_connections` undoes exactly that."""
+
+    original_class: type
+    hooks: list[_Hook] = field(default_factory=list)
 
 
 def _entry_hook(
@@ -339,7 +394,9 @@ def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family 
         site_index += n_sites
         sites.to(device=ref.device)
         dropouts = _dropouts_outside_branches(layer, block)
+        surgery = _Surgery(type(layer))
         layer.__class__ = _hc_layer_class(type(layer))
+        layer._hc_surgery = surgery  # first, so that removal undoes a conversion that failed half-way
         layer.hyper_connections = sites
         layer._hc_block, layer._hc_multiplier = block, multiplier
         layer._hc_first, layer._hc_last = i == 0, i == len(layers) - 1
@@ -349,14 +406,75 @@ def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family 
         for index, (site, spec) in enumerate(zip(sites, block.sites, strict=False)):
             for name in spec.entries:
                 if isinstance(module := getattr(layer, name, None), nn.Module):
-                    module.register_forward_pre_hook(
-                        functools.partial(_entry_hook, calls, index, site), with_kwargs=True
-                    )
+                    _add_hook(surgery, module, name, "pre", functools.partial(_entry_hook, calls, index, site))
             for name in spec.exits:
-                getattr(layer, name).register_forward_hook(
-                    functools.partial(_exit_hook, calls, index, site, multiplier), with_kwargs=True
-                )
+                hook = functools.partial(_exit_hook, calls, index, site, multiplier)
+                _add_hook(surgery, getattr(layer, name), name, "post", hook)
+    _record_no_split(model, {type(layer).__name__ for layer in layers})
     model.hc_config = config
     model.config.hc_retrofit = config.to_dict()
     setattr(model.config, STRUCTURE_KEY, family.to_dict(model.config))  # saved checkpoints rebuild this structure
+    return model
+
+
+def _add_hook(surgery: _Surgery, module: nn.Module, child: str, kind: str, fn: Callable[..., Any]) -> None:
+    hook = _Hook(child, kind, fn)
+    surgery.hooks.append(hook)  # recorded first, so that removal also undoes a failed registration
+    hook.attach(module)
+
+
+_NO_SPLIT = "_hc_no_split_added"
+
+
+def _record_no_split(model: nn.Module, names: set[str]) -> None:
+    """Add the converted layers' class names to every ``_no_split_modules`` in ``model`` (an instance
+    attribute, as transformers' ``post_init`` makes it), remembering what was added for removal."""
+    for module in model.modules():
+        current = module.__dict__.get("_no_split_modules")
+        if current is None:
+            continue
+        added = names - set(current)
+        module._no_split_modules = (
+            type(current)([*current, *sorted(added)])
+            if isinstance(current, list)
+            else {
+                *current,
+                *added,
+            }
+        )
+        module.__dict__[_NO_SPLIT] = added
+
+
+def remove_hyper_connections(model: nn.Module) -> nn.Module:
+    """Undo :func:`convert` in place and return ``model``: the original model object again.
+
+    Every decoder layer gets its original class back, loses its ``hyper_connections`` and the hooks
+    conversion registered (by their recorded handles, including hooks that followed a replaced
+    child); the config loses the ``hc_retrofit`` keys, the model ``hc_config``, and
+    ``_no_split_modules`` the names conversion added. Parameters and buffers of the original model
+    are never touched (conversion only adds), so the result computes the original function. The
+    HC parameters are discarded: this is peft's ``unload()``, not a merge (a trained HC model has no
+    plain equivalent).
+    """
+    for module in model.modules():
+        surgery = module.__dict__.get("_hc_surgery")
+        if surgery is None:
+            continue
+        for hook in surgery.hooks:
+            hook.detach()
+        module._modules.pop("hyper_connections", None)
+        for key in [k for k in module.__dict__ if k.startswith("_hc_")]:
+            del module.__dict__[key]
+        module.__class__ = surgery.original_class
+    for module in model.modules():
+        added = module.__dict__.pop(_NO_SPLIT, None)
+        if added:
+            current = module._no_split_modules
+            kept = [n for n in current if n not in added]
+            module._no_split_modules = kept if isinstance(current, list) else set(kept)
+    model.__dict__.pop("hc_config", None)
+    config = getattr(model, "config", None)
+    for key in (CONFIG_KEY, STRUCTURE_KEY):
+        if config is not None and key in config.__dict__:
+            delattr(config, key)
     return model
