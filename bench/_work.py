@@ -69,7 +69,9 @@ class WorkCounter(TorchDispatchMode):
         if func.is_view or name in _NO_WORK or name.endswith("_view"):
             return out
         written_args = {
-            a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write and a.kwarg_only
+            a.name
+            for a in func._schema.arguments
+            if a.alias_info is not None and a.alias_info.is_write and a.kwarg_only
         }  # out= arguments: written (counted through the result), not read
         read = 0
         for a, value in zip(func._schema.arguments, args, strict=False):

@@ -4,10 +4,12 @@ How a converted decoder layer runs (streams ``H`` have shape ``(B, T, n, D)`` be
 
     layer 0 input h (B, T, D)  --expand (a view, no copy)-->  H
     site 0:  x0 = a0 . H             fed to the site's entry modules (e.g. input_layernorm)
-             the layer's residual is R0 H (we call the original forward with it)
-             exits return b0 (x) y0, so the layer's own add gives  R0 H + b0 y0
-    site s:  (later branches) the entry hook reads H_s, feeds x_s = a_s . H_s; the exit returns
-             (R_s - I) H_s + b_s (x) y_s, so the layer's own add gives  R_s H_s + b_s y_s
+    beside the layer (blocks whose output is their input plus their exits' outputs):
+             the layer runs on x0, a (B, T, D) tensor; the exit of site s computes
+             H_s+1 = R_s H_s + b_s (x) y_s and the next site's x_s+1 = a_s+1 . H_s+1 (one
+             pass), and the layer's own adds see only (B, T, D) tensors nobody reads
+    otherwise the layer adds the streams: it receives R0 H, site 0's exits return b0 (x) y0,
+             later sites' entry hooks read H_s and their exits return (R_s - I) H_s + b_s (x) y_s
     last layer output  --reduce (mean over streams)-->  (B, T, D), into the final norm
 
 Attention and MLP therefore only ever see ``(B, T, D)`` tensors: they run once, masks/rotary/KV
@@ -17,7 +19,8 @@ are new keys ``<layer>.hyper_connections.<site>.*``).
 The HC work of a layer happens inside the layer's ``forward`` (we give each decoder layer a
 subclass of its own class), so transformers' gradient checkpointing, which wraps ``forward``,
 recomputes it too. The layer talks to its sites only through the site API of
-:mod:`hc_retrofit.site` (``width_connection``, ``mix``, ``outer``, ``delta``, ``depth_around``). Per-call state
+:mod:`hc_retrofit.site` (``width_connection``, ``advance``, ``mix``, ``outer``, ``delta``,
+``depth_around``). Per-call state
 (each site's context between its entry and exit) is filled and emptied by the layer's ``forward``
 in a per-layer :class:`_LayerCalls`. What can be recomputed in backward is decided at convert time
 from the block structure: the hot path has no autograd-graph inspection, ``try`` or hidden state,
@@ -52,7 +55,8 @@ class _LayerCalls:
     The layer's ``forward`` fills it at the start of every call and empties it at the end (plain
     attribute stores, which ``torch.compile`` traces as ordinary side effects). ``contexts[s]``:
     site ``s`` between its entry and its exit (site 0 from the start). ``beside``: this call keeps
-    the streams beside the layer (see :func:`_beside`); then ``streams`` holds the latest streams,
+    the streams beside the layer (see :func:`_beside`); then ``streams`` holds the latest streams
+    (the layer's input until the first exit),
     ``sites`` the layer's sites, and ``recompute`` says whether the second site recomputes its
     streams in backward (:func:`_recomputes`).
     """
@@ -70,7 +74,7 @@ class _LayerCalls:
         sites: nn.ModuleList | None = None,
     ) -> None:
         self.beside, self.recompute, self.sites = beside, recompute, sites
-        self.streams: torch.Tensor | None = None
+        self.streams = None if first is None else first.streams
         self.contexts: list[SiteContext | None] = [first] + [None] * (self.num_sites - 1)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import HCConfig
 from .formulas import ablated, hc_dynamic, hc_dynamic_table, hc_layout, mhc, mhc_dynamic_logits, mhc_layout
-from .kernels import DepthConnection, Recomputed, WidthConnection, cast, expanded_streams, project_recomputed
+from .kernels import DepthConnection, DepthWidth, Recomputed, WidthPass, cast, expanded_streams, project_recomputed
 from .sinkhorn_knopp import sinkhorn
 from .site_cache import StaticParts, cache_key
 from .stream_ops import depth_connection, outer_streams, rms_project, stream_mix, width_connection
@@ -290,13 +290,17 @@ class HyperConnection(nn.Module):
             c = self._coefficients(streams, source)
             if adds_input:
                 c = c.minus_identity()
-            x = WidthConnection.apply(streams, c.a, source)
-            return x, SiteContext(streams, x, c.a, c.r, c.b, adds_input, source)
+            x, passed = WidthPass.apply(streams, c.a, source)
+            return x, SiteContext(passed, x, c.a, c.r, c.b, adds_input, source)
         c = self._coefficients(streams)  # with autograd (float32) or under torch.compile
         if adds_input:
             c = c.minus_identity()
-        x = width_connection(streams, c.a)
-        return x, SiteContext(streams, x, c.a, c.r, c.b, adds_input)
+        if torch.compiler.is_compiling():
+            x = width_connection(streams, c.a)
+            return x, SiteContext(streams, x, c.a, c.r, c.b, adds_input)
+        # The depth side reads the streams through WidthPass: one consumer, one gradient.
+        x, passed = WidthPass.apply(streams, c.a)
+        return x, SiteContext(passed, x, c.a, c.r, c.b, adds_input)
 
     def depth_connection(self, ctx: SiteContext, y: torch.Tensor) -> torch.Tensor:
         """``H' = R H + b (x) y``."""
@@ -315,6 +319,18 @@ class HyperConnection(nn.Module):
         ``recompute`` (eager, autograd) the following site recomputes ``H'`` in backward from
         what this site saves anyway instead of saving it (see :meth:`width_connection`).
         """
+        if (
+            following is not None
+            and not following.is_dynamic
+            and ctx.mixed is None
+            and not ctx.adds_input
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        ):  # eager autograd, a' independent of H': one Function, one gradient of H'
+            c = following.static_coefficients()
+            new, x = DepthWidth.apply(ctx.streams, ctx.r, ctx.b, y, c.a, ctx.source)
+            source = (Recomputed(), (ctx.streams, ctx.r, ctx.b, y)) if recompute else None
+            return new, x, SiteContext(new, x, c.a, c.r, c.b, False, source)
         new = self.depth_connection(ctx, y)
         if following is None:
             return new, None, None
