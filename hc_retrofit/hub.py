@@ -1,9 +1,9 @@
 """Publishing converted checkpoints on the Hugging Face Hub: model card and upload.
 
 :func:`push_checkpoint` creates the repository (``create_repo``), the branch if one is asked
-for, writes a generated ``README.md`` model card into the directory (unless the user wrote their
-own) and uploads the folder in one commit (``upload_folder``). ``dry_run`` lists what would be
-uploaded and sends no request. The endpoint is huggingface_hub's (``HF_ENDPOINT``).
+for, and uploads the checkpoint's files in one commit (``create_commit``); the generated
+``README.md`` model card (unless the user wrote their own) and the public config are sent from
+memory, the directory is not written. ``dry_run`` lists what would be uploaded and sends no request. The endpoint is huggingface_hub's (``HF_ENDPOINT``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Regenerate the README's output blocks by running the commands they show.
+"""Regenerate the output blocks of docs/cli.md by running the commands they show.
 
 Every fenced block preceded by the line ``<!-- readme-numbers -->`` is generated:
 
@@ -8,15 +8,15 @@ Every fenced block preceded by the line ``<!-- readme-numbers -->`` is generated
 * a ``text`` block right after a ``python`` block: the python block runs and what it prints
   (stdout; library progress bars and warnings go to stderr) fills it.
 
-Blocks run in README order in one scratch directory, so later blocks see what earlier ones wrote
+Blocks run in page order in one scratch directory, so later blocks see what earlier ones wrote
 (``convert`` makes ``runs/stories-mhc``, which ``verify`` reads). The scratch directory is laid out
-like the README assumes: ``WORKDIR`` (the "repository root": ``recipes/`` linked in, ``runs/``
-written) with ``WORKDIR/../shared`` linked to the shared models and corpora. Outputs are copied
-verbatim except that trailing spaces are stripped; absolute paths are the scratch directory's.
+like the page assumes: ``WORKDIR`` is the "repository root", with ``recipes/`` and ``hc_retrofit/``
+(the bundled model and text in ``hc_retrofit/data``) linked in and ``runs/`` written. Outputs are
+copied verbatim except that trailing spaces are stripped; absolute paths are the scratch directory's.
 
-    python scripts/readme_numbers.py --shared ../shared            # all generated blocks
-    python scripts/readme_numbers.py --shared ../shared --skip demo  # all but blocks running "demo"
-    python scripts/readme_numbers.py --list                          # what would run
+    python scripts/readme_numbers.py               # all generated blocks of docs/cli.md
+    python scripts/readme_numbers.py --skip demo   # all but blocks running "demo"
+    python scripts/readme_numbers.py --list        # what would run
 
 The code that runs is this checkout's (``PYTHONPATH`` is set to it). Exit code 1 if a command's
 exit code differs from the one the block expects (0, or nonzero where the block shows ``error:``).
@@ -42,7 +42,7 @@ FENCE = re.compile(r"^```(\w*)\s*$")
 
 @dataclass
 class Block:
-    """A generated block: lines ``start`` (opening fence) to ``end`` (closing fence) of the README."""
+    """A generated block: lines ``start`` (opening fence) to ``end`` (closing fence) of the page."""
 
     start: int
     end: int
@@ -51,14 +51,14 @@ class Block:
 
 
 def find_blocks(lines: list[str]) -> list[Block]:
-    """The generated blocks of a README, in order."""
+    """The generated blocks of a markdown page, in order."""
     blocks = []
     for i, line in enumerate(lines):
         if line.strip() != MARKER:
             continue
         start = i + 1
         if start >= len(lines) or not FENCE.match(lines[start]):
-            raise SystemExit(f"README line {i + 1}: {MARKER} must be followed by a fenced block")
+            raise SystemExit(f"line {i + 1}: {MARKER} must be followed by a fenced block")
         end = next(j for j in range(start + 1, len(lines)) if lines[j].startswith("```"))
         body = lines[start + 1 : end]
         commands = [ln[2:] for ln in body if ln.startswith("$ ")]
@@ -69,15 +69,15 @@ def find_blocks(lines: list[str]) -> list[Block]:
         close = i - 1
         if not lines[close].startswith("```"):
             raise SystemExit(
-                f"README line {start + 1}: a generated block without $ commands must follow a python block"
+                f"line {start + 1}: a generated block without $ commands must follow a python block"
             )
         open_ = max(j for j in range(close) if lines[j].startswith("```python"))
         blocks.append(Block(start, end, "python", lines[open_ + 1 : close]))
     return blocks
 
 
-def prepare(workdir: Path, shared: Path) -> None:
-    """A fresh scratch checkout: WORKDIR/recipes -> the repo's, WORKDIR/../shared -> ``shared``."""
+def prepare(workdir: Path) -> None:
+    """A fresh scratch checkout: WORKDIR/recipes and WORKDIR/hc_retrofit link to the repository's."""
     if workdir.exists():
         if not (workdir / OWNED).exists():
             raise SystemExit(f"{workdir} exists and was not made by this script: pass another --workdir")
@@ -85,12 +85,7 @@ def prepare(workdir: Path, shared: Path) -> None:
     workdir.mkdir(parents=True)
     (workdir / OWNED).write_text("made by scripts/readme_numbers.py; replaced on every run\n")
     (workdir / "recipes").symlink_to(REPO / "recipes")
-    link = workdir.parent / "shared"
-    if link.is_symlink() or link.exists():
-        if not link.is_symlink():
-            raise SystemExit(f"{link} exists and is not a link: pass another --workdir")
-        link.unlink()
-    link.symlink_to(shared.resolve())
+    (workdir / "hc_retrofit").symlink_to(REPO / "hc_retrofit")
 
 
 def run(command: str, workdir: Path, env: dict[str, str], *, stderr: bool = True) -> tuple[list[str], int, float]:
@@ -139,7 +134,7 @@ def regenerate(block: Block, workdir: Path, env: dict[str, str], old: list[str])
 
 
 def _shows_error(old: list[str], command: str) -> bool:
-    """Whether the README shows this command failing (a line of its output starts with ``error:``)."""
+    """Whether the page shows this command failing (a line of its output starts with ``error:``)."""
     try:
         i = old.index(f"$ {command}")
     except ValueError:
@@ -151,8 +146,7 @@ def _shows_error(old: list[str], command: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
-    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="shared models/ and data/")
+    parser.add_argument("--page", type=Path, default=REPO / "docs" / "cli.md", help="the markdown page to regenerate")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/hc-retrofit-readme/hc-retrofit"))
     parser.add_argument("--skip", action="append", default=[], help="skip blocks whose commands contain this")
     parser.add_argument("--only", action="append", default=[], help="run only blocks whose commands contain this")
@@ -162,18 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the blocks and commands, run nothing")
     args = parser.parse_args(argv)
 
-    lines = args.readme.read_text().splitlines()
+    lines = args.page.read_text().splitlines()
     blocks = find_blocks(lines)
     if args.list:
         for b in blocks:
-            print(f"README lines {b.start + 1}-{b.end + 1} ({b.kind}):")
+            print(f"lines {b.start + 1}-{b.end + 1} ({b.kind}):")
             for s in b.source if b.kind == "commands" else ["<python block>"]:
                 print(f"  {s}")
         return 0
-    if not (args.shared / "models").is_dir():
-        raise SystemExit(f"{args.shared} has no models/: pass --shared DIR (the shared models and corpora)")
     if not (args.reuse and (args.workdir / OWNED).exists()):
-        prepare(args.workdir, args.shared)
+        prepare(args.workdir)
     env = environment()
     ok = True
     new_lines = list(lines)
@@ -182,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         old = lines[block.start + 1 : block.end]
         text = " ".join(block.source)
         skip = any(s in text for s in args.skip) or bool(args.only and not any(s in text for s in args.only))
-        print(f"README lines {block.start + 1}-{block.end + 1}: {'skipped' if skip else 'running'}", file=sys.stderr)
+        print(f"lines {block.start + 1}-{block.end + 1}: {'skipped' if skip else 'running'}", file=sys.stderr)
         if skip:
             continue
         body, good = regenerate(block, args.workdir, env, old)
@@ -190,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         a, b = block.start + 1 + offset, block.end + offset
         new_lines[a:b] = body
         offset += len(body) - len(old)
-    args.readme.write_text("\n".join(new_lines) + "\n")
-    print(f"wrote {args.readme}" + ("" if ok else " (some exit codes were unexpected: see above)"), file=sys.stderr)
+    args.page.write_text("\n".join(new_lines) + "\n")
+    print(f"wrote {args.page}" + ("" if ok else " (some exit codes were unexpected: see above)"), file=sys.stderr)
     return 0 if ok else 1
 
 

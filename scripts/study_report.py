@@ -1,10 +1,10 @@
-"""Regenerate the README's study tables and plot from the `hc-retrofit compare` output dirs.
+"""Regenerate docs/study.md's tables and plot from the `hc-retrofit compare` output dirs.
 
 The study is several ``compare`` runs (one ``--out`` each: the main LR x HC-multiplier grid, then
 one per arm that changes an HC setting: n, variant, HC-only warm-up, the HC init). Hours of CPU,
 so it is not rerun here: this script reads their finished run dirs
 (:func:`hc_retrofit.compare.report.read_comparison`, the same selection and gains as ``compare``
-prints) and rewrites every README block between
+prints) and rewrites every block of docs/study.md between
 
     <!-- study-report KIND ARGS... -->
     ...
@@ -14,10 +14,10 @@ KIND is ``grid DIR`` (every setting tried on the tuning seeds), ``arms DIR...`` 
 best setting, held-out loss and gain over plain per seed) or ``plot PNG DIR...`` (held-out loss
 against tokens and training seconds, drawn by ``compare``'s own
 :func:`~hc_retrofit.compare.report.plot_compare`; the block's text is kept, the PNG rewritten).
-DIRs are relative to ``--runs`` (the README's commands write ``runs/study``, ``runs/study-n8``, ...).
+PNG is relative to the page; DIRs are relative to ``--runs`` (the page's commands write ``runs/study``, ``runs/study-n8``, ...).
 
-    python scripts/study_report.py --runs runs            # rewrite README.md and the plot(s)
-    python scripts/study_report.py --runs runs --check    # exit 1 if README.md is not up to date
+    python scripts/study_report.py --runs runs            # rewrite docs/study.md and the plot(s)
+    python scripts/study_report.py --runs runs --check    # exit 1 if docs/study.md is not up to date
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def arm_label(spec: CompareSpec, arm: Arm) -> str:
 
 
 def _num(value: float) -> str:
-    """``1e-3``, ``3e-4``, ``10``: learning rates as the README's commands write them."""
+    """``1e-3``, ``3e-4``, ``10``: learning rates as the study commands write them."""
     if value >= 1 or value == 0:
         return f"{value:g}"
     mantissa, exponent = f"{value:.6e}".split("e")
@@ -199,7 +199,7 @@ def render(readme: str, runs: Path, root: Path) -> str:
             continue
         end = next((j for j in range(i, len(lines)) if lines[j].strip() == CLOSE), None)
         if end is None:
-            raise SystemExit(f"README line {i}: {match.group(0).strip()} has no {CLOSE}")
+            raise SystemExit(f"line {i}: {match.group(0).strip()} has no {CLOSE}")
         kind, args = match.group(1), match.group(2).split()
         if kind == "grid":
             out += grid_table(runs / args[0])
@@ -215,16 +215,16 @@ def render(readme: str, runs: Path, root: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the compare dirs are")
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
-    parser.add_argument("--check", action="store_true", help="only report whether the README is up to date")
+    parser.add_argument("--page", "--readme", dest="page", type=Path, default=REPO / "docs" / "study.md")
+    parser.add_argument("--check", action="store_true", help="only report whether the page is up to date")
     args = parser.parse_args(argv)
-    old = args.readme.read_text()
-    new = render(old, args.runs, args.readme.parent)
+    old = args.page.read_text()
+    new = render(old, args.runs, args.page.parent)
     if args.check:
-        print("README study blocks are up to date" if new == old else "README study blocks are out of date")
+        print(f"{args.page}: study blocks are " + ("up to date" if new == old else "out of date"))
         return 0 if new == old else 1
-    args.readme.write_text(new)
-    print(f"{args.readme}: study blocks {'unchanged' if new == old else 'rewritten'}")
+    args.page.write_text(new)
+    print(f"{args.page}: study blocks {'unchanged' if new == old else 'rewritten'}")
     return 0
 
 

@@ -2,14 +2,15 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BUNDLED = Path(__file__).resolve().parents[1] / "hc_retrofit" / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not (SHARED / "models" / "stories260K").is_dir():
-        pytest.skip(f"../shared is absent ({SHARED}); the real-checkpoint tests need it")
-    return SHARED
+def bundled_data() -> Path:
+    """``hc_retrofit/data``: the real pretrained stories260K and the tinyshakespeare text ship with the package."""
+    assert (BUNDLED / "stories260K" / "model.safetensors").is_file(), f"{BUNDLED} lacks stories260K"
+    assert (BUNDLED / "tinyshakespeare.txt").is_file(), f"{BUNDLED} lacks tinyshakespeare.txt"
+    return BUNDLED
 
 
 def pytest_configure(config):

@@ -14,13 +14,12 @@ from hc_retrofit import HCConfig
 
 
 @pytest.fixture(scope="module")
-def stories(request):
-    shared = request.getfixturevalue("shared_dir")
-    path = shared / "models" / "stories260K"
+def stories(bundled_data):
+    path = bundled_data / "stories260K"
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
     tok.pad_token = tok.pad_token or tok.unk_token or tok.eos_token
-    return model, tok, shared
+    return model, tok, bundled_data
 
 
 def perplexity(model, ids: torch.Tensor, block: int = 256) -> float:
@@ -31,17 +30,17 @@ def perplexity(model, ids: torch.Tensor, block: int = 256) -> float:
 
 @pytest.mark.parametrize("variant", ["static", "dynamic", "mhc"])
 def test_same_greedy_text_and_perplexity(stories, variant):
-    base, tok, shared = stories
+    base, tok, data = stories
     model = hc_retrofit.convert(copy.deepcopy(base), HCConfig(variant=variant))
     prompt = tok(["Once upon a time", "The little dog"], return_tensors="pt", padding=True)
     gen = dict(max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
     out_base = base.generate(**prompt, **gen)
     out_hc = model.generate(**prompt, **gen)
     assert tok.batch_decode(out_hc) == tok.batch_decode(out_base)
-    text = (shared / "data" / "tinystories_sample.txt").read_text(encoding="utf-8")
+    text = (data / "tinyshakespeare.txt").read_text(encoding="utf-8")
     ids = torch.tensor(tok(text[:60_000])["input_ids"])
     ppl_base, ppl_hc = perplexity(base, ids), perplexity(model, ids)
-    assert ppl_base < 10  # the real model is in-domain here (measured 4.4)
+    assert ppl_base < 0.5 * base.config.vocab_size  # a trained model off-domain (measured 62), far from uniform
     assert abs(ppl_hc - ppl_base) < 1e-4 * ppl_base
 
 

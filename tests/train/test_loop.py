@@ -193,12 +193,12 @@ def test_grad_accum_and_checkpointing_match_one_big_batch(tokenizer, corpus, cac
     assert acc.final_eval_loss == pytest.approx(big.final_eval_loss, abs=1e-4)
 
 
-def test_real_checkpoint_on_real_text_starts_at_the_base_loss(shared_dir, cache_dir, tmp_path):
+def test_real_checkpoint_on_real_text_starts_at_the_base_loss(bundled_data, cache_dir, tmp_path):
     """stories260K (a trained llama) converted on the fly, 2 steps on Shakespeare: step 0 is the base."""
-    text = (shared_dir / "data" / "tinyshakespeare.txt").read_text()[:30_000]
+    text = (bundled_data / "tinyshakespeare.txt").read_text()[:30_000]
     data_file = tmp_path / "shakespeare.txt"
     data_file.write_text(text)
-    model_dir = str(shared_dir / "models" / "stories260K")
+    model_dir = str(bundled_data / "stories260K")
     cfg = tiny_config(tmp_path / "real", data_file, cache_dir, model=model_dir, block_size=64, max_steps=2, lr=1e-3)
     result = train(cfg)
     from hc_retrofit.persist import load_base_model
