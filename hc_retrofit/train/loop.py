@@ -34,6 +34,7 @@ from hc_retrofit import outputs, ownership
 from hc_retrofit.log import get_logger
 from hc_retrofit.modeling.patch import hyper_connection_sites, is_converted
 from hc_retrofit.train import checkpoint as ckpt
+from hc_retrofit.train.compile import compile_layers
 from hc_retrofit.train.data import BatchSchedule, PackedData, build_data, eval_shards
 from hc_retrofit.train.errors import NonFiniteLossError, TrainingError
 from hc_retrofit.train.launch_check import warn_if_alone
@@ -296,6 +297,8 @@ def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | 
         model, loaded_tokenizer = load_model(cfg)
         tokenizer = tokenizer or loaded_tokenizer
     model = prepare_model(cfg, model, tokenizer)
+    if cfg.compile:  # regional: each decoder layer, in place, before accelerate wraps the model
+        compile_layers(model, backend=cfg.compile_backend)
     hc = is_converted(model)
     with accelerator.main_process_first():  # the main process tokenises; the others load its cache
         data = build_data(
