@@ -1,4 +1,4 @@
-"""hc-retrofit: turn a transformers causal LM into a hyper-connection model that starts exact.
+"""hc-retrofit: turn a transformers model into a hyper-connection model that computes the same function.
 
 Public API::
 

@@ -252,8 +252,9 @@ def model_card(
         f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)  # reads the config too',
         "```",
         "",
-        "Without `trust_remote_code=True` loading fails on purpose (model type "
-        f"`{config.get('model_type')}`): the base class alone would silently drop the hyper-connections.",
+        "Without `trust_remote_code=True` transformers asks before running this code (`[y/N]`) in a "
+        "terminal and raises an error elsewhere; it never loads the model without its hyper-connections "
+        f"(model type `{config.get('model_type')}`).",
         "With hc-retrofit installed:",
         "",
         "```python",

@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "<!-- readme-numbers -->"
 OWNED = ".readme-numbers-scratch"  # the scratch directory is ours to replace only if this file is in it
-FENCE = re.compile(r"^```(\w*)\s*$")
+FENCE = re.compile(r"^(`{3,})(\w*)\s*$")  # 4 backticks where the output holds ``` lines (a model card)
 
 
 @dataclass
@@ -57,9 +57,10 @@ def find_blocks(lines: list[str]) -> list[Block]:
         if line.strip() != MARKER:
             continue
         start = i + 1
-        if start >= len(lines) or not FENCE.match(lines[start]):
+        fence = FENCE.match(lines[start]) if start < len(lines) else None
+        if fence is None:
             raise SystemExit(f"line {i + 1}: {MARKER} must be followed by a fenced block")
-        end = next(j for j in range(start + 1, len(lines)) if lines[j].startswith("```"))
+        end = next(j for j in range(start + 1, len(lines)) if lines[j].strip() == fence.group(1))
         body = lines[start + 1 : end]
         commands = [ln[2:] for ln in body if ln.startswith("$ ")]
         if commands:
@@ -68,9 +69,7 @@ def find_blocks(lines: list[str]) -> list[Block]:
         # a text block right after a python block: its output
         close = i - 1
         if not lines[close].startswith("```"):
-            raise SystemExit(
-                f"line {start + 1}: a generated block without $ commands must follow a python block"
-            )
+            raise SystemExit(f"line {start + 1}: a generated block without $ commands must follow a python block")
         open_ = max(j for j in range(close) if lines[j].startswith("```python"))
         blocks.append(Block(start, end, "python", lines[open_ + 1 : close]))
     return blocks
