@@ -33,6 +33,10 @@ VERSION_KEY = "hc_retrofit_version"
 """``config.json`` key: the hc-retrofit version that wrote the checkpoint."""
 CODE_HASH_KEY = "hc_retrofit_code_sha256"
 """``config.json`` key: :func:`code_hash` of the modeling files as written."""
+ATTENTION_INTERFACE_KEY = "hc_retrofit_attention_interface"
+"""``config.json`` key: whether the base family's attention goes through transformers' attention
+interface (``ALL_ATTENTION_FUNCTIONS``, with ``**kwargs`` threaded down), which serving engines'
+Transformers backends (vLLM, SGLang) plug their own attention into; ``False``: they cannot serve it."""
 _ROOT_MODULE = "remote_model"
 
 _TEMPLATE = '''\
@@ -45,7 +49,7 @@ checkpoint's hyper-connection tensors load into place.
 
 from {config_module} import {config_cls} as _BaseConfig
 from {model_module} import {model_cls} as _BaseModel
-
+{base_import}
 from .remote_model import HCRetrofitModelMixin, register_conversions
 
 # Every sibling module by name: some transformers versions (5.0) copy only the files that this file
@@ -60,8 +64,19 @@ class {config_class}(_BaseConfig):
 class {class_name}(HCRetrofitModelMixin, _BaseModel):
     config_class = {config_class}
 
-
+{base_class_def}
 register_conversions("{model_type}", "{base_type}", "{model_cls}")
+'''
+
+
+_BASE_IMPORT = "from {module} import {name} as _BaseDecoder\n"
+_BASE_CLASS = '''
+class {class_name}(HCRetrofitModelMixin, _BaseDecoder):
+    """The base model (no head), for ``AutoModel``: what serving engines (vLLM's and SGLang's
+    Transformers backends) build, and what returns the reduced ``(B, T, D)`` hidden states."""
+
+    config_class = {config_class}
+
 '''
 
 
@@ -116,6 +131,7 @@ def modeling_source(model: Any) -> str:
     import hc_retrofit  # the package, for its version (not at import time: we are imported by it)
 
     config_cls, model_cls = base_classes(model)
+    decoder_cls = base_model_class(model)
     base_type = base_model_type(model.config)
     siblings = sorted(name.removesuffix(".py") for name in package_module_closure() if name != f"{_ROOT_MODULE}.py")
     return _TEMPLATE.format(
@@ -124,6 +140,12 @@ def modeling_source(model: Any) -> str:
         config_cls=config_cls.__name__,
         model_module=_import_path(model_cls),
         model_cls=model_cls.__name__,
+        base_import=_BASE_IMPORT.format(module=_import_path(decoder_cls), name=decoder_cls.__name__)
+        if decoder_cls
+        else "",
+        base_class_def=_BASE_CLASS.format(class_name=model_class_name(decoder_cls.__name__), config_class=CONFIG_CLASS)
+        if decoder_cls
+        else "",
         sibling_imports="\n".join(f"from .{m} import __name__ as _{m}" for m in siblings),
         config_class=CONFIG_CLASS,
         class_name=model_class_name(model_cls.__name__),
@@ -143,6 +165,23 @@ def _first_library_class(cls: type) -> type:
 def base_classes(model: Any) -> tuple[type, type]:
     """The transformers config class and ``*ForCausalLM`` class underneath ``model`` (converted or not)."""
     return _first_library_class(type(model.config)), _first_library_class(type(model))
+
+
+def base_model_class(model: Any) -> type | None:
+    """The transformers class of ``model``'s base model (``LlamaModel`` under ``LlamaForCausalLM``), or
+    ``None`` when ``model`` is a base model itself.
+
+    The checkpoint's ``auto_map`` maps ``AutoModel`` to a converted twin of it: serving engines' Transformers
+    backends (vLLM, SGLang) build the base model with ``AutoModel`` and apply their own head.
+    """
+    inner = getattr(model, "base_model", model)  # transformers: the ``base_model_prefix`` child, else the model
+    return None if inner is model else _first_library_class(type(inner))
+
+
+def uses_attention_interface(model_cls: type) -> bool:
+    """Whether ``model_cls``'s attention dispatches through ``ALL_ATTENTION_FUNCTIONS`` (the test vLLM applies)."""
+    can_set = getattr(model_cls, "_can_set_attn_implementation", None)
+    return bool(getattr(model_cls, "_supports_attention_backend", False) or (callable(can_set) and can_set()))
 
 
 def auto_classes(model_cls: type) -> list[str]:
@@ -249,11 +288,16 @@ def write_remote_code(out_dir: Path, model: Any) -> dict[str, Any]:
     module = MODELING_FILE.removesuffix(".py")
     base_type = base_model_type(model.config)
     model_ref = f"{module}.{model_class_name(model_cls.__name__)}"
+    auto_map = {"AutoConfig": f"{module}.{CONFIG_CLASS}"}
+    if (decoder_cls := base_model_class(model)) is not None:  # first: the order engines resolve auto_map in
+        auto_map["AutoModel"] = f"{module}.{model_class_name(decoder_cls.__name__)}"
+    auto_map.update(dict.fromkeys(auto_classes(model_cls), model_ref))
     return {
         "model_type": retrofit_model_type(base_type),
         "architectures": [model_class_name(model_cls.__name__)],
-        "auto_map": {"AutoConfig": f"{module}.{CONFIG_CLASS}", **dict.fromkeys(auto_classes(model_cls), model_ref)},
+        "auto_map": auto_map,
         BASE_TYPE_KEY: base_type,
         BASE_ARCH_KEY: model_cls.__name__,
         CODE_HASH_KEY: code_hash(files),
+        ATTENTION_INTERFACE_KEY: uses_attention_interface(model_cls),
     }
