@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from hc_retrofit.train.compile import compile_layers
 from hc_retrofit.train.data import PackedData, build_data
 from hc_retrofit.train.export import save_trained
 from hc_retrofit.train.launch_check import warn_if_alone
@@ -68,13 +69,14 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = 
     threads = apply_threads(cfg.threads)
     run = RunDirectory(cfg, make_accelerator(cfg, Path(cfg.out).expanduser().resolve()))
     warn_if_alone(run.accelerator.num_processes)
-    run.open()
-    try:
-        result = _run(cfg, run, model, tokenizer, threads)
-    except BaseException:
-        run.failed()
-        raise
-    run.succeeded()
+    with run.locked():  # a second writer of this run (another train --resume) is refused
+        run.open()
+        try:
+            result = _run(cfg, run, model, tokenizer, threads)
+        except BaseException:
+            run.failed()
+            raise
+        run.succeeded()
     return result
 
 
@@ -85,6 +87,8 @@ def _run(cfg: TrainConfig, run: RunDirectory, model: nn.Module | None, tokenizer
         model, loaded_tokenizer = load_model(cfg)
         tokenizer = tokenizer or loaded_tokenizer
     model = prepare_model(cfg, model, tokenizer)
+    if cfg.compile:  # regional: each decoder layer, in place, before accelerate wraps the model
+        compile_layers(model, backend=cfg.compile_backend)
     data = _data(cfg, tokenizer, accelerator)
     trainer = Trainer(cfg, accelerator, run, model, data)
     if cfg.report_to:

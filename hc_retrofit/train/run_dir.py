@@ -6,18 +6,22 @@ run is set aside, not deleted, and removed only once the new run is complete; a 
 before writing anything leaves no trace; a failed ``--overwrite`` puts the old run back unless
 the new one has a checkpoint worth resuming. ``--resume`` never restarts or shortens a run.
 
+Every file a run writes is recorded in the directory's manifest (:mod:`hc_retrofit.ownership`)
+as soon as it is written, and the directory is locked while a process trains in it (:meth:`locked`).
+
 Layout: ``metrics.jsonl``, ``loss.png``, ``summary.json``, ``checkpoints/step-N/``, ``final/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit import outputs
+from hc_retrofit import outputs, ownership
 from hc_retrofit.train import checkpoint as ckpt
 from hc_retrofit.train.errors import TrainingError
 from hc_retrofit.train.metrics import METRICS_FILE
@@ -26,6 +30,8 @@ from hc_retrofit.train.recipe import TrainConfig
 FINAL_DIR = "final"
 PLOT_FILE = "loss.png"
 SUMMARY_FILE = "summary.json"
+RUN_CLAIMS = (FINAL_DIR, f"{ckpt.CHECKPOINTS}/step-*")
+"""What a run writes beside its files (the manifest vouches for their staging and lock files too)."""
 
 
 class RunDirectory:
@@ -44,23 +50,32 @@ class RunDirectory:
     metrics = property(lambda self: self.path / METRICS_FILE)
     summary = property(lambda self: self.path / SUMMARY_FILE)
 
+    def locked(self) -> contextlib.AbstractContextManager[Any]:
+        """The directory's lock (held by the main process): a second writer of this run is refused."""
+        return ownership.output_lock(self.path) if self.main else contextlib.nullcontext()
+
     def open(self) -> None:
         """Check the directory (before anything is loaded), set an overwritten run aside, mark it ours."""
         out, cfg = self.path, self.cfg
         if _has_entries(out) and not (cfg.resume or cfg.overwrite):
             raise TrainingError(f"{out} exists and is not empty: pass --resume to continue that run or --overwrite")
-        outputs.check_output_dir(out, overwrite=True, inputs=[cfg.model, cfg.data])
+        outputs.check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=[cfg.model, cfg.data])
         if cfg.resume:
             self.check_resumable()
         replace = cfg.overwrite and _has_entries(out)
         self.accelerator.wait_for_everyone()
         if self.main:
             if replace:
+                outputs.clean_leftovers(out)
                 self._aside = outputs.set_aside(out)
-            out.mkdir(parents=True, exist_ok=True)
-            if not (out / outputs.MARKER).exists():
-                outputs.write_marker(out, "run")
+            ownership.adopt_dir(out, "run")
+            ownership.claim(out, RUN_CLAIMS)
         self.accelerator.wait_for_everyone()
+
+    def record(self, *names: str) -> None:
+        """Add what the main process just wrote (and the appended metrics log) to the manifest."""
+        if self.main:
+            ownership.record(self.path, [n for n in names if (self.path / n).exists()], append=[METRICS_FILE])
 
     def completed_steps(self) -> int | None:
         """Steps of the finished run here (its ``summary.json``), or ``None``."""
@@ -97,8 +112,10 @@ class RunDirectory:
             )
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write ``summary.json`` and record the finished run's files."""
         if self.main:
             self.summary.write_text(json.dumps(summary, indent=2))
+            self.record(SUMMARY_FILE, FINAL_DIR, ckpt.CHECKPOINTS, PLOT_FILE)
 
     def succeeded(self) -> None:
         """The new run is complete: now the run it replaced may go."""

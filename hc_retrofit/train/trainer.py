@@ -94,6 +94,7 @@ class Trainer:
         if cfg.resume:
             self.start_step, self.last_checkpoint = self.resume()
         self.metrics = MetricsLog(self.run.metrics, enabled=main, resume_step=self.start_step if cfg.resume else None)
+        self.run.record()
         self.model.train()
         progress = TrainProgress(cfg.max_steps, self.start_step, enabled=main and cfg.progress, lines=main, hc=self.hc)
         with progress:
@@ -222,6 +223,7 @@ class Trainer:
             keep=self.cfg.keep_checkpoints,
             models=[self.model],
         )
+        self.run.record(ckpt.CHECKPOINTS)
         return self.last_checkpoint
 
     def resume(self) -> tuple[int, Path | None]:
