@@ -49,7 +49,7 @@ def is_ours(directory: str | os.PathLike) -> bool:
         return False
     if (path / MARKER).is_file():
         return True
-    from hc_retrofit.persist import is_converted_dir  # outputs of versions before the marker
+    from hc_retrofit.checkpoint_format import is_converted_dir  # outputs of versions before the marker
 
     if is_converted_dir(path):
         return True

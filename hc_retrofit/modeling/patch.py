@@ -40,8 +40,6 @@ from .families import STRUCTURE_KEY, Block, Family, family_for
 from .site import HyperConnection, SiteContext
 from .stream_ops import expand_streams, reduce_streams
 
-CONFIG_KEY = "hc_retrofit"
-
 
 class _LayerCalls:
     """The per-call state of one converted layer, shared with its hooks.

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hc_retrofit import persist
+from hc_retrofit.loading import load_converted
 from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.streaming import stream_convert
 from hc_retrofit.train import train
@@ -105,8 +105,8 @@ def test_fsdp2_two_cpu_processes_match_one_process(tokenizer, corpus, cache_dir,
     report = json.loads(verify.stdout)
     assert report["trained"] and report["max_abs_logit_diff"] > 0  # it learned, and was compared with its base
     assert not list((out / "final").glob("*.distcp")) and (out / "final" / "model.safetensors").is_file()
-    got = persist.load_converted(out / "final").state_dict()
-    want = persist.load_converted(single / "final").state_dict()
+    got = load_converted(out / "final").state_dict()
+    want = load_converted(single / "final").state_dict()
     assert got.keys() == want.keys()
     for key in got:
         torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=0, msg=key)
@@ -125,8 +125,8 @@ def test_fsdp2_two_cpu_processes_match_one_process(tokenizer, corpus, cache_dir,
         for key in ("loss", "eval_loss"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a["step"])
-    got = persist.load_converted(resumed / "final").state_dict()
-    want = persist.load_converted(out / "final").state_dict()
+    got = load_converted(resumed / "final").state_dict()
+    want = load_converted(out / "final").state_dict()
     assert got.keys() == want.keys()
     for key in got:
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0, msg=key)
