@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the names below load on first use (PEP 562), so `import hc_
         UnsupportedArchitectureError,
     )
     from hc_retrofit.modeling.families import FAMILIES, Block, Family, Site, register_family, supported_model_types
-    from hc_retrofit.modeling.patch import hyper_connection_sites, is_converted
+    from hc_retrofit.modeling.patch import hyper_connection_sites, is_converted, remove_hyper_connections
     from hc_retrofit.proof import convert
     from hc_retrofit.saving import save_converted
 
@@ -65,7 +65,7 @@ _LAZY = {
     **dict.fromkeys(
         ("FAMILIES", "Block", "Family", "Site", "register_family", "supported_model_types"), "modeling.families"
     ),
-    **dict.fromkeys(("hyper_connection_sites", "is_converted"), "modeling.patch"),
+    **dict.fromkeys(("hyper_connection_sites", "is_converted", "remove_hyper_connections"), "modeling.patch"),
     "convert": "proof",
     "load_converted": "loading",
     "save_converted": "saving",
@@ -107,6 +107,7 @@ __all__ = [
     "load_converted",
     "reduce_streams",
     "register_family",
+    "remove_hyper_connections",
     "save_converted",
     "sinkhorn",
     "stream_mix",

@@ -26,7 +26,7 @@ from hc_retrofit.discovery import discover
 from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.modeling.errors import HCRetrofitError, UnsupportedArchitectureError
 from hc_retrofit.modeling.families import FAMILIES, Family
-from hc_retrofit.modeling.patch import check_convertible
+from hc_retrofit.modeling.patch import check_convertible, remove_hyper_connections
 from hc_retrofit.modeling.patch import convert as apply_adapter
 
 LOGIT_ATOL = 1e-4
@@ -34,59 +34,6 @@ LOGIT_RTOL = 1e-4
 PROBE_BATCH = 2
 PROBE_LENGTH = 8
 NEW_TOKENS = 2  # the prefill step and one step that reads the KV cache
-
-# Dicts of hooks an nn.Module keeps (their contents are restored; the dicts themselves stay).
-_MODULE_DICTS = (
-    "_modules",
-    "_parameters",
-    "_buffers",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-    "_state_dict_pre_hooks",
-    "_state_dict_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-
-
-class ModelSnapshot:
-    """What a conversion may change in a model (module classes, attributes, submodules, parameters,
-    buffers, hooks; the config's attributes), taken before it, so that :meth:`restore` undoes it.
-
-    Only references are kept (no tensor is copied): conversion adds objects, it does not modify
-    the original weights in place.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self._modules = [
-            (m, type(m), dict(m.__dict__), {k: dict(getattr(m, k)) for k in _MODULE_DICTS if hasattr(m, k)})
-            for m in model.modules()
-        ]
-        self._config = getattr(model, "config", None)
-        self._config_dict = dict(self._config.__dict__) if self._config is not None else None
-
-    def restore(self) -> None:
-        for module, cls, attrs, dicts in self._modules:
-            module.__class__ = cls
-            for key in set(module.__dict__) - set(attrs):
-                del module.__dict__[key]
-            for key, value in attrs.items():
-                if module.__dict__.get(key) is not value:
-                    module.__dict__[key] = value
-            for key, contents in dicts.items():
-                current = getattr(module, key)
-                if current.keys() != contents.keys() or any(current[k] is not v for k, v in contents.items()):
-                    current.clear()
-                    current.update(contents)
-        if self._config is not None and self._config_dict is not None:
-            for key in set(self._config.__dict__) - set(self._config_dict):
-                del self._config.__dict__[key]
-            self._config.__dict__.update(self._config_dict)
 
 
 @dataclass
@@ -359,21 +306,20 @@ def _try(
 ) -> str | None:
     """Apply ``family`` and probe: ``None`` if exact (the model stays converted), else why not
     (the model is restored)."""
-    snapshot = ModelSnapshot(model)
     try:
         apply_adapter(model, config, family=family)
         problem = compare(reference, run_probe(model, inputs, check_cache=reference.tokens is not None), dtype)
     except HCRetrofitError as err:
-        snapshot.restore()
+        remove_hyper_connections(model)
         if not isinstance(err, UnsupportedArchitectureError):
             raise
         return str(err)
     except Exception as err:  # a wrong adapter can fail in any way: that is a refusal, not a crash
-        snapshot.restore()
+        remove_hyper_connections(model)
         return f"failed: {_one_line(err)}"
     except BaseException:  # Ctrl-C: leave the model as it was
-        snapshot.restore()
+        remove_hyper_connections(model)
         raise
     if problem is not None:
-        snapshot.restore()
+        remove_hyper_connections(model)
     return problem

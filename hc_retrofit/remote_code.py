@@ -110,10 +110,14 @@ def _import_path(cls: type) -> str:
 
 def modeling_source(model: Any) -> str:
     """The generated modeling file for ``model``'s base family."""
+    config_cls, model_cls = base_classes(model)
+    return modeling_source_for(config_cls, model_cls, base_model_type(model.config))
+
+
+def modeling_source_for(config_cls: type, model_cls: type, base_type: str) -> str:
+    """The generated modeling file for base classes ``config_cls``/``model_cls`` of family ``base_type``."""
     import hc_retrofit  # the package, for its version (not at import time: we are imported by it)
 
-    config_cls, model_cls = base_classes(model)
-    base_type = base_model_type(model.config)
     siblings = sorted(name.removesuffix(".py") for name in package_module_closure() if name != f"{_ROOT_MODULE}.py")
     return _TEMPLATE.format(
         version=hc_retrofit.__version__,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit import outputs
+from hc_retrofit import outputs, ownership
 from hc_retrofit.checkpoint_format import BASE_ARCH_KEY, BASE_KEY, BASE_TYPE_KEY, METADATA_KEY, VERSION_KEY
 from hc_retrofit.modeling.errors import NotConvertedError
 from hc_retrofit.modeling.patch import is_converted
@@ -40,7 +39,6 @@ def write_converted_files(
     data = json.loads(config_file.read_text(encoding="utf-8"))
     data.update(keys)
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    outputs.write_marker(directory, "checkpoint")
     return keys
 
 
@@ -68,19 +66,30 @@ def save_converted(
     if not is_converted(model):
         raise NotConvertedError("the model has no hyper-connections; call hc_retrofit.convert(model) before saving")
     out = check_output_dir(Path(out_dir), overwrite=overwrite)
+    with ownership.output_lock(out):
+        keys = _save_staged(model, out, tokenizer, max_shard_size, base_model, extra_metadata)
+    for key in (BASE_KEY, BASE_TYPE_KEY, BASE_ARCH_KEY):
+        setattr(model.config, key, keys[key])
+    return out
+
+
+def _save_staged(
+    model: Any, out: Path, tokenizer: Any, max_shard_size: str | int, base_model: str | None, extra: dict | None
+) -> dict[str, Any]:
+    """Write into a staging directory beside ``out``, seal its manifest, swap it in; return the config keys."""
     config = model.config
     base = base_model or getattr(config, BASE_KEY, None) or getattr(config, "_name_or_path", None) or None
     if base and Path(base).expanduser().is_dir():  # a local base: absolute, so verify works from any cwd
         base = str(Path(base).expanduser().resolve())
-    metadata = {**(getattr(config, METADATA_KEY, None) or {}), **(extra_metadata or {})}
+    metadata = {**(getattr(config, METADATA_KEY, None) or {}), **(extra or {})}
     tmp = outputs.staging_dir(out)
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         keys = write_converted_files(tmp, model, tokenizer, base=base, metadata=metadata)
-        outputs.replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        outputs.replace_dir(tmp, out, kind="checkpoint")
+    except BaseException as err:
+        instead = outputs.abandon(tmp, err, out)
+        if instead is not None:
+            raise instead from err
         raise
-    for key in (BASE_KEY, BASE_TYPE_KEY, BASE_ARCH_KEY):
-        setattr(config, key, keys[key])
-    return out
+    return keys

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import time
 from collections.abc import Callable
@@ -344,10 +343,12 @@ def write_plan(
             started = time.perf_counter()
             check(tmp)
             timings["checks"] = time.perf_counter() - started
-        outputs.replace_dir(tmp, out)
-    except BaseException:
+        outputs.replace_dir(tmp, out, kind="checkpoint")
+    except BaseException as err:
         copier.cancel()
-        shutil.rmtree(tmp, ignore_errors=True)
+        instead = outputs.abandon(tmp, err, out)
+        if instead is not None:
+            raise instead from err
         raise
     cast = {s.name for s in plan.shards if s.cast}
     return out, sum(1 for name in linked if name not in cast)
@@ -401,7 +402,42 @@ def stream_convert(
     The shards of a local checkpoint are copied in the background from the start (with ``dtype``
     ``auto``; ``early``: a copy the caller started, see :func:`start_copy`), while it plans.
     Raises :class:`CannotStream` when only :func:`convert_checkpoint` can do it (nothing left behind).
+    The lock of ``out_dir`` is held throughout (a second writer is refused).
     """
+    target = check_output_dir(Path(out_dir), overwrite=overwrite, source=model_id_or_dir)
+    with outputs.output_lock(target):
+        return _stream_convert(
+            model_id_or_dir,
+            out_dir,
+            config,
+            revision=revision,
+            dtype=dtype,
+            overwrite=overwrite,
+            trust_remote_code=trust_remote_code,
+            link=link,
+            verify=verify,
+            check=check,
+            progress=progress,
+            early=early,
+        )
+
+
+def _stream_convert(
+    model_id_or_dir: str,
+    out_dir: str | os.PathLike,
+    config: HCConfig,
+    *,
+    revision: str | None,
+    dtype: str,
+    overwrite: bool,
+    trust_remote_code: bool,
+    link: bool,
+    verify: bool,
+    check: Callable[[Path], None] | None,
+    progress: Callable[[str], None] | None,
+    early: EarlyCopy | None,
+) -> StreamSummary:
+    """:func:`stream_convert` while holding the output's lock."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     parse_dtype(dtype)

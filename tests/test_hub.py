@@ -18,6 +18,9 @@ from tests.tiny import tiny_encoder, tiny_model
 
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
+    from hc_retrofit import outputs
+
+    outputs.write_marker(tmp_path / "run", "run")  # `train` creates its run dir with a manifest
     model = hc_retrofit.convert(tiny_model("qwen2-tied"), hc_retrofit.HCConfig(num_streams=4, variant="mhc"))
     return save_converted(model, tmp_path / "run" / "final", base_model="org/tiny-qwen2")
 
@@ -40,9 +43,6 @@ def test_model_card_of_an_encoder_loads_it_with_its_auto_class(tmp_path: Path) -
 
 
 def test_model_card_training_summary(checkpoint: Path) -> None:
-    from hc_retrofit import outputs
-
-    outputs.write_marker(checkpoint.parent, "run")  # `train` marks its run dir; only then is it read
     (checkpoint.parent / "summary.json").write_text(json.dumps({"steps": 400, "final_eval_loss": 1.7271}))
     (checkpoint.parent / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
     card = hub.model_card(checkpoint)

@@ -296,8 +296,8 @@ def test_layer_class_names_are_kept_for_fsdp_and_device_map():
     base = tiny_model("llama-gqa-untied")
     names = {type(layer).__name__ for layer in decoder_layers(base)}
     model = hc_retrofit.convert(base, HCConfig())
-    assert {type(layer).__name__ for layer in decoder_layers(model)} == names
-    assert set(model._no_split_modules) >= names
+    assert {type(layer).__name__ for layer in decoder_layers(model)} == {f"HC{name}" for name in names}
+    assert set(model._no_split_modules) >= {f"HC{name}" for name in names}
 
 
 def test_a_refused_adapter_leaves_the_model_untouched():

@@ -154,9 +154,13 @@ def test_save_refuses_existing_dir_and_overwrites_on_request(tmp_path: Path) -> 
     assert (out / "keep.txt").read_text() == "mine"
     ours = tmp_path / "ours"
     save_converted(model, ours)
-    (ours / "stale.txt").write_text("from the earlier conversion")
-    save_converted(model, ours, overwrite=True)
-    assert not (ours / "stale.txt").exists() and is_converted_dir(ours)
+    (ours / "notes.txt").write_text("added by the user after the conversion")
+    with pytest.raises(OutputExistsError, match=r"did not write or that changed since \(notes.txt\)"):
+        save_converted(model, ours, overwrite=True)  # would lose the user's file: refused
+    assert (ours / "notes.txt").is_file()
+    (ours / "notes.txt").unlink()
+    save_converted(model, ours, overwrite=True)  # only our own, unchanged files: replaced
+    assert is_converted_dir(ours)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ours"]
 
 

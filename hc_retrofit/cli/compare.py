@@ -60,6 +60,9 @@ def compare_command(
     warmup_steps: Annotated[int | None, typer.Option(help="Linear LR warmup steps, then cosine.")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Validation + held-out eval every N steps.")] = None,
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (resume granularity).")] = None,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile each decoder layer in every run (regional).")
+    ] = False,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Any other train setting, KEY=VALUE (repeatable).")
     ] = None,
@@ -95,6 +98,7 @@ def compare_command(
             eval_every=eval_every,
             save_every=save_every,
             cache_dir=cache_dir,
+            compile=compile or None,
         ).items()
         if v is not None
     }

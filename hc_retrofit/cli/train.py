@@ -44,6 +44,9 @@ def train_command(
     ] = None,
     max_grad_norm: Annotated[float | None, typer.Option(help="Gradient clipping norm, 0 = off (default 1.0).")] = None,
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute activations.")] = False,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile each decoder layer (regional; fuses HC on GPU).")
+    ] = False,
     mixed_precision: Annotated[
         str | None, typer.Option(help="auto | no | bf16 | fp16; auto = bf16 on a GPU that has it (default auto).")
     ] = None,
@@ -79,7 +82,7 @@ def train_command(
     quiet_library_progress()
     for name in ("config", "no_progress"):
         flags.pop(name)
-    for name in ("no_hc", "grad_checkpointing", "resume", "overwrite"):  # flags only switch on
+    for name in ("no_hc", "grad_checkpointing", "compile", "resume", "overwrite"):  # flags only switch on
         flags[name] = flags[name] or None
     flags["progress"] = False if no_progress else None
     cfg = merge(config, **flags)

@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import HCConfig
 from .formulas import ablated, hc_dynamic, hc_dynamic_table, hc_layout, mhc, mhc_dynamic_logits, mhc_layout
-from .kernels import DepthConnection, Recomputed, WidthConnection, cast, expanded_streams, project_recomputed
+from .kernels import DepthConnection, DepthWidth, Recomputed, WidthPass, cast, expanded_streams, project_recomputed
 from .sinkhorn_knopp import sinkhorn
 from .site_cache import StaticParts, cache_key
 from .stream_ops import depth_connection, outer_streams, rms_project, stream_mix, width_connection
@@ -181,6 +181,9 @@ class HyperConnection(nn.Module):
             return self.static_coefficients()
         if streams is None:
             raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
+        if torch.is_autocast_enabled(streams.device.type):  # mixed precision: the coefficients stay float32
+            with torch.autocast(streams.device.type, enabled=False):
+                return self._coefficients(streams, source)
         project = rms_project if source is None else functools.partial(project_recomputed, source=source)
         if self.variant == "mhc":
             base, s = mhc_layout(self.width_logits, self.residual_logits, self.depth_logits, self.dynamic_scale)
@@ -239,6 +242,9 @@ class HyperConnection(nn.Module):
             return parts.rows(dtype, minus_identity)
         if streams is None:
             raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
+        if torch.is_autocast_enabled(streams.device.type):  # mixed precision: the coefficients stay float32
+            with torch.autocast(streams.device.type, enabled=False):
+                return self._no_grad_rows(streams, dtype, minus_identity)
         n = self.num_streams
         if self.variant == "mhc":
             logits = mhc_dynamic_logits(parts.base, parts.scale, parts.proj, streams, rms_project)
@@ -278,9 +284,9 @@ class HyperConnection(nn.Module):
         """``x = a . H``, the branch input, and the context :meth:`depth_connection` (or :meth:`delta`) needs.
 
         ``adds_input``: the caller adds ``H`` itself after :meth:`delta` (a layer's own residual).
-        ``made_of = (ctx0, y0)``: ``streams`` are exactly ``mix(ctx0) + outer(ctx0, y0)`` of another
-        site, added unchanged. With autograd (eager) they are then not saved for backward but
-        recomputed there, once, from tensors saved anyway (``n x D`` per token less memory).
+        ``made_of = (ctx0, y0)``: ``streams`` are exactly ``depth_connection(ctx0, y0)`` of another
+        site. With autograd (eager) they are then not saved for backward but recomputed there,
+        once, from tensors saved anyway (``n x D`` per token less memory).
         """
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return self._width_no_grad(streams, adds_input)
@@ -290,19 +296,52 @@ class HyperConnection(nn.Module):
             c = self._coefficients(streams, source)
             if adds_input:
                 c = c.minus_identity()
-            x = WidthConnection.apply(streams, c.a, source)
-            return x, SiteContext(streams, x, c.a, c.r, c.b, adds_input, source)
+            x, passed = WidthPass.apply(streams, c.a, source)
+            return x, SiteContext(passed, x, c.a, c.r, c.b, adds_input, source)
         c = self._coefficients(streams)  # with autograd (float32) or under torch.compile
         if adds_input:
             c = c.minus_identity()
-        x = width_connection(streams, c.a)
-        return x, SiteContext(streams, x, c.a, c.r, c.b, adds_input)
+        if torch.compiler.is_compiling():
+            x = width_connection(streams, c.a)
+            return x, SiteContext(streams, x, c.a, c.r, c.b, adds_input)
+        # The depth side reads the streams through WidthPass: one consumer, one gradient.
+        x, passed = WidthPass.apply(streams, c.a)
+        return x, SiteContext(passed, x, c.a, c.r, c.b, adds_input)
 
     def depth_connection(self, ctx: SiteContext, y: torch.Tensor) -> torch.Tensor:
         """``H' = R H + b (x) y``."""
         if ctx.mixed is not None:
             return torch.addcmul(ctx.mixed, cast(ctx.b, y.dtype).unsqueeze(-1), y.unsqueeze(-2))
+        if ctx.source is not None and not ctx.adds_input:  # H recomputed in backward
+            return DepthConnection.apply(ctx.streams, ctx.r, ctx.b, y, ctx.source)
         return depth_connection(ctx.streams, ctx.r, ctx.b, y)
+
+    def advance(
+        self, ctx: SiteContext, y: torch.Tensor, following: HyperConnection | None = None, recompute: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, SiteContext | None]:
+        """``H' = R H + b (x) y`` and, if a ``following`` site reads ``H'``, its width connection.
+
+        Returns ``(H', x', ctx')`` (``x', ctx'`` are ``None`` without a following site). With
+        ``recompute`` (eager, autograd) the following site recomputes ``H'`` in backward from
+        what this site saves anyway instead of saving it (see :meth:`width_connection`).
+        """
+        if (
+            following is not None
+            and not following.is_dynamic
+            and ctx.mixed is None
+            and not ctx.adds_input
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        ):  # eager autograd, a' independent of H': one Function, one gradient of H'
+            c = following.static_coefficients()
+            new, x = DepthWidth.apply(ctx.streams, ctx.r, ctx.b, y, c.a, ctx.source)
+            source = (Recomputed(), (ctx.streams, ctx.r, ctx.b, y)) if recompute else None
+            return new, x, SiteContext(new, x, c.a, c.r, c.b, False, source)
+        new = self.depth_connection(ctx, y)
+        if following is None:
+            return new, None, None
+        x, next_ctx = following.width_connection(new, made_of=(ctx, y) if recompute else None)
+        return new, x, next_ctx
 
     def mix(self, ctx: SiteContext) -> torch.Tensor:
         """``R H`` (what a layer that adds ``b (x) y`` to its input receives as input)."""

@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hc_retrofit import outputs
+from hc_retrofit import outputs, ownership
 from hc_retrofit.log import get_logger
 from hc_retrofit.modeling.patch import hyper_connection_sites, is_converted
 from hc_retrofit.train import checkpoint as ckpt
+from hc_retrofit.train.compile import compile_layers
 from hc_retrofit.train.data import BatchSchedule, PackedData, build_data, eval_shards
 from hc_retrofit.train.errors import NonFiniteLossError, TrainingError
 from hc_retrofit.train.launch_check import warn_if_alone
@@ -48,6 +49,8 @@ log = get_logger(__name__)
 FINAL_DIR = "final"
 PLOT_FILE = "loss.png"
 SUMMARY_FILE = "summary.json"
+RUN_CLAIMS = (FINAL_DIR, f"{ckpt.CHECKPOINTS}/step-*")
+"""What a run writes beside its files (the manifest vouches for their staging and lock files too)."""
 
 
 @dataclass
@@ -128,7 +131,7 @@ def _prepare_out_dir(cfg: TrainConfig, out: Path, accelerator: Any) -> Path | No
     """
     if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise TrainingError(f"{out} exists and is not empty: pass --resume to continue that run or --overwrite")
-    outputs.check_output_dir(out, overwrite=True, inputs=[cfg.model, cfg.data])
+    outputs.check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=[cfg.model, cfg.data])
     if cfg.resume:
         _check_resumable(cfg, out)
     replace = cfg.overwrite and out.is_dir() and any(out.iterdir())
@@ -136,10 +139,10 @@ def _prepare_out_dir(cfg: TrainConfig, out: Path, accelerator: Any) -> Path | No
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if replace:
+            outputs.clean_leftovers(out)
             aside = outputs.set_aside(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / outputs.MARKER).exists():
-            outputs.write_marker(out, "run")
+        ownership.adopt_dir(out, "run")
+        ownership.claim(out, RUN_CLAIMS)
     accelerator.wait_for_everyone()
     return aside
 
@@ -243,6 +246,15 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = 
     warn_if_alone(accelerator.num_processes)
     _check_fsdp_dtype(cfg, accelerator)
     existed = out.exists()
+    lock = ownership.output_lock(out) if accelerator.is_main_process else contextlib.nullcontext()
+    with lock:  # a second writer of this run (another train --resume) is refused
+        return _train_locked(cfg, out, accelerator, model, tokenizer, existed)
+
+
+def _train_locked(
+    cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | None, tokenizer: Any, existed: bool
+) -> TrainResult:
+    """:func:`train` while holding the run directory's lock."""
     aside = _prepare_out_dir(cfg, out, accelerator)
     try:
         result = _train_in(cfg, out, accelerator, model, tokenizer)
@@ -285,6 +297,8 @@ def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | 
         model, loaded_tokenizer = load_model(cfg)
         tokenizer = tokenizer or loaded_tokenizer
     model = prepare_model(cfg, model, tokenizer)
+    if cfg.compile:  # regional: each decoder layer, in place, before accelerate wraps the model
+        compile_layers(model, backend=cfg.compile_backend)
     hc = is_converted(model)
     with accelerator.main_process_first():  # the main process tokenises; the others load its cache
         data = build_data(
@@ -319,6 +333,8 @@ def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | 
     if cfg.resume:
         start_step, last_ckpt = _load_latest(cfg, out, model, accelerator)
     metrics = MetricsLog(out / METRICS_FILE, enabled=main, resume_step=start_step if cfg.resume else None)
+    if main:
+        ownership.record(out, [], append=[METRICS_FILE])
     if cfg.report_to:
         accelerator.init_trackers("hc-retrofit", config=_tracker_config(cfg))
 
@@ -397,6 +413,8 @@ def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | 
                 last_ckpt = ckpt.save_checkpoint(
                     accelerator, out, step + 1, ckpt_state, keep=cfg.keep_checkpoints, models=[model]
                 )
+                if main:
+                    ownership.record(out, [ckpt.CHECKPOINTS], append=[METRICS_FILE])
         if data.eval is not None:
             final_eval = run_eval(cfg.max_steps)
             progress.note_eval(cfg.max_steps, final_eval)
@@ -430,6 +448,8 @@ def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | 
         import json
 
         (out / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2))
+        written = [SUMMARY_FILE, FINAL_DIR, ckpt.CHECKPOINTS, *([PLOT_FILE] if plot else [])]
+        ownership.record(out, [n for n in written if (out / n).exists()], append=[METRICS_FILE])
     accelerator.wait_for_everyone()
     return result
 

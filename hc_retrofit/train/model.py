@@ -112,8 +112,18 @@ def save_final(model: nn.Module, tokenizer: Any, out_dir: Path, *, metadata: dic
         from hc_retrofit.saving import save_converted
 
         return Path(save_converted(model, out_dir, tokenizer, overwrite=True, extra_metadata=metadata))
+    from hc_retrofit import outputs
+
     model.config.use_cache = True
-    model.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    tmp = outputs.staging_dir(out_dir)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        outputs.replace_dir(tmp, out_dir, kind="checkpoint")  # with a manifest of what it wrote
+    except BaseException as err:
+        instead = outputs.abandon(tmp, err, out_dir)
+        if instead is not None:
+            raise instead from err
+        raise
     return out_dir

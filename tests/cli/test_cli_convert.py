@@ -66,9 +66,12 @@ def test_convert_overwrite(cli, base_dir: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
     ours = tmp_path / "ours"
     assert cli("convert", base_dir, "--out", ours).exit_code == 0
-    (ours / "stale.txt").write_text("x")
+    (ours / "eval.json").write_text("x")  # the user's file, added later: never lost
+    result = cli("convert", base_dir, "--out", ours, "--overwrite")
+    assert result.exit_code == 1 and "(eval.json)" in _one_error_line(result)
+    (ours / "eval.json").unlink()
     assert cli("convert", base_dir, "--out", ours, "--overwrite").exit_code == 0
-    assert is_converted_dir(ours) and not (ours / "stale.txt").exists()
+    assert is_converted_dir(ours)
 
 
 def test_convert_overwrite_never_touches_the_source_or_cwd(

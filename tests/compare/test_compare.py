@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from hc_retrofit import ownership
 from hc_retrofit.compare import CompareSpec, Trial, run_compare
 from hc_retrofit.compare.spec import Arm
 from hc_retrofit.train.errors import TrainingError
@@ -135,8 +136,11 @@ def test_out_dir_guards(plain_model, corpus, cache_dir, tmp_path):
     other.train["max_steps"] = 5
     with pytest.raises(TrainingError, match=r"other settings \(max_steps\)"):
         run_compare(other, progress=False, log=lambda _: None)
+    with pytest.raises(TrainingError, match=r"did not write .*\(notes.txt\)"):  # would be lost: refused
+        run_compare(other, overwrite=True, progress=False, log=lambda _: None)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
     run_compare(other, overwrite=True, progress=False, log=lambda _: None)
-    assert (out / "notes.txt").read_text() == "mine"  # --overwrite deletes only what compare wrote
     assert json.loads((out / "results.json").read_text())["arms"][0]["tokens"] == 5 * 2 * 32
 
 
@@ -168,6 +172,7 @@ def test_a_comparison_from_before_a_new_train_setting_resumes(plain_model, corpu
     saved = json.loads(marker.read_text())
     del saved["fingerprint"]["train"]["residual_init_main"]  # as written before the setting existed
     marker.write_text(json.dumps(saved))
+    ownership.record(marker.parent, [marker.name])  # as that version wrote it
     lines: list[str] = []
     again = run_compare(spec, progress=False, log=lines.append)
     assert all(line.endswith("(already done)") for line in lines) and again.to_dict() == first.to_dict()
@@ -190,11 +195,13 @@ def test_two_compares_on_one_out_dir_are_refused(plain_model, corpus, cache_dir,
     lock.parent.mkdir()
     outputs.write_marker(lock.parent, "compare")  # as a running compare leaves it
     lock.write_text(str(os.getpid()))  # alive: this test
+    ownership.record(lock.parent, [lock.name])
     with pytest.raises(TrainingError, match=r"being run by another compare \(process \d+\)"):
         run_compare(spec, progress=False, log=lambda _: None)
     assert "compare.json" not in {p.name for p in lock.parent.iterdir()}  # nothing run or recorded
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(done.stdout.strip())  # a process that has exited
+    ownership.record(lock.parent, [lock.name])
     result = run_compare(spec, progress=False, log=lambda _: None)
     assert result.arms and not lock.exists()
 
