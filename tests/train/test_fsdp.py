@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hc_retrofit import persist
+from hc_retrofit.loading import load_converted
 from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.streaming import stream_convert
 from hc_retrofit.train import train
@@ -36,8 +36,8 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 def _assert_same_weights(got_dir: Path, want_dir: Path, atol: float) -> None:
-    got = persist.load_converted(got_dir).state_dict()
-    want = persist.load_converted(want_dir).state_dict()
+    got = load_converted(got_dir).state_dict()
+    want = load_converted(want_dir).state_dict()
     assert got.keys() == want.keys()
     for key in got:
         torch.testing.assert_close(got[key], want[key], atol=atol, rtol=0, msg=key)
