@@ -24,15 +24,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit.modeling.remote_model import BASE_ARCH_KEY, BASE_TYPE_KEY, base_model_type, retrofit_model_type
+from hc_retrofit.checkpoint_format import BASE_ARCH_KEY, BASE_TYPE_KEY, CODE_HASH_KEY, VERSION_KEY
+from hc_retrofit.modeling.remote_model import base_model_type, retrofit_model_type
 from hc_retrofit.tasks import TASKS
 
 MODELING_FILE = "modeling_hc_retrofit.py"
 CONFIG_CLASS = "HCRetrofitConfig"
-VERSION_KEY = "hc_retrofit_version"
-"""``config.json`` key: the hc-retrofit version that wrote the checkpoint."""
-CODE_HASH_KEY = "hc_retrofit_code_sha256"
-"""``config.json`` key: :func:`code_hash` of the modeling files as written."""
 _ROOT_MODULE = "remote_model"
 
 _TEMPLATE = '''\

@@ -40,13 +40,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .config import HCConfig
+from .config import CONFIG_KEY, HCConfig
 from .errors import AlreadyConvertedError, UnsupportedArchitectureError
 from .families import STRUCTURE_KEY, Block, Family, family_for
 from .site import HyperConnection, SiteContext
 from .stream_ops import expand_streams, reduce_streams
-
-CONFIG_KEY = "hc_retrofit"
 
 
 class _LayerCalls:

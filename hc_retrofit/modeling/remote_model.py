@@ -16,13 +16,9 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from .config import HCConfig
+from .config import BASE_TYPE_KEY, CONFIG_KEY, MODEL_TYPE_PREFIX, HCConfig
 from .errors import CheckpointError, NotConvertedError
-from .patch import CONFIG_KEY, convert
-
-MODEL_TYPE_PREFIX = "hc_retrofit_"
-BASE_TYPE_KEY = "hc_retrofit_base_model_type"
-BASE_ARCH_KEY = "hc_retrofit_base_architecture"
+from .patch import convert
 
 
 def retrofit_model_type(base_model_type: str) -> str:
