@@ -14,11 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hc_retrofit.base_model import load_base_config, load_base_model
+from hc_retrofit.dtypes import parse_dtype
 from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.modeling.families import family_for
 from hc_retrofit.modeling.patch import decoder_layers, hyper_connection_sites
-from hc_retrofit.persist import check_output_dir, load_base_config, load_base_model, parse_dtype, save_converted
+from hc_retrofit.ownership import output_lock
 from hc_retrofit.proof import convert
+from hc_retrofit.saving import check_output_dir, save_converted
 
 
 @dataclass(frozen=True)
@@ -68,10 +71,35 @@ def convert_checkpoint(
     not a checkpoint, unsupported or already converted architecture, existing output, ...) before
     anything is written.
     """
+    out = check_output_dir(Path(out_dir), overwrite=overwrite, source=model_id_or_dir)
+    with output_lock(out):  # a second writer of out_dir is refused now, not after loading
+        return _convert_locked(
+            model_id_or_dir,
+            out,
+            config,
+            revision=revision,
+            dtype=dtype,
+            overwrite=overwrite,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+        )
+
+
+def _convert_locked(
+    model_id_or_dir: str,
+    out: Path,
+    config: HCConfig,
+    *,
+    revision: str | None,
+    dtype: str,
+    overwrite: bool,
+    trust_remote_code: bool,
+    progress: Callable[[str], None] | None,
+) -> ConvertSummary:
+    """:func:`convert_checkpoint` while holding the lock of ``out``."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
-    out = check_output_dir(Path(out_dir), overwrite=overwrite, source=model_id_or_dir)
     say(f"reading the config of {model_id_or_dir}")
     base_config = load_base_config(model_id_or_dir, revision=revision, trust_remote_code=trust_remote_code)
     say(f"loading {model_id_or_dir} ({base_config.model_type})")

@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit.modeling.errors import HubError
-from hc_retrofit.modeling.patch import CONFIG_KEY
-from hc_retrofit.modeling.remote_model import BASE_ARCH_KEY, BASE_TYPE_KEY
-from hc_retrofit.outputs import MARKER
-from hc_retrofit.persist import (
+from hc_retrofit.checkpoint_format import (
+    BASE_ARCH_KEY,
     BASE_KEY,
+    BASE_TYPE_KEY,
+    CONFIG_KEY,
     METADATA_KEY,
     VERSION_KEY,
-    is_valid_repo_id,
     read_config_dict,
     require_converted_dir,
 )
+from hc_retrofit.local_paths import scrub_json, scrub_text
+from hc_retrofit.modeling.errors import HubError
+from hc_retrofit.outputs import MARKER
+from hc_retrofit.repo_ids import is_valid_repo_id
 from hc_retrofit.tasks import TASKS
 
 CARD_FILE = "README.md"
@@ -111,18 +114,61 @@ def _is_local_path(value: str) -> bool:
 
 
 def public_config(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` as it may be published: every absolute local path (base model, data files) cut to its last part."""
+    """``config`` as it may be published: every local path (base model, data files, run dirs) cut to its last part."""
+    return scrub_json(config)[0]
 
-    def clean(value: Any) -> Any:
-        if isinstance(value, str) and _is_local_path(value):
-            return Path(value.replace("\\", "/")).name or value
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
 
-    return clean(config)
+LICENSE_NAMES = (
+    ("MIT License", "mit"),
+    ("Apache License", "apache-2.0"),
+    ("BSD 3-Clause", "bsd-3-clause"),
+    ("BSD 2-Clause", "bsd-2-clause"),
+    ("GNU GENERAL PUBLIC LICENSE", "gpl-3.0"),
+    ("Creative Commons Attribution 4.0", "cc-by-4.0"),
+)
+"""Headings of LICENSE files -> the Hub's license identifiers."""
+
+
+def _base_folder(base: str) -> Path | None:
+    """The base model's files on this machine: its directory, or its snapshot in the HF cache."""
+    local = Path(base).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(base, "config.json")
+    except Exception:  # not a valid repo id, no cache: nothing to read
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def base_card_metadata(base: str | None) -> dict[str, str]:
+    """``license`` and ``base_model`` as the base model states them (its card's front matter, its
+    LICENSE file), if its files are on this machine; keys it does not state are absent."""
+    found: dict[str, str] = {}
+    folder = _base_folder(base) if base else None
+    if folder is None:
+        return found
+    card = folder / CARD_FILE
+    if card.is_file():
+        try:
+            from huggingface_hub.repocard import metadata_load
+
+            meta = metadata_load(card) or {}
+        except Exception:  # an unreadable front matter states nothing
+            meta = {}
+        for key in ("license", "base_model"):
+            value = meta.get(key)
+            if isinstance(value, list) and value:
+                value = value[0]
+            if isinstance(value, str) and value:
+                found[key] = value
+    licence_file = next((folder / n for n in ("LICENSE", "LICENSE.txt", "LICENSE.md") if (folder / n).is_file()), None)
+    if "license" not in found and licence_file is not None:
+        text = licence_file.read_text(encoding="utf-8", errors="replace")[:4000]
+        found.update(("license", spdx) for heading, spdx in LICENSE_NAMES[::-1] if heading in text)
+    return found
 
 
 def _auto_class_name(config: dict[str, Any]) -> str:
@@ -132,22 +178,46 @@ def _auto_class_name(config: dict[str, Any]) -> str:
     return (preferred or listed or ["AutoModelForCausalLM"])[0]
 
 
-def model_card(path: str | os.PathLike, repo_id: str | None = None) -> str:
-    """The ``README.md`` model card of a converted checkpoint directory (no local paths in it)."""
+def card_metadata(path: str | os.PathLike, license: str | None = None, base_model: str | None = None) -> dict:
+    """``license`` and ``base_model`` for the card of checkpoint ``path``: given, else the Hub id of its base,
+    else what the base's own card or LICENSE states (a key is absent when nothing states it)."""
+    raw = read_config_dict(path)
+    base = str(raw.get(BASE_KEY) or "")
+    local_base = _is_local_path(base) or base.startswith(".")
+    stated = base_card_metadata(base) if base else {}
+    meta = {}
+    if license or stated.get("license"):
+        meta["license"] = license or stated["license"]
+    hub_base = base if base and not local_base and base.count("/") <= 1 else None
+    if base_model or hub_base or stated.get("base_model"):
+        meta["base_model"] = base_model or hub_base or stated["base_model"]
+    return meta
+
+
+def _yaml_scalar(value: str) -> str:
+    """``value`` as a YAML scalar: bare when it is a plain id, else quoted."""
+    return value if re.fullmatch(r"[A-Za-z0-9][\w./-]*", value) else json.dumps(value)
+
+
+def model_card(
+    path: str | os.PathLike, repo_id: str | None = None, *, license: str | None = None, base_model: str | None = None
+) -> str:
+    """The ``README.md`` model card of a converted checkpoint directory (no local paths in it).
+
+    ``license``/``base_model``: the card's metadata; by default what :func:`card_metadata` finds.
+    """
     path = Path(path)
     raw = read_config_dict(path)
-    local_base = _is_local_path(str(raw.get(BASE_KEY) or ""))
     config = public_config(raw)
     hc = config.get(CONFIG_KEY) or {}
     base = config.get(BASE_KEY) or "unknown"
     counts = _count_parameters(path)
     repo = repo_id or "OWNER/NAME"
     auto = _auto_class_name(config)
-    base_is_hub_id = base != "unknown" and not local_base and not base.startswith(".") and base.count("/") <= 1
-    front = ["---", "library_name: transformers", "tags:", "- hc-retrofit", "- hyper-connections"]
-    if base_is_hub_id:
-        front.append(f"base_model: {base}")
-    front.append("---")
+    meta = card_metadata(path, license, base_model)
+    front = ["---", "library_name: transformers"]
+    front += [f"{key}: {_yaml_scalar(meta[key])}" for key in ("license", "base_model") if key in meta]
+    front += ["tags:", "- hc-retrofit", "- hyper-connections", "---"]
     lines = [
         *front,
         CARD_MARKER,
@@ -212,6 +282,12 @@ class PushPlan:
     url: str | None = None
     commit: str | None = None
     notes: list[str] = field(default_factory=list)
+    card: str | None = None
+    """The model card uploaded as README.md (generated, or the user's own, paths cut)."""
+    local_paths: list[tuple[str, str]] = field(default_factory=list)
+    """``(file, string)``: every local path cut out of what is uploaded."""
+    code_problems: list[str] = field(default_factory=list)
+    """How the code a ``trust_remote_code`` user would run differs from what hc-retrofit writes."""
 
 
 def _files_to_upload(path: Path) -> list[str]:
@@ -223,7 +299,16 @@ def _files_to_upload(path: Path) -> list[str]:
     for folder, dirs, names in os.walk(path, followlinks=False):
         for name in [*names, *dirs]:
             item = Path(folder) / name
-            if item.is_symlink() and root not in item.resolve().parents:
+            if not item.is_symlink():
+                continue
+            try:
+                target = item.resolve(strict=True)
+            except (OSError, RuntimeError):  # a loop, or a link to nothing
+                raise HubError(
+                    f"{item} is a broken link or a link loop: push uploads only the checkpoint's own files; "
+                    "remove the link"
+                ) from None
+            if root not in target.parents:
                 raise HubError(
                     f"{item} is a link to {item.resolve()}, outside the checkpoint: push uploads only the "
                     "checkpoint's own files; replace the link with a copy or remove it"
@@ -237,6 +322,40 @@ def _card_is_ours(path: Path) -> bool:
     return not card.exists() or CARD_MARKER in card.read_text(encoding="utf-8", errors="replace")
 
 
+SCRUBBED_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".jsonl", ".toml", ".cfg")
+"""Text files whose local paths are cut before upload (sent from memory, the folder is not written)."""
+NOT_SCRUBBED = frozenset({"tokenizer.json", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json"})
+"""Vocabularies: their tokens may look like paths and must stay exactly as they are."""
+SCRUB_LIMIT = 16 << 20
+
+
+def publishable_files(path: Path, files: list[str]) -> tuple[dict[str, bytes], list[tuple[str, str]]]:
+    """``{name: content}`` of the text files of ``files`` whose local paths were cut, and ``(name, path)``
+    for every path cut. Files with nothing to cut are not in the dict (they are uploaded as they are)."""
+    out: dict[str, bytes] = {}
+    found: list[tuple[str, str]] = []
+    for name in files:
+        file = path / name
+        if not name.lower().endswith(SCRUBBED_SUFFIXES) or Path(name).name in NOT_SCRUBBED or not file.is_file():
+            continue
+        if file.stat().st_size > SCRUB_LIMIT:
+            continue
+        text = file.read_text(encoding="utf-8", errors="replace")
+        cleaned: str
+        if name.endswith(".json"):
+            try:
+                data, paths = scrub_json(json.loads(text))
+                cleaned = json.dumps(data, indent=2, sort_keys=name == "config.json") + "\n"
+            except ValueError:
+                cleaned, paths = scrub_text(text)
+        else:
+            cleaned, paths = scrub_text(text)
+        if paths:
+            out[name] = cleaned.encode("utf-8")
+            found += [(name, p) for p in paths]
+    return out, found
+
+
 def push_checkpoint(
     path: str | os.PathLike,
     repo_id: str,
@@ -245,14 +364,25 @@ def push_checkpoint(
     revision: str | None = None,
     dry_run: bool = False,
     token: str | None = None,
+    allow_modified_code: bool = False,
+    license: str | None = None,
+    base_model: str | None = None,
 ) -> PushPlan:
     """Upload converted checkpoint ``path`` to Hub repository ``repo_id`` (created if needed).
 
+    What is uploaded: the folder's files, with every local path cut from its text files
+    (:mod:`hc_retrofit.local_paths`), and the model card (generated unless the user wrote one).
+    The code a ``trust_remote_code`` user would run is checked first
+    (:func:`hc_retrofit.code_check.code_problems`); any difference refuses the push unless
+    ``allow_modified_code``. ``dry_run`` sends nothing and returns the plan (card included).
+
     Raises:
         NotConvertedError: ``path`` is not a converted checkpoint.
-        HubError: no token, or the Hub refused or could not be reached.
+        HubError: modified code, no token, or the Hub refused or could not be reached.
     """
     from huggingface_hub import constants, get_token
+
+    from hc_retrofit.code_check import code_problems
 
     path = Path(path)
     require_converted_dir(path, "push only what hc-retrofit convert wrote")
@@ -264,16 +394,31 @@ def push_checkpoint(
     if regenerate and CARD_FILE not in files:
         files = sorted([*files, CARD_FILE])
     plan = PushPlan(repo_id, str(path), files, regenerate, private, revision, constants.ENDPOINT)
+    plan.code_problems = code_problems(path)
+    if plan.code_problems and not (allow_modified_code or dry_run):
+        more = f" and {len(plan.code_problems) - 1} more" if len(plan.code_problems) > 1 else ""
+        raise HubError(
+            f"{path} holds code hc-retrofit did not write ({plan.code_problems[0]}{more}); push refuses to publish "
+            "what trust_remote_code users would run: see `hc-retrofit push --dry-run` for the list, remove it, or "
+            "pass --allow-modified-code"
+        )
+    generated, plan.local_paths = publishable_files(path, [f for f in files if f != CARD_FILE or not regenerate])
+    if regenerate:
+        meta = card_metadata(path, license, base_model)
+        generated[CARD_FILE] = model_card(path, repo_id, license=license, base_model=base_model).encode("utf-8")
+        for key, flag in (("license", "--license"), ("base_model", "--base-model")):
+            if key not in meta:
+                plan.notes.append(
+                    f"the model card has no {key}: the base model's own card does not state one here; pass {flag}"
+                )
+    plan.card = (generated.get(CARD_FILE) or (path / CARD_FILE).read_bytes()).decode("utf-8", errors="replace")
     if not token:
         if not dry_run:
             raise HubError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (a token with write access)")
         plan.notes.append("no Hugging Face token found: a real push would fail (run `hf auth login` or set HF_TOKEN)")
     if dry_run:
         return plan
-    generated = {"config.json": (json.dumps(public_config(read_config_dict(path)), indent=2, sort_keys=True) + "\n")}
-    if regenerate:
-        generated[CARD_FILE] = model_card(path, repo_id)  # uploaded from memory: the user's directory is not written
-    return _upload(plan, token, {k: v.encode("utf-8") for k, v in generated.items()})
+    return _upload(plan, token, generated)  # from memory: the user's directory is not written
 
 
 def _upload(plan: PushPlan, token: str, generated: dict[str, bytes]) -> PushPlan:
@@ -303,6 +448,11 @@ def _upload(plan: PushPlan, token: str, generated: dict[str, bytes]) -> PushPlan
         raise HubError(
             f"the Hub refused the upload to {plan.repo_id} ({status}): {hint.get(status, str(err).splitlines()[0])}"
         ) from err
+    except ValueError as err:  # a 200 that is not the Hub's JSON (a proxy's page, a wrong HF_ENDPOINT)
+        raise HubError(
+            f"the server at {plan.endpoint} did not answer like the Hugging Face Hub (no JSON: {_first_line(err)}); "
+            "check HF_ENDPOINT"
+        ) from err
     except Exception as err:  # connection refused, DNS, timeouts: httpx errors, not OSErrors
         if isinstance(err, OSError) or type(err).__module__.startswith(("httpx", "httpcore", "requests")):
             raise HubError(f"cannot reach the Hub at {plan.endpoint}: {type(err).__name__}: {err}") from err
@@ -310,3 +460,8 @@ def _upload(plan: PushPlan, token: str, generated: dict[str, bytes]) -> PushPlan
     plan.url = str(url)
     plan.commit = getattr(info, "oid", None)
     return plan
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:120] if lines else type(err).__name__

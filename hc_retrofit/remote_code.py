@@ -24,19 +24,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit.modeling.remote_model import BASE_ARCH_KEY, BASE_TYPE_KEY, base_model_type, retrofit_model_type
+from hc_retrofit.checkpoint_format import (
+    ATTENTION_INTERFACE_KEY,
+    BASE_ARCH_KEY,
+    BASE_TYPE_KEY,
+    CODE_HASH_KEY,
+    VERSION_KEY,
+)
+from hc_retrofit.modeling.remote_model import base_model_type, retrofit_model_type
 from hc_retrofit.tasks import TASKS
 
 MODELING_FILE = "modeling_hc_retrofit.py"
 CONFIG_CLASS = "HCRetrofitConfig"
-VERSION_KEY = "hc_retrofit_version"
-"""``config.json`` key: the hc-retrofit version that wrote the checkpoint."""
-CODE_HASH_KEY = "hc_retrofit_code_sha256"
-"""``config.json`` key: :func:`code_hash` of the modeling files as written."""
-ATTENTION_INTERFACE_KEY = "hc_retrofit_attention_interface"
-"""``config.json`` key: whether the base family's attention goes through transformers' attention
-interface (``ALL_ATTENTION_FUNCTIONS``, with ``**kwargs`` threaded down), which serving engines'
-Transformers backends (vLLM, SGLang) plug their own attention into; ``False``: they cannot serve it."""
 _ROOT_MODULE = "remote_model"
 
 _TEMPLATE = '''\
@@ -128,12 +127,16 @@ def _import_path(cls: type) -> str:
 
 def modeling_source(model: Any) -> str:
     """The generated modeling file for ``model``'s base family."""
+    config_cls, model_cls = base_classes(model)
+    return modeling_source_for(config_cls, model_cls, base_model_type(model.config))
+
+
+def modeling_source_for(config_cls: type, model_cls: type, base_type: str) -> str:
+    """The generated modeling file for base classes ``config_cls``/``model_cls`` of family ``base_type``."""
     import hc_retrofit  # the package, for its version (not at import time: we are imported by it)
 
-    config_cls, model_cls = base_classes(model)
-    decoder_cls = base_model_class(model)
-    base_type = base_model_type(model.config)
     siblings = sorted(name.removesuffix(".py") for name in package_module_closure() if name != f"{_ROOT_MODULE}.py")
+    decoder_cls = base_model_class(model_cls, base_type)
     return _TEMPLATE.format(
         version=hc_retrofit.__version__,
         config_module=_import_path(config_cls),
@@ -167,19 +170,24 @@ def base_classes(model: Any) -> tuple[type, type]:
     return _first_library_class(type(model.config)), _first_library_class(type(model))
 
 
-def base_model_class(model: Any) -> type | None:
-    """The transformers class of ``model``'s base model (``LlamaModel`` under ``LlamaForCausalLM``), or
-    ``None`` when ``model`` is a base model itself.
+def base_model_class(model_cls: type, base_type: str) -> type | None:
+    """The transformers base model of ``model_cls``'s family (``LlamaModel`` for ``LlamaForCausalLM``),
+    or ``None`` when ``model_cls`` is that base model itself (or transformers maps none for ``base_type``).
 
-    The checkpoint's ``auto_map`` maps ``AutoModel`` to a converted twin of it: serving engines' Transformers
-    backends (vLLM, SGLang) build the base model with ``AutoModel`` and apply their own head.
+    The checkpoint's ``auto_map`` maps ``AutoModel`` to a converted twin of it: serving engines'
+    Transformers backends (vLLM, SGLang) build the base model with ``AutoModel`` and apply their own head.
     """
-    inner = getattr(model, "base_model", model)  # transformers: the ``base_model_prefix`` child, else the model
-    return None if inner is model else _first_library_class(type(inner))
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    names = MODEL_MAPPING_NAMES.get(base_type)
+    name = names if isinstance(names, str) else (names or (None,))[0]
+    cls = getattr(transformers, name, None) if name else None
+    return None if cls is None or cls is model_cls or name == model_cls.__name__ else cls
 
 
 def uses_attention_interface(model_cls: type) -> bool:
-    """Whether ``model_cls``'s attention dispatches through ``ALL_ATTENTION_FUNCTIONS`` (the test vLLM applies)."""
+    """Whether ``model_cls``'s attention dispatches through ``ALL_ATTENTION_FUNCTIONS`` (vLLM's own test)."""
     can_set = getattr(model_cls, "_can_set_attn_implementation", None)
     return bool(getattr(model_cls, "_supports_attention_backend", False) or (callable(can_set) and can_set()))
 
@@ -289,7 +297,7 @@ def write_remote_code(out_dir: Path, model: Any) -> dict[str, Any]:
     base_type = base_model_type(model.config)
     model_ref = f"{module}.{model_class_name(model_cls.__name__)}"
     auto_map = {"AutoConfig": f"{module}.{CONFIG_CLASS}"}
-    if (decoder_cls := base_model_class(model)) is not None:  # first: the order engines resolve auto_map in
+    if (decoder_cls := base_model_class(model_cls, base_type)) is not None:  # first: engines resolve in this order
         auto_map["AutoModel"] = f"{module}.{model_class_name(decoder_cls.__name__)}"
     auto_map.update(dict.fromkeys(auto_classes(model_cls), model_ref))
     return {

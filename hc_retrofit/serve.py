@@ -19,9 +19,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from hc_retrofit.checkpoint_format import (
+    ATTENTION_INTERFACE_KEY,
+    BASE_TYPE_KEY,
+    read_config_dict,
+    require_converted_dir,
+)
 from hc_retrofit.modeling.errors import HCRetrofitError
-from hc_retrofit.persist import read_config_dict, require_converted_dir
-from hc_retrofit.remote_code import ATTENTION_INTERFACE_KEY
 
 VLLM_ENV = "HC_RETROFIT_VLLM"
 """Environment variable naming the ``vllm`` executable (e.g. ``/opt/vllm-env/bin/vllm``)."""
@@ -71,7 +75,7 @@ def check_servable(directory: str | os.PathLike) -> Path:
             "separate base model); load it with hc_retrofit.load_converted and save it again with save_converted"
         )
     if config.get(ATTENTION_INTERFACE_KEY) is False:
-        family = config.get("hc_retrofit_base_model_type", "this family")
+        family = config.get(BASE_TYPE_KEY, "this family")
         raise ServeError(
             f"{path}: {family}'s attention does not go through transformers' attention interface, which vLLM's "
             "Transformers backend needs; serve it with transformers (see docs/serving.md)"

@@ -14,13 +14,13 @@ from hc_retrofit import (
     HyperConnection,
     depth_connection,
     expand_streams,
-    formulas,
     sinkhorn,
-    sinkhorn_knopp,
     stream_mix,
     width_connection,
 )
 from hc_retrofit.connections import outer_streams, rms_project
+from hc_retrofit.modeling import formulas, sinkhorn_knopp
+from hc_retrofit.modeling.kernels import DepthWidth, WidthPass
 from hc_retrofit.modeling.sinkhorn_knopp import sinkhorn_op
 
 F64 = {"dtype": torch.float64}
@@ -82,6 +82,55 @@ def test_depth_connection_and_stream_mix_match_einsum_and_gradcheck(kind, per_to
     else:
         torch.testing.assert_close(stream_mix(streams(src), r), ref_mix(streams(src), r))
         assert torch.autograd.gradcheck(lambda s, r_: stream_mix(streams(s), r_), (src, r))
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "expanded"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_width_pass_is_the_width_connection_and_the_identity(kind, per_token):
+    torch.manual_seed(5)
+    a = torch.randn(*((2, 3) if per_token else ()), 3, **F64, requires_grad=True)
+    src = torch.randn(*((2, 3, 5) if kind == "expanded" else (2, 3, 3, 5)), **F64, requires_grad=True)
+
+    def streams(t):
+        return expand_streams(t, 3) if kind == "expanded" else t
+
+    def fast(s, a_):
+        x, passed = WidthPass.apply(streams(s), a_)
+        return x, passed * 1.5  # the pass-through is read downstream, so both gradients meet
+
+    x, passed = fast(src, a)
+    torch.testing.assert_close(x, ref_width(streams(src), a))
+    torch.testing.assert_close(passed, 1.5 * streams(src))
+    assert torch.autograd.gradcheck(fast, (src, a))
+    assert torch.autograd.gradcheck(lambda s, a_: fast(s, a_)[0], (src, a))  # pass-through unused
+    assert torch.autograd.gradcheck(lambda s, a_: fast(s, a_)[1], (src, a))  # x unused
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "expanded"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_depth_width_is_the_depth_then_the_next_width_connection(kind, per_token):
+    torch.manual_seed(6)
+    lead = (2, 3) if per_token else ()
+    r = torch.randn(*lead, 3, 3, **F64, requires_grad=True)
+    b = torch.randn(*lead, 3, **F64, requires_grad=True)
+    a = torch.randn(*lead, 3, **F64, requires_grad=True)
+    y = torch.randn(2, 3, 5, **F64, requires_grad=True)
+    src = torch.randn(*((2, 3, 5) if kind == "expanded" else (2, 3, 3, 5)), **F64, requires_grad=True)
+
+    def streams(t):
+        return expand_streams(t, 3) if kind == "expanded" else t
+
+    def fast(s, r_, b_, y_, a_):
+        return DepthWidth.apply(streams(s), r_, b_, y_, a_)
+
+    new, x = fast(src, r, b, y, a)
+    ref_new = ref_depth(streams(src), r, b, y)
+    torch.testing.assert_close(new, ref_new)
+    torch.testing.assert_close(x, ref_width(ref_new, a))
+    args = (src, r, b, y, a)
+    assert torch.autograd.gradcheck(fast, args)
+    assert torch.autograd.gradcheck(lambda *t: fast(*t)[0], args)  # x unused
+    assert torch.autograd.gradcheck(lambda *t: fast(*t)[1], args)  # H' unused
 
 
 def test_broadcast_y_and_unbatched_streams():

@@ -33,15 +33,11 @@ def run(model, ids, recompute: bool = True):
     """Gradients, saved-activation bytes, and how many layer calls recomputed their streams."""
     from bench._common import saved_activation_bytes
 
-    layers = patch.decoder_layers(model)
-    allowed = [layer._hc_recompute for layer in layers]
     calls = []
-    for layer in layers:
-        layer._hc_recompute = layer._hc_recompute and recompute
     original = patch._recomputes
 
     def spy(layer):
-        calls.append(original(layer))
+        calls.append(original(layer) and recompute)
         return calls[-1]
 
     patch._recomputes = spy
@@ -53,8 +49,6 @@ def run(model, ids, recompute: bool = True):
         loss.backward()
     finally:
         patch._recomputes = original
-        for layer, flag in zip(layers, allowed, strict=True):
-            layer._hc_recompute = flag
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return grads, saved["bytes"], sum(calls)
 
@@ -104,6 +98,35 @@ def test_dropout_between_exit_and_add_falls_back_to_saving(case, config_key):
     assert recomputed == len(patch.decoder_layers(model))
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_streams_beside_the_layer_match_the_layer_adding_them(case, variant):
+    # Where the structure allows, the hooks compute the streams and the layer's own adds see only
+    # (B, T, D) tensors; letting the layer add the streams (its exits return what to add) is the
+    # same function: the same logits and gradients up to float rounding.
+    model = trained(case, variant)
+    ids = torch.randint(3, VOCAB, (2, 10))
+    layers = patch.decoder_layers(model)
+    flags = [layer._hc_recompute for layer in layers]
+    beside = [patch._beside(layer) for layer in layers]
+    assert all(beside) == (case != "granite-multipliers") and any(beside) == all(beside)
+    grads, _, _ = run(model, ids)
+    with torch.no_grad():
+        logits = model(ids).logits
+    for layer in layers:
+        layer._hc_recompute = False
+    try:
+        ref_grads, _, _ = run(model, ids)
+        with torch.no_grad():
+            ref_logits = model(ids).logits
+    finally:
+        for layer, flag in zip(layers, flags, strict=True):
+            layer._hc_recompute = flag
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4)
 
 
 def test_shared_recomputation_survives_a_retained_graph():

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from hc_retrofit.cli.app import app
+from hc_retrofit.cli.app import app, quiet_library_progress
 from hc_retrofit.modeling.errors import HCRetrofitError
 
 
@@ -60,12 +60,15 @@ def compare_command(
     warmup_steps: Annotated[int | None, typer.Option(help="Linear LR warmup steps, then cosine.")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Validation + held-out eval every N steps.")] = None,
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (resume granularity).")] = None,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile each decoder layer in every run (regional).")
+    ] = False,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Any other train setting, KEY=VALUE (repeatable).")
     ] = None,
     cache_dir: Annotated[str | None, typer.Option(help="datasets cache dir for the tokenised data.")] = None,
     threads: Annotated[
-        int | None, typer.Option(help="torch CPU threads (1 is fastest for small models on a busy machine).")
+        int | None, typer.Option(help="torch CPU threads (default: the cores this process may use).")
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Delete the comparison in --out first (only its own files).")
@@ -79,11 +82,9 @@ def compare_command(
     from rich.console import Console
 
     from hc_retrofit.compare import CompareSpec, run_compare
+    from hc_retrofit.train.threads import default_threads
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    quiet_library_progress()  # the command's own lines and bars own the screen
 
     train = {
         k: v
@@ -95,6 +96,8 @@ def compare_command(
             eval_every=eval_every,
             save_every=save_every,
             cache_dir=cache_dir,
+            threads=threads or default_threads(),
+            compile=compile or None,
         ).items()
         if v is not None
     }

@@ -61,6 +61,27 @@ def convert_command(
     plain transformers via AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True).
     """
     settings = HCConfig(num_streams=streams, variant=variant)  # bad settings fail before any loading
+    from hc_retrofit import ownership
+    from hc_retrofit.outputs import check_output_dir
+
+    target = check_output_dir(out, overwrite=overwrite, inputs=[model])
+    with ownership.output_lock(target):  # a second writer of --out is refused now, not after loading
+        _convert(model, out, settings, dtype, revision, overwrite, trust_remote_code, stream, link, verify)
+
+
+def _convert(
+    model: str,
+    out: Path,
+    settings: HCConfig,
+    dtype: str,
+    revision: str | None,
+    overwrite: bool,
+    trust_remote_code: bool,
+    stream: bool,
+    link: bool,
+    verify: bool,
+) -> None:
+    """The command body, run while holding the lock of ``out``."""
     start = time.perf_counter()
     early = None
     if stream and dtype == "auto":  # start copying the shards now: torch and transformers import meanwhile
@@ -69,7 +90,7 @@ def convert_command(
         early = start_copy(model, out, overwrite=overwrite, link=link)
     try:
         from hc_retrofit.conversion import convert_checkpoint  # torch + transformers: only when a command runs
-        from hc_retrofit.persist import parse_dtype
+        from hc_retrofit.dtypes import parse_dtype
         from hc_retrofit.streaming import CannotStream, stream_convert
 
         quiet_library_progress()

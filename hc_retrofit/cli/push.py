@@ -18,23 +18,60 @@ def push_command(
     ],
     private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to (created if needed).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Send nothing; print what would be uploaded.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Send nothing; print what would be uploaded, and the model card.")
+    ] = False,
+    allow_modified_code: Annotated[
+        bool,
+        typer.Option(
+            "--allow-modified-code",
+            help="Publish even if DIR holds code hc-retrofit did not write (edited modeling files, other .py "
+            "files, auto_map entries pointing elsewhere); the differences are listed.",
+        ),
+    ] = False,
+    license: Annotated[
+        str | None, typer.Option("--license", help="License id for the card (default: the base model's).")
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option("--base-model", help="Hub id of the base for the card (default: the recorded one).")
+    ] = None,
 ) -> None:
     """Upload DIR to the Hugging Face Hub (HF_ENDPOINT) with a generated README.md model card.
 
     Needs a token with write access (`hf auth login` or HF_TOKEN). A README.md you wrote yourself is kept.
+    Local paths are cut from every text file uploaded; code hc-retrofit did not write is refused.
     """
     with err_console.status(f"uploading to {repo_id}", spinner="dots") if not dry_run else _nothing():
         from hc_retrofit.hub import push_checkpoint
 
-        plan = push_checkpoint(directory, repo_id, private=private, revision=revision, dry_run=dry_run)
+        plan = push_checkpoint(
+            directory,
+            repo_id,
+            private=private,
+            revision=revision,
+            dry_run=dry_run,
+            allow_modified_code=allow_modified_code,
+            license=license,
+            base_model=base_model,
+        )
     where = f"{plan.endpoint}/{plan.repo_id}" + (f" (branch {plan.revision})" if plan.revision else "")
     card = "README.md model card: " + ("generated" if plan.card_generated else "yours, kept")
+    if plan.code_problems:
+        verdict = "published anyway (--allow-modified-code)" if allow_modified_code else "a real push is refused"
+        err_console.print(f"code hc-retrofit did not write ({verdict}):", markup=False)
+        for problem in plan.code_problems:
+            err_console.print(f"  - {problem}", markup=False, highlight=False)
+    if plan.local_paths:
+        console.print(f"local paths cut from the upload ({len(plan.local_paths)}):")
+        for name, found in plan.local_paths:
+            console.print(f"  {name}: {found}", markup=False, highlight=False)
     if dry_run:
         console.print(f"dry run: would upload {len(plan.files)} files to {where}{' as private' if private else ''}")
         for name in plan.files:
-            console.print(f"  {name}")
+            console.print(f"  {name}", markup=False, highlight=False)
         console.print(card)
+        console.print("-" * 30 + " README.md " + "-" * 30)
+        console.print(plan.card or "", markup=False, highlight=False, soft_wrap=True)
     else:
         console.print(
             f"uploaded {len(plan.files)} files to {plan.url or where}"

@@ -44,6 +44,9 @@ def train_command(
     ] = None,
     max_grad_norm: Annotated[float | None, typer.Option(help="Gradient clipping norm, 0 = off (default 1.0).")] = None,
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute activations.")] = False,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile each decoder layer (regional; fuses HC on GPU).")
+    ] = False,
     mixed_precision: Annotated[
         str | None, typer.Option(help="auto | no | bf16 | fp16; auto = bf16 on a GPU that has it (default auto).")
     ] = None,
@@ -68,6 +71,9 @@ def train_command(
         list[str] | None, typer.Option(help="Tracker(s): tensorboard, wandb, all (repeatable).")
     ] = None,
     cache_dir: Annotated[str | None, typer.Option(help="datasets cache dir for the tokenised data.")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads per process (default: the cores / the processes).")
+    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No live progress bar.")] = False,
 ) -> None:
     """Continued pretraining of a converted (or, with --no-hc, plain) model with accelerate."""
@@ -75,14 +81,17 @@ def train_command(
     from rich.console import Console
 
     from hc_retrofit.train import merge, train
+    from hc_retrofit.train.threads import default_threads
 
     quiet_library_progress()
     for name in ("config", "no_progress"):
         flags.pop(name)
-    for name in ("no_hc", "grad_checkpointing", "resume", "overwrite"):  # flags only switch on
+    for name in ("no_hc", "grad_checkpointing", "compile", "resume", "overwrite"):  # flags only switch on
         flags[name] = flags[name] or None
     flags["progress"] = False if no_progress else None
     cfg = merge(config, **flags)
+    if cfg.threads is None:
+        cfg.threads = default_threads()  # threads x processes <= cores: never oversubscribe
     result = train(cfg)
     from accelerate import PartialState
 

@@ -62,13 +62,15 @@ def verify_command(
         table.add_row("greedy generation", f"{100 * report.greedy_agreement:.1f}% of tokens agree")
         table.add_row(
             "shipped modeling code",
-            "intact" if report.remote_code_ok else "; ".join(report.remote_code_problems),
+            "intact" if report.remote_code_ok else f"{len(report.remote_code_problems)} problems (below)",
         )
         console.print(table)
+        for problem in report.remote_code_problems:
+            console.print(f"  - {problem}", markup=False, highlight=False)
         if not report.remote_code_ok:
             console.print(
-                "[red]NOT vouched for[/red]: users loading with trust_remote_code run the shipped files, which are "
-                "not the ones this hc-retrofit writes; re-save the checkpoint with this version"
+                "[red]NOT vouched for[/red]: users loading with trust_remote_code would run code that is not the "
+                "modeling code this hc-retrofit writes; remove what is not ours, or re-save the checkpoint"
             )
         elif report.equivalent:
             console.print("[green]equivalent[/green]: the converted model computes the base model's function")

@@ -8,8 +8,10 @@ arm on validation, held-out loss and gain over seeds, plots, ``results.json``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from hc_retrofit import ownership
 from hc_retrofit.compare.report import ArmSummary, CompareResult, best_settings, summarise, write_results
 from hc_retrofit.compare.runner import TrialOutcome, compare_lock, prepare_out, run_all
 from hc_retrofit.compare.spec import Arm, CompareSpec, Trial
@@ -31,7 +33,10 @@ def run_compare(
     with compare_lock(spec):
         prepare_out(spec, overwrite=overwrite)
         outcomes = run_all(spec, progress=progress, log=log, load=load)
-        return write_results(spec, outcomes)
+        result = write_results(spec, outcomes)
+        written = [n for n in ("runs", "results.json", "compare.png") if (Path(spec.out) / n).exists()]
+        ownership.record(spec.out, written)
+        return result
 
 
 __all__ = [

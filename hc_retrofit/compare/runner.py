@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit import outputs
+from hc_retrofit import outputs, ownership
 from hc_retrofit.compare.spec import CompareSpec, Trial
 from hc_retrofit.train.errors import NonFiniteLossError, TrainingError
 from hc_retrofit.train.metrics import read_metrics
@@ -34,6 +34,8 @@ SUMMARY_FILE = "summary.json"
 LOCK_FILE = "compare.lock"
 #: what ``--overwrite`` may delete: only files a comparison writes
 OWNED = (COMPARE_FILE, "runs", "results.json", "compare.png")
+#: what a comparison writes (its run dirs carry manifests of their own)
+COMPARE_CLAIMS = ("runs/*/*/*",)
 
 
 @dataclass
@@ -71,7 +73,7 @@ def check_out(spec: CompareSpec) -> Path:
     ours = (outputs.MARKER, LOCK_FILE)
     if out.exists() and any(p.name not in ours for p in out.iterdir()) and not (out / COMPARE_FILE).exists():
         raise TrainingError(f"{out} exists and holds no comparison ({COMPARE_FILE}): pick another --out")
-    outputs.check_output_dir(out, overwrite=True, inputs=[spec.model, spec.data, spec.recipe])
+    outputs.check_output_dir(out, overwrite=False, resume=True, inputs=[spec.model, spec.data, spec.recipe])
     return out
 
 
@@ -86,6 +88,13 @@ def prepare_out(spec: CompareSpec, *, overwrite: bool = False) -> Path:
     marker = out / COMPARE_FILE
     if marker.exists():
         if overwrite:
+            lost = [name for name in ownership.lost_files(out) if name != LOCK_FILE]
+            if lost:
+                shown = ", ".join(lost[: ownership.SHOWN]) + (" and more" if len(lost) > ownership.SHOWN else "")
+                raise TrainingError(
+                    f"{out} holds files hc-retrofit did not write or that changed since ({shown}); --overwrite "
+                    "would lose them: move them away or choose another --out"
+                )
             for name in OWNED:
                 path = out / name
                 if path.is_dir():
@@ -100,10 +109,10 @@ def prepare_out(spec: CompareSpec, *, overwrite: bool = False) -> Path:
                     f"{out} holds a comparison with other settings ({', '.join(diff)}): "
                     "use the same settings to resume it, another --out, or --overwrite"
                 )
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / outputs.MARKER).exists():
-        outputs.write_marker(out, "compare")
+    ownership.adopt_dir(out, "compare")
+    ownership.claim(out, COMPARE_CLAIMS)
     marker.write_text(json.dumps({"spec": spec.to_dict(), "fingerprint": spec.fingerprint()}, indent=2))
+    ownership.record(out, [COMPARE_FILE, *(n for n in OWNED if n != COMPARE_FILE and not (out / n).exists())])
     return out
 
 
@@ -115,9 +124,8 @@ def compare_lock(spec: CompareSpec) -> Iterator[None]:
     starting over what the other writes). A lock left by a process that died is taken over.
     """
     out = check_out(spec)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / outputs.MARKER).exists():
-        outputs.write_marker(out, "compare")
+    existed = out.exists()
+    ownership.adopt_dir(out, "compare")
     path = out / LOCK_FILE
     for _ in range(2):
         try:
@@ -126,6 +134,7 @@ def compare_lock(spec: CompareSpec) -> Iterator[None]:
         except FileExistsError:
             pid = _lock_pid(path)
             if pid is not None and _alive(pid):
+                _remove_if_untouched(out, existed)
                 raise TrainingError(
                     f"{out} is being run by another compare (process {pid}): wait for it to finish, "
                     "or use another --out"
@@ -135,10 +144,24 @@ def compare_lock(spec: CompareSpec) -> Iterator[None]:
         raise TrainingError(f"{out} is being run by another compare: wait for it to finish, or use another --out")
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
+    ownership.record(out, [LOCK_FILE])
     try:
         yield
-    finally:
+    except BaseException:
         path.unlink(missing_ok=True)
+        ownership.record(out, [LOCK_FILE])
+        _remove_if_untouched(out, existed)
+        raise
+    path.unlink(missing_ok=True)
+    ownership.record(out, [LOCK_FILE])
+
+
+def _remove_if_untouched(out: Path, existed: bool) -> None:
+    """A comparison refused before it wrote anything leaves no trace: its new, empty ``out`` goes."""
+    if existed or not out.is_dir():
+        return
+    if {p.name for p in out.iterdir()} <= {outputs.MARKER, LOCK_FILE}:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _lock_pid(path: Path) -> int | None:
@@ -196,6 +219,7 @@ def run_trial(
             train(cfg, model=model, tokenizer=tokenizer)
         except NonFiniteLossError as err:
             (run_dir / DIVERGED_FILE).write_text(json.dumps({"error": str(err), "step": err.step}))
+            ownership.record(run_dir, [DIVERGED_FILE])
     return read_outcome(trial, run_dir)
 
 

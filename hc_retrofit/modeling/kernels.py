@@ -20,10 +20,12 @@ import torch
 
 __all__ = [
     "DepthConnection",
+    "DepthWidth",
     "Outer",
     "RMSProject",
     "Recomputed",
     "WidthConnection",
+    "WidthPass",
     "cast",
     "expanded_streams",
     "mid_layer_streams",
@@ -79,15 +81,27 @@ def _outer(b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def mid_layer_streams(h0: torch.Tensor, r0: torch.Tensor, b0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
-    """``R0 H0 + b0 (x) y0``, bit for bit as the forward pass made it (same kernels, same inputs).
+def _depth(streams: torch.Tensor, r: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor:
+    """``R H (+ b (x) y)`` as a new ``(..., n, D)`` tensor (the forward of :class:`DepthConnection`)."""
+    lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
+    result = _mix(streams, r)
+    if y is not None:
+        b_t = _per_token(b, lead, (n,), streams.dtype).unsqueeze(-1)  # (M, n, 1)
+        y_t = y.to(streams.dtype).expand(*lead, d).reshape(-1, 1, d)
+        result.view(-1, n, d).baddbmm_(b_t, y_t)
+    return result
 
-    A converted layer's mid-layer streams (the input of its second site) are exactly this sum of
-    the outputs of :func:`stream_mix` and :func:`outer_streams` of its first site. Their inputs
-    are saved for backward anyway, so the second site's Functions save those (``source``) and
-    recompute the streams in backward instead of keeping another ``n x D`` per token.
+
+def mid_layer_streams(h0: torch.Tensor, r0: torch.Tensor, b0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+    """``R0 H0 + b0 (x) y0``, bit for bit as the forward pass made it (:class:`DepthConnection`'s
+    kernels on the same inputs).
+
+    A converted layer's mid-layer streams (the input of its second site) are exactly the depth
+    connection of its first site. Its inputs are saved for backward anyway, so the second site's
+    Functions save those (``source``) and recompute the streams in backward instead of keeping
+    another ``n x D`` per token.
     """
-    return _mix(h0, r0).add_(_outer(b0, y0))
+    return _depth(h0, r0, b0, y0)
 
 
 class Recomputed:
@@ -169,6 +183,122 @@ class WidthConnection(torch.autograd.Function):
         return d_streams, d_a, None
 
 
+def _width(streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``a . H`` as a new ``(..., D)`` tensor (the forward of :class:`WidthConnection`)."""
+    lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
+    h = _tokens(streams)
+    a_t = _per_token(a, lead, (n,), streams.dtype).unsqueeze(1)  # (M, 1, n)
+    # Write into the final shape: an output that is a view would forbid in-place use later.
+    x = streams.new_empty(*lead, d)
+    if expanded_streams(h):
+        torch.mul(h[:, 0], a_t.sum(-1), out=x.view(-1, d))
+    else:
+        torch.bmm(a_t, h, out=x.view(-1, 1, d))
+    return x
+
+
+def _stream_dots(streams: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``H_k . g`` per token: ``(M, n, 1)`` for streams ``(..., n, D)`` and ``g`` ``(M, 1, D)``."""
+    h = _tokens(streams)
+    if expanded_streams(h):
+        return torch.bmm(h[:, :1], g.transpose(1, 2)).expand(-1, h.shape[1], 1)
+    return torch.bmm(h, g.transpose(1, 2))
+
+
+class WidthPass(torch.autograd.Function):
+    """``x = a . H``, and ``H`` passed through (a view) for the site's depth side to read.
+
+    The depth side then reads the streams *through* this Function, so the streams have one
+    consumer and their gradient ``dH = dH_pass + a (x) dx`` is one ``baddbmm`` here instead of
+    ``a (x) dx`` materialised and then added to the depth side's gradient by autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, streams: torch.Tensor, a: torch.Tensor, source: tuple | None = None):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        x = _width(streams, a)
+        ctx.shape, ctx.dtype = streams.shape, streams.dtype
+        keep = ctx.needs_input_grad[1]
+        _save(ctx, streams if keep else None, source if keep else None, a)
+        return x, streams.view_as(streams)
+
+    @staticmethod
+    def backward(ctx, gx, g_streams):  # type: ignore[override]
+        lead, n, d = ctx.shape[:-2], ctx.shape[-2], ctx.shape[-1]
+        (a,), streams = _saved(ctx, 1)
+        d_streams = d_a = None
+        if gx is not None:
+            g = gx.reshape(-1, 1, d).to(ctx.dtype)  # (M, 1, D)
+            if ctx.needs_input_grad[0]:
+                a_t = _per_token(a, lead, (n,), ctx.dtype).unsqueeze(-1)  # (M, n, 1)
+                if g_streams is None:
+                    d_streams = (a_t * g).reshape(ctx.shape)
+                else:
+                    d_streams = torch.baddbmm(_tokens(g_streams.to(ctx.dtype)), a_t, g).reshape(ctx.shape)
+            if ctx.needs_input_grad[1]:
+                d_a = _grad_to(_stream_dots(streams, g).squeeze(-1), a, lead)
+        elif ctx.needs_input_grad[0] and g_streams is not None:
+            d_streams = g_streams
+        return d_streams, d_a, None
+
+
+class DepthWidth(torch.autograd.Function):
+    """One site's depth connection and the next site's width connection, in one Function:
+    ``H' = R H + b (x) y`` and ``x' = a' . H'`` (``a'`` not depending on ``H'``).
+
+    Backward takes the gradient of ``H'`` once: ``G = dH' + a' (x) dx'``, then ``dH = R^T G``,
+    ``dR = G H^T``, ``db_j = G_j . y``, ``dy = b^T G``, and ``da'_j = H'_j . dx'`` from what is
+    saved anyway (``H'_j . dx' = sum_k R_jk (H_k . dx') + b_j (y . dx')``), so ``H'`` is not saved.
+    """
+
+    @staticmethod
+    def forward(ctx, streams, r, b, y, a_next, source=None):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        new = _depth(streams, r, b, y)
+        x = _width(new, a_next)
+        ctx.shape, ctx.dtype = streams.shape, streams.dtype
+        keep = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
+        _save(ctx, streams if keep else None, source if keep else None, r, b, y, a_next)
+        return new, x
+
+    @staticmethod
+    def backward(ctx, g_new, gx):  # type: ignore[override]
+        (r, b, y, a), streams = _saved(ctx, 4)
+        lead, n, d = ctx.shape[:-2], ctx.shape[-2], ctx.shape[-1]
+        needs = ctx.needs_input_grad
+        d_streams = d_r = d_b = d_y = d_a = None
+        y_t = y.to(ctx.dtype).expand(*lead, d).reshape(-1, 1, d)
+        if g_new is None and gx is None:
+            return None, None, None, None, None, None
+        g = None if gx is None else gx.reshape(-1, 1, d).to(ctx.dtype)  # (M, 1, D)
+        if g is None:
+            big = _tokens(g_new.to(ctx.dtype))
+        else:
+            a_t = _per_token(a, lead, (n,), ctx.dtype).unsqueeze(-1)  # (M, n, 1)
+            big = a_t * g if g_new is None else torch.baddbmm(_tokens(g_new.to(ctx.dtype)), a_t, g)
+        if needs[0]:
+            r_t = _per_token(r, lead, (n, n), ctx.dtype)
+            d_streams = torch.bmm(r_t.transpose(1, 2), big).reshape(ctx.shape)
+        if needs[1]:
+            h = _tokens(streams)
+            if expanded_streams(h):
+                dots = torch.bmm(big, h[:, :1].transpose(1, 2)).expand(-1, n, n)
+            else:
+                dots = torch.bmm(big, h.transpose(1, 2))  # (M, n, n): G_j . H_k
+            d_r = _grad_to(dots, r, lead)
+        if needs[2]:
+            d_b = _grad_to(torch.bmm(big, y_t.transpose(1, 2)).squeeze(-1), b, lead)
+        if needs[3]:
+            b_t = _per_token(b, lead, (n,), ctx.dtype).unsqueeze(1)  # (M, 1, n)
+            d_y = _grad_to(torch.bmm(b_t, big).squeeze(1), y, lead)
+        if needs[4] and g is not None:
+            r_t = _per_token(r, lead, (n, n), ctx.dtype)
+            b_c = _per_token(b, lead, (n,), ctx.dtype).unsqueeze(-1)  # (M, n, 1)
+            dots = torch.baddbmm(b_c * torch.bmm(y_t, g.transpose(1, 2)), r_t, _stream_dots(streams, g))
+            d_a = _grad_to(dots.squeeze(-1), a, lead)
+        return d_streams, d_r, d_b, d_y, d_a, None
+
+
 class DepthConnection(torch.autograd.Function):
     """``H' = R H (+ b (x) y)``: forward ``bmm(R, H)`` then ``baddbmm_(b, y)``; backward
     ``dH = R^T dH'``, ``dR = dH' H^T``, ``db_j = dH'_j . y``, ``dy = b^T dH'`` (all per token).
@@ -176,12 +306,7 @@ class DepthConnection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, streams, r, b, y, source=None):  # type: ignore[override]
-        lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
-        result = _mix(streams, r)
-        if y is not None:
-            b_t = _per_token(b, lead, (n,), streams.dtype).unsqueeze(-1)  # (M, n, 1)
-            y_t = y.to(streams.dtype).expand(*lead, d).reshape(-1, 1, d)
-            result.view(-1, n, d).baddbmm_(b_t, y_t)
+        result = _depth(streams, r, b, y)
         ctx.shape, ctx.dtype = streams.shape, streams.dtype
         _save(ctx, streams if ctx.needs_input_grad[1] else None, source if ctx.needs_input_grad[1] else None, r, b, y)
         return result

@@ -4,10 +4,12 @@ How a converted decoder layer runs (streams ``H`` have shape ``(B, T, n, D)`` be
 
     layer 0 input h (B, T, D)  --expand (a view, no copy)-->  H
     site 0:  x0 = a0 . H             fed to the site's entry modules (e.g. input_layernorm)
-             the layer's residual is R0 H (we call the original forward with it)
-             exits return b0 (x) y0, so the layer's own add gives  R0 H + b0 y0
-    site s:  (later branches) the entry hook reads H_s, feeds x_s = a_s . H_s; the exit returns
-             (R_s - I) H_s + b_s (x) y_s, so the layer's own add gives  R_s H_s + b_s y_s
+    beside the layer (blocks whose output is their input plus their exits' outputs):
+             the layer runs on x0, a (B, T, D) tensor; the exit of site s computes
+             H_s+1 = R_s H_s + b_s (x) y_s and the next site's x_s+1 = a_s+1 . H_s+1 (one
+             pass), and the layer's own adds see only (B, T, D) tensors nobody reads
+    otherwise the layer adds the streams: it receives R0 H, site 0's exits return b0 (x) y0,
+             later sites' entry hooks read H_s and their exits return (R_s - I) H_s + b_s (x) y_s
     last layer output  --reduce (mean over streams)-->  (B, T, D), into the final norm
 
 Attention and MLP therefore only ever see ``(B, T, D)`` tensors: they run once, masks/rotary/KV
@@ -17,7 +19,8 @@ are new keys ``<layer>.hyper_connections.<site>.*``).
 The HC work of a layer happens inside the layer's ``forward`` (we give each decoder layer a
 subclass of its own class), so transformers' gradient checkpointing, which wraps ``forward``,
 recomputes it too. The layer talks to its sites only through the site API of
-:mod:`hc_retrofit.site` (``width_connection``, ``mix``, ``outer``, ``delta``, ``depth_around``). Per-call state
+:mod:`hc_retrofit.site` (``width_connection``, ``advance``, ``mix``, ``outer``, ``delta``,
+``depth_around``). Per-call state
 (each site's context between its entry and exit) is filled and emptied by the layer's ``forward``
 in a per-layer :class:`_LayerCalls`. What can be recomputed in backward is decided at convert time
 from the block structure: the hot path has no autograd-graph inspection, ``try`` or hidden state,
@@ -37,13 +40,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .config import HCConfig
+from .config import CONFIG_KEY, HCConfig
 from .errors import AlreadyConvertedError, UnsupportedArchitectureError
 from .families import STRUCTURE_KEY, Block, Family, family_for
 from .site import HyperConnection, SiteContext
 from .stream_ops import expand_streams, reduce_streams
-
-CONFIG_KEY = "hc_retrofit"
 
 
 class _LayerCalls:
@@ -51,19 +52,28 @@ class _LayerCalls:
 
     The layer's ``forward`` fills it at the start of every call and empties it at the end (plain
     attribute stores, which ``torch.compile`` traces as ordinary side effects). ``contexts[s]``:
-    site ``s`` between its entry and its exit (site 0, the *routed* site whose ``R H`` the layer
-    receives as input, from the start); ``y0``: the routed site's branch output, kept when this
-    call lets the second site recompute its streams in backward (``recompute``, see
-    :func:`_recomputes`).
+    site ``s`` between its entry and its exit (site 0 from the start). ``beside``: this call keeps
+    the streams beside the layer (see :func:`_beside`); then ``streams`` holds the latest streams
+    (the layer's input until the first exit),
+    ``sites`` the layer's sites, and ``recompute`` says whether the second site recomputes its
+    streams in backward (:func:`_recomputes`).
     """
 
     def __init__(self, num_sites: int) -> None:
         self.num_sites = num_sites
         self.reset()
 
-    def reset(self, routed: SiteContext | None = None, recompute: bool = False) -> None:
-        self.recompute, self.y0 = recompute, None
-        self.contexts: list[SiteContext | None] = [routed] + [None] * (self.num_sites - 1)
+    def reset(
+        self,
+        first: SiteContext | None = None,
+        *,
+        beside: bool = False,
+        recompute: bool = False,
+        sites: nn.ModuleList | None = None,
+    ) -> None:
+        self.beside, self.recompute, self.sites = beside, recompute, sites
+        self.streams = None if first is None else first.streams
+        self.contexts: list[SiteContext | None] = [first] + [None] * (self.num_sites - 1)
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -87,17 +97,19 @@ def _with_hidden(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple,
     return args, {**kwargs, "hidden_states": value}
 
 
-def _recomputes(layer: nn.Module) -> bool:
-    """Whether this (eager, autograd) call may recompute the second site's streams in backward.
+def _beside(layer: nn.Module) -> bool:
+    """Whether this call keeps the streams beside the layer: each site's depth connection
+    ``H' = R H + b (x) y`` computed in its exit hook (with the next site's width connection), the
+    layer's own residual adds left to act on ``(B, T, D)`` tensors nobody reads.
 
-    The second site's input is ``H_1 = R_0 H_0 + b_0 (x) y_0``, the layer's add of the first site's
-    two outputs, when the block adds its branch output to its input unchanged: decided at convert
-    time (``_hc_recompute``: a sequential, sandwich or post-norm block without a residual
-    multiplier). Dropout is the one thing that may sit between the branch output and the add
-    (phi3's ``resid_attn_dropout``, falcon's ``dropout_add``), so a training layer with any active
-    dropout outside its branches (a module, or a config probability) saves ``H_1`` instead.
+    That is exact when the layer's output is its input plus the exits' outputs, added unchanged:
+    decided at convert time from the structure (``_hc_recompute``: a sequential, sandwich or
+    post-norm block, one exit per site, no residual multiplier; the proof checks the result).
+    Dropout is the one thing that may sit between an exit and the add (phi3's
+    ``resid_attn_dropout``, falcon's ``dropout_add``), so a training layer with any active dropout
+    outside its branches lets the layer add the streams itself.
     """
-    if not layer._hc_recompute or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+    if not layer._hc_recompute:
         return False
     if not layer.training:
         return True
@@ -105,6 +117,13 @@ def _recomputes(layer: nn.Module) -> bool:
     return not any(m.p > 0 for m in layer._hc_dropouts) and not any(
         getattr(config, k, 0) > 0 for k in layer._hc_dropout_keys
     )
+
+
+def _recomputes(layer: nn.Module) -> bool:
+    """Whether this (eager, autograd) call recomputes the second site's streams in backward
+    (``H_1 = R_0 H_0 + b_0 (x) y_0``, from tensors saved anyway): when the streams are kept
+    beside the layer (:func:`_beside`), with autograd and not under ``torch.compile``."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and _beside(layer)
 
 
 class HCDecoderLayerMixin:
@@ -127,13 +146,20 @@ class HCDecoderLayerMixin:
             new_args, new_kwargs = _with_hidden(args, kwargs, x)
             out = super().forward(*new_args, **new_kwargs)
             new = first_site.depth_around(ctx, _first(out))  # F(x) = layer(x) - x
-        else:
+        elif _beside(self):  # the hooks compute the streams; the layer's adds see (B, T, D) only
             calls = self._hc_calls
-            calls.reset(ctx, _recomputes(self))
+            calls.reset(ctx, beside=True, recompute=_recomputes(self), sites=self.hyper_connections)
+            new_args, new_kwargs = _with_hidden(args, kwargs, x)
+            out = super().forward(*new_args, **new_kwargs)
+            new = calls.streams
+            calls.reset()  # (an exception above leaves it filled until the next call resets it)
+        else:  # the layer adds the streams: it receives R H, its exits return what it must add
+            calls = self._hc_calls
+            calls.reset(ctx)
             new_args, new_kwargs = _with_hidden(args, kwargs, first_site.mix(ctx))
             out = super().forward(*new_args, **new_kwargs)
             new = _first(out)
-            calls.reset()  # (an exception above leaves it filled until the next call resets it)
+            calls.reset()
         if self._hc_last:
             new = reduce_streams(new)
         return _replace_first(out, new)
@@ -208,11 +234,11 @@ def _entry_hook(
 ) -> tuple[tuple, dict]:
     """Forward pre-hook on an entry module: feed it ``x = a . H`` instead of the streams."""
     ctx = calls.contexts[index]
-    if ctx is None:  # first entry of a non-routed site: read H_s here
-        made_of = None
-        if index == 1 and calls.recompute and calls.y0 is not None:
-            made_of = (calls.contexts[0], calls.y0)  # H_1 = R_0 H_0 + b_0 (x) y_0
-        _, ctx = site.width_connection(_split_hidden(args, kwargs), adds_input=True, made_of=made_of)
+    if ctx is None:  # first entry of a site whose x is not computed yet: read H_s here
+        if calls.beside:
+            _, ctx = site.width_connection(calls.streams)
+        else:
+            _, ctx = site.width_connection(_split_hidden(args, kwargs), adds_input=True)
         calls.contexts[index] = ctx
     return _with_hidden(args, kwargs, ctx.x)
 
@@ -227,27 +253,35 @@ def _exit_hook(
     kwargs: dict,
     output: Any,
 ) -> Any:
-    """Forward hook on an exit module: turn the branch output ``y`` into what the layer must add."""
+    """Forward hook on an exit module: the branch output ``y`` updates the streams.
+
+    Beside the layer: ``H' = R H + b (x) y`` (and the next site's ``x``) here, the output left as
+    it is. Otherwise the output becomes what the layer must add: ``b (x) y`` on the site whose
+    ``R H`` the layer received, ``(R - I) H + b (x) y`` on the others.
+    """
     ctx = calls.contexts[index]
     y = _first(output)
-    if index == 0:  # routed site: the layer adds R H (its input) itself
-        if calls.recompute:
-            calls.y0 = y
+    if calls.beside:
+        following = calls.sites[index + 1] if index + 1 < calls.num_sites else None
+        calls.streams, _, next_ctx = site.advance(ctx, y, following, recompute=calls.recompute and index == 0)
+        if following is not None:
+            calls.contexts[index + 1] = next_ctx
+        return output
+    if index == 0:  # the layer adds R H (its input) itself
         return _replace_first(output, site.outer(ctx, y))
     return _replace_first(output, site.delta(ctx, y, multiplier))  # the layer adds H + m * delta
 
 
 def _recompute_allowed(block: Block, multiplier: float) -> bool:
-    """Whether the block's structure makes the second site's input ``R_0 H_0 + b_0 (x) y_0`` exactly.
+    """Whether the block's structure lets the streams be kept beside the layer (:func:`_beside`):
+    its output is its input plus each site's one exit output, added unchanged, site after site.
 
-    True for blocks that add one branch output to their input unchanged (sequential, sandwich,
-    post-norm; one exit on the first site) without a residual multiplier; dropout between the two
-    is checked per call (see :func:`_recomputes`).
+    True for sequential, sandwich and post-norm blocks with one exit per site and no residual
+    multiplier; dropout between an exit and the add is checked per call.
     """
     return (
         block.kind in ("sequential", "sandwich", "post_norm")
-        and len(block.sites) > 1
-        and len(block.sites[0].exits) == 1
+        and all(len(site.exits) == 1 for site in block.sites)
         and multiplier == 1.0
     )
 

@@ -16,18 +16,13 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from .config import HCConfig
+from .config import BASE_TYPE_KEY, CONFIG_KEY, MODEL_TYPE_PREFIX, HCConfig
 from .errors import CheckpointError, NotConvertedError
-from .patch import CONFIG_KEY, convert
+from .patch import convert
 
 HC_MODULES = "hyper_connections"
 """The attribute name under which every converted layer keeps its sites (and so a fragment of the
 name of every HC tensor)."""
-
-
-MODEL_TYPE_PREFIX = "hc_retrofit_"
-BASE_TYPE_KEY = "hc_retrofit_base_model_type"
-BASE_ARCH_KEY = "hc_retrofit_base_architecture"
 
 
 def retrofit_model_type(base_model_type: str) -> str:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import HCConfig
 from .formulas import ablated, hc_dynamic, hc_dynamic_table, hc_layout, mhc, mhc_dynamic_logits, mhc_layout
-from .kernels import DepthConnection, Recomputed, WidthConnection, cast, expanded_streams, project_recomputed
+from .kernels import DepthConnection, DepthWidth, Recomputed, WidthPass, cast, expanded_streams, project_recomputed
 from .sinkhorn_knopp import sinkhorn
 from .site_cache import StaticParts, cache_key
 from .stream_ops import depth_connection, outer_streams, rms_project, stream_mix, width_connection
@@ -73,6 +73,18 @@ class SiteContext:
     adds_input: bool = False
     source: tuple | None = None
     mixed: torch.Tensor | None = None
+
+
+def _float32(*params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``params`` in float32 (themselves when they are): under FSDP2 with a low-precision
+    ``MixedPrecisionPolicy`` the parameters arrive cast, and the coefficients stay float32."""
+    return tuple(p.float() for p in params)
+
+
+def _autocasting(streams: torch.Tensor) -> bool:
+    """Whether autocast (mixed precision) is on for the device of ``streams``."""
+    device = streams.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 def initial_width(num_streams: int, main: float, site_index: int) -> torch.Tensor:
@@ -164,9 +176,9 @@ class HyperConnection(nn.Module):
         if self.ablate:
             return Coefficients(*ablated(n, next(self.parameters()).device))
         if self.variant == "mhc":
-            base, _ = mhc_layout(self.width_logits, self.residual_logits, self.depth_logits)
+            base, _ = mhc_layout(*_float32(self.width_logits, self.residual_logits, self.depth_logits))
             return Coefficients(*mhc(base, n, self.config.sinkhorn_iters, sinkhorn))
-        return Coefficients(self.width, self.residual, self.depth)
+        return Coefficients(*_float32(self.width, self.residual, self.depth))
 
     def coefficients(self, streams: torch.Tensor | None = None) -> Coefficients:
         """``a, R, b`` for ``streams`` ``(..., n, D)`` (needed only by dynamic variants), float32."""
@@ -181,13 +193,16 @@ class HyperConnection(nn.Module):
             return self.static_coefficients()
         if streams is None:
             raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
+        if _autocasting(streams):  # mixed precision: the coefficients stay float32
+            with torch.autocast(streams.device.type, enabled=False):
+                return self._coefficients(streams, source)
         project = rms_project if source is None else functools.partial(project_recomputed, source=source)
         if self.variant == "mhc":
-            base, s = mhc_layout(self.width_logits, self.residual_logits, self.depth_logits, self.dynamic_scale)
-            logits = mhc_dynamic_logits(base, s, self.dynamic_proj, streams, project)
+            params = _float32(self.width_logits, self.residual_logits, self.depth_logits, self.dynamic_scale)
+            logits = mhc_dynamic_logits(*mhc_layout(*params), self.dynamic_proj.float(), streams, project)
             return Coefficients(*mhc(logits, self.num_streams, self.config.sinkhorn_iters, sinkhorn))
-        base, s = hc_layout(self.width, self.residual, self.depth, self.dynamic_scale)
-        return Coefficients(*hc_dynamic(base, s, self.dynamic_proj, streams, project))
+        base, s = hc_layout(*_float32(self.width, self.residual, self.depth, self.dynamic_scale))
+        return Coefficients(*hc_dynamic(base, s, self.dynamic_proj.float(), streams, project))
 
     # -- coefficients without autograd (evaluation, generate()) ----------------------------------
     def _static_parts(self) -> StaticParts:
@@ -239,6 +254,9 @@ class HyperConnection(nn.Module):
             return parts.rows(dtype, minus_identity)
         if streams is None:
             raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
+        if _autocasting(streams):  # mixed precision: the coefficients stay float32
+            with torch.autocast(streams.device.type, enabled=False):
+                return self._no_grad_rows(streams, dtype, minus_identity)
         n = self.num_streams
         if self.variant == "mhc":
             logits = mhc_dynamic_logits(parts.base, parts.scale, parts.proj, streams, rms_project)
@@ -278,9 +296,9 @@ class HyperConnection(nn.Module):
         """``x = a . H``, the branch input, and the context :meth:`depth_connection` (or :meth:`delta`) needs.
 
         ``adds_input``: the caller adds ``H`` itself after :meth:`delta` (a layer's own residual).
-        ``made_of = (ctx0, y0)``: ``streams`` are exactly ``mix(ctx0) + outer(ctx0, y0)`` of another
-        site, added unchanged. With autograd (eager) they are then not saved for backward but
-        recomputed there, once, from tensors saved anyway (``n x D`` per token less memory).
+        ``made_of = (ctx0, y0)``: ``streams`` are exactly ``depth_connection(ctx0, y0)`` of another
+        site. With autograd (eager) they are then not saved for backward but recomputed there,
+        once, from tensors saved anyway (``n x D`` per token less memory).
         """
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return self._width_no_grad(streams, adds_input)
@@ -290,19 +308,52 @@ class HyperConnection(nn.Module):
             c = self._coefficients(streams, source)
             if adds_input:
                 c = c.minus_identity()
-            x = WidthConnection.apply(streams, c.a, source)
-            return x, SiteContext(streams, x, c.a, c.r, c.b, adds_input, source)
+            x, passed = WidthPass.apply(streams, c.a, source)
+            return x, SiteContext(passed, x, c.a, c.r, c.b, adds_input, source)
         c = self._coefficients(streams)  # with autograd (float32) or under torch.compile
         if adds_input:
             c = c.minus_identity()
-        x = width_connection(streams, c.a)
-        return x, SiteContext(streams, x, c.a, c.r, c.b, adds_input)
+        if torch.compiler.is_compiling():
+            x = width_connection(streams, c.a)
+            return x, SiteContext(streams, x, c.a, c.r, c.b, adds_input)
+        # The depth side reads the streams through WidthPass: one consumer, one gradient.
+        x, passed = WidthPass.apply(streams, c.a)
+        return x, SiteContext(passed, x, c.a, c.r, c.b, adds_input)
 
     def depth_connection(self, ctx: SiteContext, y: torch.Tensor) -> torch.Tensor:
         """``H' = R H + b (x) y``."""
         if ctx.mixed is not None:
             return torch.addcmul(ctx.mixed, cast(ctx.b, y.dtype).unsqueeze(-1), y.unsqueeze(-2))
+        if ctx.source is not None and not ctx.adds_input:  # H recomputed in backward
+            return DepthConnection.apply(ctx.streams, ctx.r, ctx.b, y, ctx.source)
         return depth_connection(ctx.streams, ctx.r, ctx.b, y)
+
+    def advance(
+        self, ctx: SiteContext, y: torch.Tensor, following: HyperConnection | None = None, recompute: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, SiteContext | None]:
+        """``H' = R H + b (x) y`` and, if a ``following`` site reads ``H'``, its width connection.
+
+        Returns ``(H', x', ctx')`` (``x', ctx'`` are ``None`` without a following site). With
+        ``recompute`` (eager, autograd) the following site recomputes ``H'`` in backward from
+        what this site saves anyway instead of saving it (see :meth:`width_connection`).
+        """
+        if (
+            following is not None
+            and not following.is_dynamic
+            and ctx.mixed is None
+            and not ctx.adds_input
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        ):  # eager autograd, a' independent of H': one Function, one gradient of H'
+            c = following.static_coefficients()
+            new, x = DepthWidth.apply(ctx.streams, ctx.r, ctx.b, y, c.a, ctx.source)
+            source = (Recomputed(), (ctx.streams, ctx.r, ctx.b, y)) if recompute else None
+            return new, x, SiteContext(new, x, c.a, c.r, c.b, False, source)
+        new = self.depth_connection(ctx, y)
+        if following is None:
+            return new, None, None
+        x, next_ctx = following.width_connection(new, made_of=(ctx, y) if recompute else None)
+        return new, x, next_ctx
 
     def mix(self, ctx: SiteContext) -> torch.Tensor:
         """``R H`` (what a layer that adds ``b (x) y`` to its input receives as input)."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from hc_retrofit import outputs
+from hc_retrofit import outputs, ownership
 from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.modeling.errors import HCRetrofitError
 from hc_retrofit.modeling.patch import convert, hyper_connection_sites
@@ -226,27 +226,46 @@ def run_demo(
     non-empty ``out`` (an earlier demo with other settings, or of an older version) needs
     ``overwrite``, which replaces only the demo's own files.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hc_retrofit.compare import run_compare
 
     t_start = time.perf_counter()
     out = Path(out)
-    resumable = (out / COMPARE_DIR / "compare.json").exists()
+    resumable = (out / COMPARE_DIR / "compare.json").exists() and ownership.read_manifest(out) is not None
     if out.is_dir() and any(p.name != outputs.MARKER for p in out.iterdir()) and not (overwrite or resumable):
         raise TrainingError(
             f"{out} exists and is not empty (an earlier demo?): pass --overwrite to replace its results"
         )
+    outputs.check_output_dir(out, overwrite=overwrite, resume=resumable, inputs=[pretrained_path()])
+    with ownership.output_lock(out):
+        return _run_demo_locked(out, steps, quick, variants, streams, overwrite, progress, seeds, log, t_start)
+
+
+def _run_demo_locked(
+    out: Path,
+    steps: int,
+    quick: bool,
+    variants: tuple[str, ...],
+    streams: int,
+    overwrite: bool,
+    progress: bool,
+    seeds: tuple[int, ...],
+    log: Any,
+    t_start: float,
+) -> DemoResult:
+    """:func:`run_demo` while holding the lock of ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hc_retrofit.compare import run_compare
+
     spec = demo_spec(out / COMPARE_DIR, steps=steps, quick=quick, variants=variants, streams=streams, seeds=seeds)
     spec.validate()
     base = AutoModelForCausalLM.from_pretrained(pretrained_path(), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(pretrained_path())
     max_diff, same, params = check_exact(base, tokenizer, variants, streams)
     log(f"retrofit exact: max |logit diff| = {max_diff:.2e}, greedy continuation identical: {same}")
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / outputs.MARKER).exists():
-        outputs.write_marker(out, "demo")
+    ownership.adopt_dir(out, "demo")
+    ownership.claim(out, [COMPARE_DIR])
     compared = run_compare(spec, overwrite=overwrite, progress=progress, log=log)
     result = DemoResult(str(out), max_diff, same, params, compared, time.perf_counter() - t_start)
     (out / DEMO_FILE).write_text(json.dumps(result.to_dict(), indent=2))
+    ownership.record(out, [DEMO_FILE, COMPARE_DIR])
     return result

@@ -18,6 +18,7 @@ import yaml
 
 from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.modeling.errors import ConfigError
+from hc_retrofit.train.compile import COMPILE_BACKENDS
 from hc_retrofit.train.errors import TrainingError
 
 #: Learning-rate multiplier of the HC parameters relative to ``lr``. Measured with ``compare`` (README
@@ -75,6 +76,9 @@ class TrainConfig:
     width_init_main: float | None = None
     residual_init_main: float | None = None
     grad_checkpointing: bool = False
+    # regional compilation: every decoder layer torch.compile'd (see hc_retrofit.train.compile)
+    compile: bool = False
+    compile_backend: str = "inductor"
     mixed_precision: str = "auto"
     seed: int = 0
     # bookkeeping
@@ -87,12 +91,17 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     progress: bool = True
     cpu: bool = False
+    threads: int | None = None
+    """torch intra-op threads per process; ``None``: as the process has them (the CLI's default: its share
+    of the cores, :func:`hc_retrofit.train.threads.default_threads`)."""
 
     def validate(self) -> TrainConfig:
         """Raise :class:`TrainingError` naming the first bad setting; return ``self``."""
         for name in ("data", "out"):
             if not getattr(self, name):
                 raise TrainingError(f"no {name} given: pass --{name} (or set `{name}:` in the recipe)")
+        if self.threads is not None and int(self.threads) < 1:
+            raise TrainingError(f"threads must be >= 1, got {self.threads}")
         positive = ("max_steps", "batch_size", "grad_accum", "block_size", "log_every", "keep_checkpoints")
         for name in positive:
             if int(getattr(self, name)) < 1:
@@ -124,6 +133,10 @@ class TrainConfig:
             raise TrainingError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if not (0.0 <= self.min_lr_ratio <= 1.0):
             raise TrainingError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise TrainingError(
+                f"unknown compile_backend {self.compile_backend!r}: choose one of {', '.join(COMPILE_BACKENDS)}"
+            )
         if self.mixed_precision not in MIXED_PRECISION:
             raise TrainingError(
                 f"unknown mixed_precision {self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}"

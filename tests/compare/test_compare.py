@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from hc_retrofit import ownership
 from hc_retrofit.compare import CompareSpec, Trial, run_compare
 from hc_retrofit.compare.spec import Arm
 from hc_retrofit.train.errors import TrainingError
@@ -62,7 +63,7 @@ def test_interrupted_compare_resumes_to_the_same_result(
     crash_at, resumed_from, plain_model, corpus, cache_dir, tmp_path, monkeypatch
 ):
     """Killed after the step-2 checkpoint: the run resumes from it; killed before: it starts over."""
-    import hc_retrofit.train.loop as loop
+    from hc_retrofit.train.trainer import Trainer
 
     full = tiny_spec(tmp_path / "full", plain_model, corpus, cache_dir, lr_grid=(1e-2,))
     full.train["save_every"] = 2  # checkpoints at step 2: what the interrupted run resumes from
@@ -70,17 +71,17 @@ def test_interrupted_compare_resumes_to_the_same_result(
 
     spec = tiny_spec(tmp_path / "cut", plain_model, corpus, cache_dir, lr_grid=(1e-2,))
     spec.train["save_every"] = 2
-    real = loop._forward_backward
+    real = Trainer.forward_backward
 
-    def crash_hc(model, data, schedule, step, cfg, accelerator):
-        if step == crash_at and not cfg.no_hc:
+    def crash_hc(self, step):
+        if step == crash_at and not self.cfg.no_hc:
             raise KeyboardInterrupt
-        return real(model, data, schedule, step, cfg, accelerator)
+        return real(self, step)
 
-    monkeypatch.setattr(loop, "_forward_backward", crash_hc)
+    monkeypatch.setattr(Trainer, "forward_backward", crash_hc)
     with pytest.raises(KeyboardInterrupt):
         run_compare(spec, progress=False, log=lambda _: None)
-    monkeypatch.setattr(loop, "_forward_backward", real)
+    monkeypatch.setattr(Trainer, "forward_backward", real)
     plain_dir = tmp_path / "cut" / Trial(Arm(), 1e-2, None, 0).relpath
     plain_summary = (plain_dir / "summary.json").stat().st_mtime_ns
 
@@ -96,15 +97,15 @@ def test_interrupted_compare_resumes_to_the_same_result(
 
 
 def test_a_diverged_setting_is_never_chosen(plain_model, corpus, cache_dir, tmp_path, monkeypatch):
-    import hc_retrofit.train.loop as loop
+    from hc_retrofit.train.trainer import Trainer
 
-    real = loop._forward_backward
+    real = Trainer.forward_backward
 
-    def nan_at_high_lr(model, data, schedule, step, cfg, accelerator):
-        loss = real(model, data, schedule, step, cfg, accelerator)
-        return math.nan if cfg.lr == 1e-2 and step == 2 else loss
+    def nan_at_high_lr(self, step):
+        loss = real(self, step)
+        return math.nan if self.cfg.lr == 1e-2 and step == 2 else loss
 
-    monkeypatch.setattr(loop, "_forward_backward", nan_at_high_lr)
+    monkeypatch.setattr(Trainer, "forward_backward", nan_at_high_lr)
     spec = tiny_spec(tmp_path / "cmp", plain_model, corpus, cache_dir)
     lines: list[str] = []
     result = run_compare(spec, progress=False, log=lines.append)
@@ -113,7 +114,7 @@ def test_a_diverged_setting_is_never_chosen(plain_model, corpus, cache_dir, tmp_
     assert [g["diverged"] for g in result.grid] == [False, True, False, True]
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["grid"][1]["validation_loss"] is None
     # a second call reads the divergence back instead of re-running it
-    monkeypatch.setattr(loop, "_forward_backward", real)
+    monkeypatch.setattr(Trainer, "forward_backward", real)
     again: list[str] = []
     run_compare(spec, progress=False, log=again.append)
     assert all("already done" in line for line in again)
@@ -135,8 +136,11 @@ def test_out_dir_guards(plain_model, corpus, cache_dir, tmp_path):
     other.train["max_steps"] = 5
     with pytest.raises(TrainingError, match=r"other settings \(max_steps\)"):
         run_compare(other, progress=False, log=lambda _: None)
+    with pytest.raises(TrainingError, match=r"did not write .*\(notes.txt\)"):  # would be lost: refused
+        run_compare(other, overwrite=True, progress=False, log=lambda _: None)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
     run_compare(other, overwrite=True, progress=False, log=lambda _: None)
-    assert (out / "notes.txt").read_text() == "mine"  # --overwrite deletes only what compare wrote
     assert json.loads((out / "results.json").read_text())["arms"][0]["tokens"] == 5 * 2 * 32
 
 
@@ -168,6 +172,7 @@ def test_a_comparison_from_before_a_new_train_setting_resumes(plain_model, corpu
     saved = json.loads(marker.read_text())
     del saved["fingerprint"]["train"]["residual_init_main"]  # as written before the setting existed
     marker.write_text(json.dumps(saved))
+    ownership.record(marker.parent, [marker.name])  # as that version wrote it
     lines: list[str] = []
     again = run_compare(spec, progress=False, log=lines.append)
     assert all(line.endswith("(already done)") for line in lines) and again.to_dict() == first.to_dict()
@@ -190,11 +195,13 @@ def test_two_compares_on_one_out_dir_are_refused(plain_model, corpus, cache_dir,
     lock.parent.mkdir()
     outputs.write_marker(lock.parent, "compare")  # as a running compare leaves it
     lock.write_text(str(os.getpid()))  # alive: this test
+    ownership.record(lock.parent, [lock.name])
     with pytest.raises(TrainingError, match=r"being run by another compare \(process \d+\)"):
         run_compare(spec, progress=False, log=lambda _: None)
     assert "compare.json" not in {p.name for p in lock.parent.iterdir()}  # nothing run or recorded
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(done.stdout.strip())  # a process that has exited
+    ownership.record(lock.parent, [lock.name])
     result = run_compare(spec, progress=False, log=lambda _: None)
     assert result.arms and not lock.exists()
 

@@ -139,7 +139,13 @@ def test_demo_refuses_to_replace_an_earlier_demo_without_overwrite(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "--overwrite" in err and "\n" not in err
     assert (out / "demo.json").read_text() == '{"earlier": true}'  # nothing touched
+    assert run_cli("demo", "--quick", "--steps", "1", "--out", out, "--no-progress", "--overwrite") == 1
+    assert "(demo.json)" in capsys.readouterr().err  # not written by hc-retrofit: never replaced
+    (out / "demo.json").unlink()
+    assert run_cli("demo", "--quick", "--steps", "1", "--out", out, "--no-progress") == 0
     (out / "notes.txt").write_text("mine")
+    assert run_cli("demo", "--quick", "--steps", "1", "--out", out, "--no-progress", "--overwrite") == 1
+    assert "(notes.txt)" in capsys.readouterr().err  # --overwrite never loses a file the user added
+    (out / "notes.txt").unlink()
     assert run_cli("demo", "--quick", "--steps", "1", "--out", out, "--no-progress", "--overwrite") == 0
     assert "earlier" not in (out / "demo.json").read_text()
-    assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces the demo's own files only
