@@ -221,7 +221,7 @@ class Trainer:
             step,
             self.checkpoint_state,
             keep=self.cfg.keep_checkpoints,
-            models=[self.model],
+            models=[self.accelerator.unwrap_model(self.model)],  # the names save_state writes
         )
         self.run.record(ckpt.CHECKPOINTS)
         return self.last_checkpoint

@@ -14,7 +14,7 @@ import transformers
 from packaging.version import Version
 
 from tests.serving.models import FAMILIES, PROMPTS, VARIANTS, build
-from tests.serving.venvs import clean_env, require_venv
+from tests.serving.venvs import clean_env, require_venv, venv_python
 
 RUNNER = Path(__file__).with_name("hf_runner.py")
 VERSIONS = ("transformers-5.16", "transformers-5.19", "transformers-latest")
@@ -24,6 +24,8 @@ IDS = [PROMPTS[0]]
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Perturbed (llama, qwen2) x (static, dynamic, mHC) checkpoints -> their logits and hidden states here."""
+    if not any(venv_python(v) for v in VERSIONS):
+        require_venv(VERSIONS[0])  # skips, saying how to build the venvs
     root = tmp_path_factory.mktemp("versions")
     out = {}
     for family in FAMILIES:
