@@ -233,6 +233,7 @@ def replace_dir(new: Path, out: Path, kind: str | None = None) -> None:
     every file in it). An existing ``out`` is checked once more (every file ours and unchanged), swapped
     out, then removed."""
     if kind is not None:
+        honour_umask(new)
         ownership.seal(new, kind)
     if out.exists():
         ownership.check_replaceable(out)
@@ -243,6 +244,23 @@ def replace_dir(new: Path, out: Path, kind: str | None = None) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(new, out)
+
+
+def honour_umask(directory: Path) -> None:
+    """Give what was written under ``directory`` the modes the umask asks for (0666/0777 minus it).
+
+    Some writers create private files whatever the umask (safetensors writes weights as 0600);
+    an output is shared like any file the user makes. Hard-linked files (a ``--link`` convert's
+    shards: the same file as the input) are left alone.
+    """
+    mask = umask()
+    for folder, dirs, names in os.walk(directory, followlinks=False):
+        for name, wanted in [*((d, 0o777 & ~mask) for d in dirs), *((n, 0o666 & ~mask) for n in names)]:
+            path = Path(folder) / name
+            st = path.lstat()
+            if path.is_symlink() or (not path.is_dir() and st.st_nlink > 1) or st.st_mode & 0o777 == wanted:
+                continue
+            os.chmod(path, wanted)
 
 
 def abandon(tmp: Path, err: BaseException, out: Path) -> BaseException | None:

@@ -289,6 +289,19 @@ def check_weight_files(directory: str | os.PathLike) -> None:
     A damaged file would otherwise surface as a ``SafetensorError`` or a ``MemoryError`` (a garbage
     header length) from deep inside ``from_pretrained``.
     """
+    for index in sorted(Path(directory).glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(
+                f"{index} is damaged (no weight_map); download or copy the checkpoint again"
+            ) from None
+        missing = sorted(str(name) for name in shards if not (Path(directory) / str(name)).is_file())
+        if missing:
+            raise CheckpointError(
+                f"{directory}: shard {missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
+                f"listed in {index.name} is missing; download or copy the checkpoint again"
+            )
     for file in sorted(Path(directory).glob("*.safetensors")):
         size = file.stat().st_size
         problem = None
@@ -400,6 +413,27 @@ def _check_causal_lm_config(config: Any, name: str) -> None:
     )
 
 
+def check_base_load_report(info: dict[str, Any], name: str, config: Any) -> None:
+    """Refuse a base whose weights do not match its config (one line): any tensor the model has that the
+    checkpoint lacks (it would be random), any the checkpoint has that the model does not use, any of
+    another shape. An edited ``model_type`` loads another family's classes and shows here."""
+    problems = []
+    for key, what in (
+        ("missing_keys", "missing (would be random)"),
+        ("unexpected_keys", "unused"),
+        ("mismatched_keys", "of another shape"),
+    ):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            problems.append(f"{len(names)} tensors {what}: {shown}")
+    if problems:
+        raise CheckpointError(
+            f"{name}: its weights do not match its config.json (model_type {config.model_type!r}): "
+            f"{'; '.join(problems)}; was config.json edited? restore it, or pass the right checkpoint"
+        )
+
+
 def load_base_model(
     model_id_or_dir: str,
     *,
@@ -421,11 +455,31 @@ def load_base_model(
     name = str(local) if local.exists() else str(model_id_or_dir)
     if local.is_dir():
         check_weight_files(local)
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its load report: checked below and said in one line
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, config=config, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name,
+            config=config,
+            revision=revision,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load the weights of {model_id_or_dir}: {_one_line(err)}") from err
+    except RuntimeError as err:  # transformers raises on shapes that disagree with config.json
+        raise CheckpointError(
+            f"{model_id_or_dir}: its weights do not match its config.json ({_one_line(err)[:160]}); was the config "
+            "edited? restore it"
+        ) from err
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    check_base_load_report(info, model_id_or_dir, config)
+    from hc_retrofit.finite_weights import first_nonfinite_tensor, refuse_nonfinite
+
+    refuse_nonfinite(model_id_or_dir, first_nonfinite_tensor(model))
     tokenizer = load_tokenizer(model_id_or_dir, revision=revision, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer

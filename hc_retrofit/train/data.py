@@ -95,6 +95,12 @@ def load_documents(
         raise TrainingError(
             f"data {source!s} has no column {text_column!r} (columns: {', '.join(ds.column_names)}); pass --text-column"
         )
+    feature = ds.features[text_column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise TrainingError(
+            f"data {source!s}: column {text_column!r} holds {feature}, not text; every document's {text_column!r} "
+            "must be a string (or pass --text-column)"
+        )
     return ds
 
 
@@ -118,7 +124,12 @@ def pack_documents(
     tok_fp = tokenizer_fingerprint(tokenizer)
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
+        texts = batch[text_column]
+        if not all(isinstance(t, str) for t in texts):
+            bad = next(t for t in texts if not isinstance(t, str))
+            raise TrainingError(
+                f"a document's {text_column!r} is {bad!r}, not a string: fix or drop it (an empty text is a string)"
+            )
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return {"input_ids": [[*x, eos] for x in ids]}
 

@@ -18,6 +18,7 @@ the uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import shutil
@@ -99,7 +100,14 @@ def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Any:
 
 
 def resolve_mixed_precision(name: str, *, cpu: bool = False) -> str | None:
-    """``auto``: the launcher's setting if any, else bf16 on a GPU that supports it, else none."""
+    """``auto``: the launcher's setting if any, else bf16 on a GPU that supports it, else none.
+
+    ``fp16`` without a GPU is refused: accelerate would run in float32 without a word.
+    """
+    if name == "fp16" and (cpu or not torch.cuda.is_available()):
+        raise TrainingError(
+            "--mixed-precision fp16 needs a GPU (its loss scaling runs only there); on CPU pass bf16 or no"
+        )
     if name != "auto":
         return name
     if os.environ.get("ACCELERATE_MIXED_PRECISION"):
@@ -185,6 +193,19 @@ def _check_resumable(cfg: TrainConfig, out: Path) -> None:
         )
 
 
+def data_fingerprint(source: str | None) -> dict[str, Any]:
+    """What the run trains on: the data's name and a SHA-256 of its files (a dataset id: of the id)."""
+    path = Path(str(source or "")).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
+        digest.update(ownership.sha256_file(file).encode())
+    if not files:
+        digest.update(str(source).encode())
+    return {"name": path.name if files else str(source), "sha256": digest.hexdigest()}
+
+
 def _check_checkpoint_matches(state: dict[str, Any], model: nn.Module, cfg: TrainConfig, path: Path) -> list[str]:
     """Refuse a checkpoint of another model shape; return warnings for settings that only change the run."""
     hc_cfg = getattr(model, "hc_config", None)
@@ -192,6 +213,7 @@ def _check_checkpoint_matches(state: dict[str, Any], model: nn.Module, cfg: Trai
         "hc": hc_cfg is not None,
         "streams": getattr(hc_cfg, "num_streams", None),
         "variant": getattr(hc_cfg, "variant", None),
+        "data": data_fingerprint(cfg.data),
     }
     for key, value in now.items():
         if key in state and state[key] != value:
@@ -200,6 +222,11 @@ def _check_checkpoint_matches(state: dict[str, Any], model: nn.Module, cfg: Trai
                 "use the same settings, or --overwrite / a new --out for a new run"
             )
     warnings = []
+    if "data" in state and state["data"] != data_fingerprint(cfg.data):
+        warnings.append(
+            f"--data differs from the data the checkpoint was trained on ({state['data']['name']}, sha256 "
+            f"{str(state['data']['sha256'])[:12]}): the run continues on the new data"
+        )
     if "seed" in state and state["seed"] != cfg.seed:
         warnings.append(f"the checkpoint was trained with seed {state['seed']}, now {cfg.seed}: the data order differs")
     return warnings
@@ -313,6 +340,12 @@ def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | 
             cache_dir=cfg.cache_dir,
             progress=main and bool(cfg.progress),
         )
+    if cfg.batch_size * world > len(data.train):
+        raise TrainingError(
+            f"--batch-size {cfg.batch_size} (x {world} processes) is larger than the {len(data.train)} training "
+            f"blocks of {cfg.block_size} tokens in the data; pass --batch-size {max(1, len(data.train) // world)} "
+            "or less"
+        )
     schedule = BatchSchedule(len(data.train), cfg.batch_size, seed=cfg.seed, world_size=world, rank=rank)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
 
@@ -346,6 +379,7 @@ def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | 
         "hc": hc,
         "streams": getattr(hc_cfg, "num_streams", None),
         "variant": getattr(hc_cfg, "variant", None),
+        "data": data_fingerprint(cfg.data),
     }
     step0_loss = last_loss = initial_eval = final_eval = final_heldout = None
     train_seconds, trained_tokens = 0.0, 0
