@@ -181,6 +181,9 @@ class HyperConnection(nn.Module):
             return self.static_coefficients()
         if streams is None:
             raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
+        if torch.is_autocast_enabled(streams.device.type):  # mixed precision: the coefficients stay float32
+            with torch.autocast(streams.device.type, enabled=False):
+                return self._coefficients(streams, source)
         project = rms_project if source is None else functools.partial(project_recomputed, source=source)
         if self.variant == "mhc":
             base, s = mhc_layout(self.width_logits, self.residual_logits, self.depth_logits, self.dynamic_scale)
@@ -239,6 +242,9 @@ class HyperConnection(nn.Module):
             return parts.rows(dtype, minus_identity)
         if streams is None:
             raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
+        if torch.is_autocast_enabled(streams.device.type):  # mixed precision: the coefficients stay float32
+            with torch.autocast(streams.device.type, enabled=False):
+                return self._no_grad_rows(streams, dtype, minus_identity)
         n = self.num_streams
         if self.variant == "mhc":
             logits = mhc_dynamic_logits(parts.base, parts.scale, parts.proj, streams, rms_project)
