@@ -68,7 +68,8 @@ def compare_command(
     ] = None,
     cache_dir: Annotated[str | None, typer.Option(help="datasets cache dir for the tokenised data.")] = None,
     threads: Annotated[
-        int | None, typer.Option(help="torch CPU threads (1 is fastest for small models on a busy machine).")
+        int | None,
+        typer.Option(min=1, help="torch CPU threads (1 is fastest for small models on a busy machine)."),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Delete the comparison in --out first (only its own files).")

@@ -213,7 +213,6 @@ def _check_checkpoint_matches(state: dict[str, Any], model: nn.Module, cfg: Trai
         "hc": hc_cfg is not None,
         "streams": getattr(hc_cfg, "num_streams", None),
         "variant": getattr(hc_cfg, "variant", None),
-        "data": data_fingerprint(cfg.data),
     }
     for key, value in now.items():
         if key in state and state[key] != value:
