@@ -192,25 +192,32 @@ def leftovers(out: Path) -> list[Path]:
 
 
 def report_leftovers(out: Path) -> list[Path]:
-    """Warn about what an interrupted run left beside ``out`` (removed by :func:`clean_leftovers`)."""
+    """Warn about what an interrupted run left beside ``out`` (see :func:`clean_leftovers`)."""
     found = leftovers(out)
     for path in found:
-        what = "a previous output set aside by --overwrite" if path.name.endswith(".replaced") else "a partial output"
-        log.warning("%s: %s left by an interrupted run; it is removed when %s is next written", path, what, out.name)
+        if path.name.endswith(".replaced"):
+            log.warning(
+                "%s: the previous %s, set aside by --overwrite and kept when the new run failed; remove it "
+                "yourself once you no longer need it",
+                path,
+                out.name,
+            )
+        else:
+            log.warning(
+                "%s: a partial output left by an interrupted run; it is removed when %s is next written", path, out.name
+            )
     return found
 
 
 def clean_leftovers(out: Path) -> None:
     """Remove the staging and half-deleted siblings of ``out`` left by processes that are gone.
 
-    Call only while holding ``out``'s lock. A set-aside previous output (``.replaced``) is removed
-    only when every file in it is still in its manifest; otherwise it is kept and reported.
+    Call only while holding ``out``'s lock. A set-aside previous output (``.replaced``) is kept:
+    it may be the only copy of a run, and the user was told where it is.
     """
     for path in leftovers(out):
-        if path.name.endswith(".replaced") and ownership.lost_files(path):
-            log.warning("%s holds files hc-retrofit did not write: kept; move them and remove it yourself", path)
-            continue
-        shutil.rmtree(path, ignore_errors=True)
+        if not path.name.endswith(".replaced"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _sibling(out: Path, suffix: str) -> Path:

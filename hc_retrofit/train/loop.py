@@ -447,6 +447,7 @@ def _train_in(cfg: TrainConfig, out: Path, accelerator: Any, model: nn.Module | 
                     accelerator, out, step + 1, ckpt_state, keep=cfg.keep_checkpoints, models=[model]
                 )
                 if main:
+                    outputs.honour_umask(last_ckpt)  # accelerate writes its weights as 0600
                     ownership.record(out, [ckpt.CHECKPOINTS], append=[METRICS_FILE])
         if data.eval is not None:
             final_eval = run_eval(cfg.max_steps)
