@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the names below load on first use (PEP 562), so `import hc_
         stream_mix,
         width_connection,
     )
+    from hc_retrofit.loading import load_converted
     from hc_retrofit.modeling.config import HCConfig
     from hc_retrofit.modeling.errors import (
         AlreadyConvertedError,
@@ -31,8 +32,8 @@ if TYPE_CHECKING:  # the names below load on first use (PEP 562), so `import hc_
     )
     from hc_retrofit.modeling.families import FAMILIES, Block, Family, Site, register_family, supported_model_types
     from hc_retrofit.modeling.patch import hyper_connection_sites, is_converted, remove_hyper_connections
-    from hc_retrofit.persist import load_converted, save_converted
     from hc_retrofit.proof import convert
+    from hc_retrofit.saving import save_converted
 
 # public name -> the module that defines it. Importing torch and transformers takes seconds, so the
 # package imports them only when one of these names is used: `hc-retrofit --help` and the light
@@ -66,7 +67,8 @@ _LAZY = {
     ),
     **dict.fromkeys(("hyper_connection_sites", "is_converted", "remove_hyper_connections"), "modeling.patch"),
     "convert": "proof",
-    **dict.fromkeys(("load_converted", "save_converted"), "persist"),
+    "load_converted": "loading",
+    "save_converted": "saving",
 }
 
 

@@ -25,7 +25,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit.modeling.remote_model import BASE_ARCH_KEY, BASE_TYPE_KEY
+from hc_retrofit.checkpoint_format import BASE_ARCH_KEY, BASE_TYPE_KEY
 from hc_retrofit.remote_code import MODELING_FILE, modeling_source_for, package_module_closure
 
 COMPILED_SUFFIXES = (".pyc", ".pyo", ".so", ".pyd", ".dll", ".dylib", ".sh", ".bat", ".cmd", ".exe", ".ps1")

@@ -14,12 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hc_retrofit.base_model import load_base_config, load_base_model
+from hc_retrofit.dtypes import parse_dtype
 from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.modeling.families import family_for
 from hc_retrofit.modeling.patch import decoder_layers, hyper_connection_sites
 from hc_retrofit.ownership import output_lock
-from hc_retrofit.persist import check_output_dir, load_base_config, load_base_model, parse_dtype, save_converted
 from hc_retrofit.proof import convert
+from hc_retrofit.saving import check_output_dir, save_converted
 
 
 @dataclass(frozen=True)

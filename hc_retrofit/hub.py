@@ -15,19 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit.local_paths import scrub_json, scrub_text
-from hc_retrofit.modeling.errors import HubError
-from hc_retrofit.modeling.patch import CONFIG_KEY
-from hc_retrofit.modeling.remote_model import BASE_ARCH_KEY, BASE_TYPE_KEY
-from hc_retrofit.outputs import MARKER
-from hc_retrofit.persist import (
+from hc_retrofit.checkpoint_format import (
+    BASE_ARCH_KEY,
     BASE_KEY,
+    BASE_TYPE_KEY,
+    CONFIG_KEY,
     METADATA_KEY,
     VERSION_KEY,
-    is_valid_repo_id,
     read_config_dict,
     require_converted_dir,
 )
+from hc_retrofit.local_paths import scrub_json, scrub_text
+from hc_retrofit.modeling.errors import HubError
+from hc_retrofit.outputs import MARKER
+from hc_retrofit.repo_ids import is_valid_repo_id
 from hc_retrofit.tasks import TASKS
 
 CARD_FILE = "README.md"

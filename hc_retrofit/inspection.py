@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 
+from hc_retrofit.base_model import load_tokenizer
+from hc_retrofit.checkpoint_format import require_converted_dir
+from hc_retrofit.loading import load_converted
 from hc_retrofit.modeling.errors import NotConvertedError
 from hc_retrofit.modeling.patch import HCDecoderLayerMixin, is_converted
 from hc_retrofit.modeling.site import HyperConnection
-from hc_retrofit.persist import load_converted, load_tokenizer, require_converted_dir
 from hc_retrofit.probe import probe_batch
 
 

@@ -27,21 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hc_retrofit.checkpoint_format import INDEX_FILE, SINGLE_FILE, check_weight_files, read_header, torch_dtype
 from hc_retrofit.modeling.errors import CheckpointError
-from hc_retrofit.shard_copy import INDEX_FILE, SINGLE_FILE
-
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 class LayeredUnavailable(Exception):
@@ -136,24 +123,11 @@ class StoredTensor:
         return buffer.view(self.dtype).reshape(self.shape)
 
 
-def _header(path: Path) -> tuple[dict[str, Any], int]:
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{path} has a damaged header; download or copy the checkpoint again") from err
-    header.pop("__metadata__", None)
-    return header, 8 + size
-
-
 def stored_tensors(directory: str | os.PathLike) -> dict[str, StoredTensor]:
     """Every tensor of the safetensors checkpoint in ``directory`` (from its index, or its single file).
 
     A damaged or truncated file is a :class:`CheckpointError` naming it (checked from the headers first).
     """
-    from hc_retrofit.persist import check_weight_files
-
     directory = Path(directory)
     check_weight_files(directory)
     index = directory / INDEX_FILE
@@ -171,13 +145,13 @@ def stored_tensors(directory: str | os.PathLike) -> dict[str, StoredTensor]:
         path = (directory / name).resolve()
         if not path.is_file():
             raise CheckpointError(f"{directory / name} is missing; download or copy the checkpoint again")
-        header, start = _header(path)
-        for key, entry in header.items():
-            dtype = ST_DTYPES.get(entry.get("dtype"))
+        header = read_header(path)
+        for key, entry in header.tensors.items():
+            dtype = torch_dtype(entry.get("dtype"))
             if dtype is None:
                 raise LayeredUnavailable(f"tensor {key} has dtype {entry.get('dtype')}")
             begin, end = entry["data_offsets"]
-            out[key] = StoredTensor(path, start + begin, end - begin, dtype, tuple(entry["shape"]))
+            out[key] = StoredTensor(path, header.data_start + begin, end - begin, dtype, tuple(entry["shape"]))
     return out
 
 

@@ -16,19 +16,15 @@ from typing import Any
 
 import torch
 
+from hc_retrofit.base_model import load_base_config, load_tokenizer
+from hc_retrofit.checkpoint_format import check_weight_files
+from hc_retrofit.checkpoint_source import resolve_checkpoint
 from hc_retrofit.layered import LayeredUnavailable, LayerLoader, parameters_on_meta, stored_tensors
 from hc_retrofit.modeling.errors import CheckpointError, HCRetrofitError
 from hc_retrofit.modeling.families import family_for
 from hc_retrofit.modeling.patch import decoder_layers
-from hc_retrofit.persist import (
-    _converted_classes,
-    _converted_config,
-    check_weight_files,
-    load_base_config,
-    load_tokenizer,
-    resolve_checkpoint,
-)
 from hc_retrofit.probe import probe_batch
+from hc_retrofit.runtime_classes import converted_classes, converted_config
 
 Outputs = tuple[torch.Tensor, torch.Tensor]
 
@@ -78,8 +74,8 @@ def _base_model(base: str, revision: str | None, base_dtype: torch.dtype | None)
 def _converted_skeleton(directory: Path) -> Any:
     """The converted model with weightless parameters (what ``load_converted`` builds, before loading)."""
     check_weight_files(directory)
-    config = _converted_config(directory)
-    _, model_cls = _converted_classes(directory)
+    config = converted_config(directory)
+    _, model_cls = converted_classes(directory)
     with parameters_on_meta():
         model = model_cls._from_config(config, dtype=torch.float32)
     _generation_config(model, directory)
@@ -124,8 +120,8 @@ def layered_outputs(
             raise
         raise named from err
     tokenizer = load_tokenizer(base, revision=revision) or load_tokenizer(str(directory))
-    converted_config = _converted_config(directory)
-    ids = probe_batch(tokenizer, min(converted_config.vocab_size, base_model.config.vocab_size))
+    config = converted_config(directory)
+    ids = probe_batch(tokenizer, min(config.vocab_size, base_model.config.vocab_size))
     pad = pad_of(base_model)
     reference = run(base_model, ids, new_tokens, pad)
     loader.close()

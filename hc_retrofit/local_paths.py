@@ -17,6 +17,8 @@ import re
 from pathlib import PurePosixPath
 from typing import Any
 
+from hc_retrofit.checkpoint_format import BASE_KEY
+
 PATH_KEYS = frozenset(
     {
         "data",
@@ -27,7 +29,7 @@ PATH_KEYS = frozenset(
         "cache_dir",
         "final_dir",
         "plot",
-        "hc_retrofit_base",
+        BASE_KEY,
         "_name_or_path",
         "name_or_path",
         "base_model",
@@ -37,7 +39,7 @@ PATH_KEYS = frozenset(
     }
 )
 """Keys whose values are paths or Hub ids."""
-HUB_KEYS = frozenset({"data", "model", "hc_retrofit_base", "_name_or_path", "name_or_path", "base_model"})
+HUB_KEYS = frozenset({"data", "model", BASE_KEY, "_name_or_path", "name_or_path", "base_model"})
 """Of :data:`PATH_KEYS`, those whose value may be a Hub id (``org/name``) instead of a path."""
 _DATA_SUFFIX = re.compile(r"\.(txt|jsonl?|parquet|csv|tsv|arrow|gz|zst|yaml|yml|md|safetensors|bin)$", re.I)
 _IN_TEXT = re.compile(
@@ -55,7 +57,7 @@ def _whole_value_is_path(value: str, key: str | None) -> bool:
     if key in PATH_KEYS and ("/" in value or "\\" in value):
         hub_id = value.count("/") == 1 and not _DATA_SUFFIX.search(value) and not value.startswith(".")
         return not hub_id
-    return key in PATH_KEYS and bool(_DATA_SUFFIX.search(value)) and key not in ("model", "hc_retrofit_base")
+    return key in PATH_KEYS and bool(_DATA_SUFFIX.search(value)) and key not in ("model", BASE_KEY)
 
 
 def _last_part(path: str) -> str:

@@ -37,6 +37,12 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none), for one-line errors."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def enable_cli_logging(level: int = logging.WARNING) -> logging.Handler:
     """Print the package's messages at ``level`` and above as ``warning: ...`` lines on stderr (idempotent)."""
     logger = logging.getLogger(ROOT)

@@ -21,9 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-HC_SHARD = "model-hc-retrofit.safetensors"
+from hc_retrofit.checkpoint_format import HC_SHARD, INDEX_FILE, SINGLE_FILE
+
 SINGLE_RENAMED = "model-00001-of-00001.safetensors"  # model.safetensors would hide the index from transformers
 CHUNK = 256 * 2**20  # bytes per copy_file_range call: how soon a cancel takes effect
 FICLONE = 0x40049409  # Linux ioctl: share the source's blocks (btrfs, xfs; copy on write), as cp tries first

@@ -31,24 +31,17 @@ from typing import Any
 import torch
 
 from hc_retrofit import outputs
+from hc_retrofit.base_model import load_base_config, load_tokenizer
+from hc_retrofit.checkpoint_format import HC_SHARD, INDEX_FILE, check_weight_files, read_header, st_name, torch_dtype
 from hc_retrofit.connections import HyperConnection
 from hc_retrofit.conversion import ConvertSummary, count_parameters
-from hc_retrofit.layered import ST_DTYPES
+from hc_retrofit.dtypes import parse_dtype
 from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.modeling.errors import HCRetrofitError
 from hc_retrofit.modeling.families import FAMILIES, family_for
 from hc_retrofit.modeling.patch import convert, decoder_layers, hyper_connection_sites
-from hc_retrofit.persist import (
-    check_output_dir,
-    check_weight_files,
-    load_base_config,
-    load_tokenizer,
-    parse_dtype,
-    write_converted_files,
-)
+from hc_retrofit.saving import check_output_dir, write_converted_files
 from hc_retrofit.shard_copy import (
-    HC_SHARD,
-    INDEX_FILE,
     EarlyCopy,
     NoShards,
     ShardCopier,
@@ -57,8 +50,6 @@ from hc_retrofit.shard_copy import (
 )
 
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.py"]
-
-_ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
 class CannotStream(Exception):
@@ -91,22 +82,7 @@ class StreamPlan:
     trust_remote_code: bool = False
 
 
-# ----------------------------------------------------------------------------- safetensors headers
-def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str] | None, int]:
-    """``(tensor entries, __metadata__, data start)`` of a safetensors file, reading only its header."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise CannotStream(f"{path.name} is not a safetensors file")
-        (size,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CannotStream(f"{path.name} has an unreadable safetensors header") from err
-    metadata = header.pop("__metadata__", None)
-    return header, metadata, 8 + size
-
-
+# ----------------------------------------------------------------------------- safetensors files
 def write_safetensors(
     path: Path,
     names: list[str],
@@ -125,7 +101,7 @@ def write_safetensors(
     for name in names:
         dtype, shape = specs[name]
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": st_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
@@ -212,7 +188,7 @@ def _target_dtype(requested: str | torch.dtype, base_config: Any, first: dict[st
         return configured
     if first is not None:
         for entry in first.values():
-            dtype = ST_DTYPES.get(entry["dtype"])
+            dtype = torch_dtype(entry["dtype"])
             if dtype is not None and dtype.is_floating_point:
                 return dtype
     return torch.get_default_dtype()
@@ -242,7 +218,7 @@ def plan_streaming(
         raise CannotStream("its config names its own weights file")
     local = _local_dir(model_id_or_dir, revision, say)
     files = _base_shards(local)
-    headers = [(path, name, *read_header(path)[:2]) for path, name in files]
+    headers = [(path, name, (h := read_header(path)).tensors, h.metadata) for path, name in files]
     target = _target_dtype(requested, base_config, headers[0][2] if headers else None)
     model = _meta_model(base_config, target, config)
     hc = hc_tensors(model)
@@ -262,7 +238,7 @@ def plan_streaming(
             if key not in expected:
                 raise CannotStream(f"its tensor {key} is not a parameter of {type(model).__name__}")
             want = expected[key]
-            stored = ST_DTYPES.get(entry.get("dtype"))
+            stored = torch_dtype(entry.get("dtype"))
             if stored is None:
                 raise CannotStream(f"tensor {key} has dtype {entry.get('dtype')}")
             if list(entry["shape"]) != list(want.shape):
@@ -283,7 +259,7 @@ def _reencode(shard: Shard, dst: Path) -> None:
     from safetensors import safe_open
 
     dst.unlink(missing_ok=True)  # never write through a hard link (an early copy may have linked the base shard)
-    specs = {k: (shard.cast.get(k, ST_DTYPES[e["dtype"]]), list(e["shape"])) for k, e in shard.tensors.items()}
+    specs = {k: (shard.cast.get(k, torch_dtype(e["dtype"])), list(e["shape"])) for k, e in shard.tensors.items()}
     names = sorted(shard.tensors, key=lambda k: shard.tensors[k]["data_offsets"][0])
     with safe_open(str(shard.source.resolve()), framework="pt") as f:
         write_safetensors(dst, names, f.get_tensor, specs, shard.metadata or {"format": "pt"})
@@ -337,7 +313,7 @@ def write_plan(
         for shard in plan.shards:
             for key, entry in shard.tensors.items():
                 weight_map[key] = shard.name
-                dtype = shard.cast.get(key, ST_DTYPES[entry["dtype"]])
+                dtype = shard.cast.get(key, torch_dtype(entry["dtype"]))
                 total += torch.Size(entry["shape"]).numel() * torch.empty((), dtype=dtype).element_size()
         save_file(plan.hc_tensors, str(tmp / HC_SHARD), metadata={"format": "pt"})
         for key, tensor in plan.hc_tensors.items():

@@ -14,17 +14,12 @@ from typing import Any
 
 import torch
 
+from hc_retrofit.base_model import load_base_model, load_tokenizer
+from hc_retrofit.checkpoint_format import BASE_KEY, read_config_dict, require_converted_dir
 from hc_retrofit.code_check import code_problems
+from hc_retrofit.dtypes import DTYPES
+from hc_retrofit.loading import load_converted
 from hc_retrofit.modeling.errors import CheckpointError, HCRetrofitError
-from hc_retrofit.persist import (
-    BASE_KEY,
-    DTYPES,
-    load_base_model,
-    load_converted,
-    load_tokenizer,
-    read_config_dict,
-    require_converted_dir,
-)
 from hc_retrofit.probe import probe_batch
 from hc_retrofit.remote_code import remote_code_files
 from hc_retrofit.tasks import is_causal_lm

@@ -9,8 +9,9 @@ import huggingface_hub.constants
 import pytest
 
 import hc_retrofit
-from hc_retrofit import hub, persist
+from hc_retrofit import hub
 from hc_retrofit.modeling.errors import HubError, NotConvertedError
+from hc_retrofit.saving import save_converted
 from tests.hub_server import FakeHub
 from tests.tiny import tiny_encoder, tiny_model
 
@@ -21,7 +22,7 @@ def checkpoint(tmp_path: Path) -> Path:
 
     outputs.write_marker(tmp_path / "run", "run")  # `train` creates its run dir with a manifest
     model = hc_retrofit.convert(tiny_model("qwen2-tied"), hc_retrofit.HCConfig(num_streams=4, variant="mhc"))
-    return persist.save_converted(model, tmp_path / "run" / "final", base_model="org/tiny-qwen2")
+    return save_converted(model, tmp_path / "run" / "final", base_model="org/tiny-qwen2")
 
 
 def test_model_card(checkpoint: Path) -> None:
@@ -37,7 +38,7 @@ def test_model_card(checkpoint: Path) -> None:
 
 def test_model_card_of_an_encoder_loads_it_with_its_auto_class(tmp_path: Path) -> None:
     model = hc_retrofit.convert(tiny_encoder("roberta-masked-lm"), hc_retrofit.HCConfig(num_streams=2))
-    card = hub.model_card(persist.save_converted(model, tmp_path / "roberta"), "me/tiny-roberta")
+    card = hub.model_card(save_converted(model, tmp_path / "roberta"), "me/tiny-roberta")
     assert 'AutoModelForMaskedLM.from_pretrained("me/tiny-roberta", trust_remote_code=True)' in card
 
 

@@ -8,10 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hc_retrofit import layered, layered_verify, persist
+from hc_retrofit import layered, layered_verify
 from hc_retrofit.conversion import convert_checkpoint
+from hc_retrofit.loading import load_converted
 from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.modeling.errors import CheckpointError
+from hc_retrofit.saving import save_converted
 from hc_retrofit.verify import LAYERS, MEMORY, choose_mode, verify_checkpoint
 from tests.checkpoints import save_base, train_a_few_steps
 
@@ -52,8 +54,8 @@ def test_layered_verify_reports_the_in_memory_numbers(
     report = _same_report(converted, base_dtype=base_dtype)
     assert report["equivalent"] and report["ok"]
     # a trained model differs from its base: the same (non-zero) numbers too
-    model = train_a_few_steps(persist.load_converted(converted), steps=2)
-    persist.save_converted(model, tmp_path / "trained")
+    model = train_a_few_steps(load_converted(converted), steps=2)
+    save_converted(model, tmp_path / "trained")
     report = _same_report(tmp_path / "trained", trained=True, base_dtype=base_dtype)
     assert not report["equivalent"] and report["max_abs_logit_diff"] > 1e-3
 

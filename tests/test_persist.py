@@ -14,8 +14,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hc_retrofit
-from hc_retrofit import persist
+from hc_retrofit import saving
+from hc_retrofit.base_model import load_base_model
+from hc_retrofit.checkpoint_format import is_converted_dir
+from hc_retrofit.loading import load_converted
 from hc_retrofit.modeling.errors import AlreadyConvertedError, CheckpointError, NotConvertedError, OutputExistsError
+from hc_retrofit.saving import save_converted
 from tests.checkpoints import (
     HUB_OFFLINE_ENV,
     config_json,
@@ -61,8 +65,8 @@ def test_round_trip_every_family_and_variant(case: str, tmp_path: Path) -> None:
     for variant in VARIANTS:
         model = _converted(case, variant, perturb=True)
         before = _logits(model)
-        out = persist.save_converted(model, tmp_path / variant)
-        loaded = persist.load_converted(out)  # also asserts a clean load report
+        out = save_converted(model, tmp_path / variant)
+        loaded = load_converted(out)  # also asserts a clean load report
         assert type(loaded).__name__.startswith("HCRetrofit")
         assert loaded.hc_config == model.hc_config
         torch.testing.assert_close(_logits(loaded), before, rtol=0, atol=0)
@@ -74,7 +78,7 @@ def test_round_trip_after_training(tmp_path: Path) -> None:
     init = hc_retrofit.HyperConnection(site.dim, model.hc_config, site.site_index)
     assert not torch.equal(site.width_logits, init.width_logits), "training should move the HC parameters"
     before = _logits(model)
-    loaded = persist.load_converted(persist.save_converted(model, tmp_path / "trained"))
+    loaded = load_converted(save_converted(model, tmp_path / "trained"))
     torch.testing.assert_close(_logits(loaded), before, rtol=0, atol=0)
     state = dict(loaded.named_parameters())
     for name, p in model.named_parameters():
@@ -83,8 +87,8 @@ def test_round_trip_after_training(tmp_path: Path) -> None:
 
 def test_hc_parameters_stay_float32_in_bfloat16(tmp_path: Path) -> None:
     model = _converted("qwen2-tied", "dynamic", perturb=True)
-    out = persist.save_converted(model, tmp_path / "ckpt")
-    loaded = persist.load_converted(out, dtype=torch.bfloat16)
+    out = save_converted(model, tmp_path / "ckpt")
+    loaded = load_converted(out, dtype=torch.bfloat16)
     saved = dict(model.named_parameters())
     hc = {n: p for n, p in loaded.named_parameters() if ".hyper_connections." in n}
     assert hc and all(p.dtype == torch.float32 for p in hc.values())
@@ -95,7 +99,7 @@ def test_hc_parameters_stay_float32_in_bfloat16(tmp_path: Path) -> None:
 def test_checkpoint_contents(tmp_path: Path) -> None:
     model = _converted("llama-gqa-untied", "mhc")
     model.config._name_or_path = "org/tiny-llama"
-    out = persist.save_converted(model, tmp_path / "ckpt", word_tokenizer(), extra_metadata={"note": "x"})
+    out = save_converted(model, tmp_path / "ckpt", word_tokenizer(), extra_metadata={"note": "x"})
     data = config_json(out)
     assert data["model_type"] == "hc_retrofit_llama"
     assert data["architectures"] == ["HCRetrofitLlamaForCausalLM"]
@@ -111,7 +115,7 @@ def test_checkpoint_contents(tmp_path: Path) -> None:
         "patch.py",
     ):
         assert (out / name).is_file(), name
-    assert persist.is_converted_dir(out)
+    assert is_converted_dir(out)
     assert not list(tmp_path.glob(".*")), "no temporary directory may be left behind"
     from safetensors import safe_open
 
@@ -123,18 +127,18 @@ def test_checkpoint_contents(tmp_path: Path) -> None:
 
 def test_sharded_save_loads(tmp_path: Path) -> None:
     model = _converted("gpt2", "static", perturb=True)
-    out = persist.save_converted(model, tmp_path / "ckpt", max_shard_size="20KB")
+    out = save_converted(model, tmp_path / "ckpt", max_shard_size="20KB")
     assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
-    torch.testing.assert_close(_logits(persist.load_converted(out)), _logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(_logits(load_converted(out)), _logits(model), rtol=0, atol=0)
 
 
 def test_resave_of_loaded_model_keeps_base(tmp_path: Path) -> None:
     model = _converted("mixtral-moe", "mhc", perturb=True)
     model.config._name_or_path = "org/base"
-    first = persist.load_converted(persist.save_converted(model, tmp_path / "a"))
-    second = persist.save_converted(first, tmp_path / "b")
+    first = load_converted(save_converted(model, tmp_path / "a"))
+    second = save_converted(first, tmp_path / "b")
     assert config_json(second)["hc_retrofit_base"] == "org/base"
-    torch.testing.assert_close(_logits(persist.load_converted(second)), _logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(_logits(load_converted(second)), _logits(model), rtol=0, atol=0)
 
 
 def test_save_refuses_existing_dir_and_overwrites_on_request(tmp_path: Path) -> None:
@@ -143,20 +147,20 @@ def test_save_refuses_existing_dir_and_overwrites_on_request(tmp_path: Path) -> 
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="overwrite"):
-        persist.save_converted(model, out)
+        save_converted(model, out)
     assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(OutputExistsError, match="not written by hc-retrofit"):  # not ours: never replaced
-        persist.save_converted(model, out, overwrite=True)
+        save_converted(model, out, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
     ours = tmp_path / "ours"
-    persist.save_converted(model, ours)
+    save_converted(model, ours)
     (ours / "notes.txt").write_text("added by the user after the conversion")
     with pytest.raises(OutputExistsError, match=r"did not write or that changed since \(notes.txt\)"):
-        persist.save_converted(model, ours, overwrite=True)  # would lose the user's file: refused
+        save_converted(model, ours, overwrite=True)  # would lose the user's file: refused
     assert (ours / "notes.txt").is_file()
     (ours / "notes.txt").unlink()
-    persist.save_converted(model, ours, overwrite=True)  # only our own, unchanged files: replaced
-    assert persist.is_converted_dir(ours)
+    save_converted(model, ours, overwrite=True)  # only our own, unchanged files: replaced
+    assert is_converted_dir(ours)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ours"]
 
 
@@ -166,36 +170,36 @@ def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def boom(*_args: object, **_kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(persist, "write_remote_code", boom)
+    monkeypatch.setattr(saving, "write_remote_code", boom)
     with pytest.raises(KeyboardInterrupt):
-        persist.save_converted(model, tmp_path / "ckpt")
+        save_converted(model, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_save_needs_a_converted_model(tmp_path: Path) -> None:
     with pytest.raises(NotConvertedError):
-        persist.save_converted(tiny_model("gpt2"), tmp_path / "x")
+        save_converted(tiny_model("gpt2"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
 def test_plain_transformers_refuses_without_trust_remote_code(tmp_path: Path) -> None:
-    out = persist.save_converted(_converted("llama-gqa-untied", "mhc"), tmp_path / "ckpt")
+    out = save_converted(_converted("llama-gqa-untied", "mhc"), tmp_path / "ckpt")
     with pytest.raises(ValueError, match="trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
 
 
 def test_load_converted_rejects_plain_checkpoint(tmp_path: Path) -> None:
     base = save_base("gpt2", tmp_path / "base", tokenizer=False)
-    assert not persist.is_converted_dir(base)
+    assert not is_converted_dir(base)
     with pytest.raises(NotConvertedError):
-        persist.load_converted(base)
+        load_converted(base)
 
 
 def test_load_converted_rejects_incomplete_checkpoint(tmp_path: Path) -> None:
     """A checkpoint without its HC tensors must fail, never load uninitialised memory."""
     from safetensors.torch import load_file, save_file
 
-    out = persist.save_converted(_converted("llama-gqa-untied", "mhc"), tmp_path / "ckpt")
+    out = save_converted(_converted("llama-gqa-untied", "mhc"), tmp_path / "ckpt")
     weights = load_file(out / "model.safetensors")
     save_file(
         {k: v for k, v in weights.items() if ".hyper_connections.0." not in k},
@@ -203,7 +207,7 @@ def test_load_converted_rejects_incomplete_checkpoint(tmp_path: Path) -> None:
         {"format": "pt"},
     )
     with pytest.raises(CheckpointError, match="missing keys"):
-        persist.load_converted(out)
+        load_converted(out)
     # the shipped code (what trust_remote_code users run) refuses it too, without hc-retrofit installed
     script = (
         "import sys; sys.modules['hc_retrofit'] = None\n"
@@ -258,7 +262,7 @@ def test_trust_remote_code_loads_without_hc_retrofit(tmp_path: Path) -> None:
         model = _converted(case, variant, perturb=True)
         if i == 0:
             model = train_a_few_steps(model)
-        out = persist.save_converted(model, tmp_path / f"ckpt_{case.replace('-', '_')}")
+        out = save_converted(model, tmp_path / f"ckpt_{case.replace('-', '_')}")
         torch.save({"ids": _ids(), "logits": _logits(model)}, out / "expected.pt")
         dirs.append(str(out))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -280,27 +284,27 @@ def test_trust_remote_code_loads_without_hc_retrofit(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- base models
 def test_load_base_model_from_directory(tmp_path: Path) -> None:
     base = save_base("qwen2-tied", tmp_path / "base")
-    model, tokenizer = persist.load_base_model(str(base))
+    model, tokenizer = load_base_model(str(base))
     assert model.config.model_type == "qwen2" and not hc_retrofit.is_converted(model)
     assert tokenizer is not None and tokenizer("Once upon a time")["input_ids"]
-    model, tokenizer = persist.load_base_model(str(save_base("gpt2", tmp_path / "notok", tokenizer=False)))
+    model, tokenizer = load_base_model(str(save_base("gpt2", tmp_path / "notok", tokenizer=False)))
     assert tokenizer is None
 
 
 def test_load_base_model_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
-        persist.load_base_model("no-such-org/no-such-model")
+        load_base_model("no-such-org/no-such-model")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"no config\.json"):
-        persist.load_base_model(str(tmp_path / "empty"))
+        load_base_model(str(tmp_path / "empty"))
     with pytest.raises(CheckpointError, match="no such directory"):
-        persist.load_base_model(str(tmp_path / "missing" / "dir"))
-    out = persist.save_converted(_converted("gpt2", "mhc"), tmp_path / "converted")
+        load_base_model(str(tmp_path / "missing" / "dir"))
+    out = save_converted(_converted("gpt2", "mhc"), tmp_path / "converted")
     with pytest.raises(AlreadyConvertedError):
-        persist.load_base_model(str(out))
+        load_base_model(str(out))
     tiny_encoder("vit-classifier").save_pretrained(tmp_path / "vit")  # no causal-LM class: one line, before loading
     with pytest.raises(CheckpointError, match=r"'vit' model, which has no causal-LM class.*hc_retrofit\.convert"):
-        persist.load_base_model(str(tmp_path / "vit"))
+        load_base_model(str(tmp_path / "vit"))
 
 
 def test_load_base_model_from_populated_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -310,12 +314,12 @@ def test_load_base_model_from_populated_hf_cache(tmp_path: Path, monkeypatch: py
     populate_hf_cache(cache, "tiny-org/tiny-llama", save_base("llama-gqa-untied", tmp_path / "src"))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    model, tokenizer = persist.load_base_model("tiny-org/tiny-llama")
+    model, tokenizer = load_base_model("tiny-org/tiny-llama")
     reference = tiny_model("llama-gqa-untied")
     torch.testing.assert_close(_logits(model), _logits(reference), rtol=0, atol=0)
     assert tokenizer is not None
     with pytest.raises(CheckpointError):
-        persist.load_base_model("tiny-org/not-in-cache")
+        load_base_model("tiny-org/not-in-cache")
 
 
 # ----------------------------------------------------------------------------- encoders and vision
@@ -352,13 +356,13 @@ def test_encoders_and_vision_models_round_trip(case: str, variant: str, tmp_path
 
     model, inputs = _perturbed_encoder(case, variant)
     before = _encoder_output(model, inputs)
-    out = persist.save_converted(model, tmp_path / "ckpt")
+    out = save_converted(model, tmp_path / "ckpt")
     task = ENCODER_CASES[case][1]
     auto = auto_class(task).__name__
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"][auto] == f"modeling_hc_retrofit.HCRetrofit{type(model).__name__}"
     assert "AutoModelForCausalLM" not in config["auto_map"]
-    loaded = persist.load_converted(out)
+    loaded = load_converted(out)
     assert type(loaded).__name__ == f"HCRetrofit{type(model).__name__}" and loaded.hc_config == model.hc_config
     torch.testing.assert_close(_encoder_output(loaded, inputs), before, rtol=0, atol=0)
     remote = auto_class(task).from_pretrained(out, trust_remote_code=True).eval()
@@ -395,7 +399,7 @@ def test_encoder_checkpoints_load_without_hc_retrofit(tmp_path: Path) -> None:
     dirs = []
     for case, variant in {"bert-masked-lm": "mhc", "vit-base": "dynamic"}.items():
         model, inputs = _perturbed_encoder(case, variant)
-        out = persist.save_converted(model, tmp_path / case)
+        out = save_converted(model, tmp_path / case)
         auto = auto_class(ENCODER_CASES[case][1]).__name__
         torch.save({"auto": auto, "inputs": inputs, "output": _encoder_output(model, inputs)}, out / "expected.pt")
         dirs.append(str(out))

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hc_retrofit import persist
+from hc_retrofit.checkpoint_format import is_converted_dir, read_config_dict, read_header
 from hc_retrofit.conversion import convert_checkpoint
+from hc_retrofit.loading import load_converted
 from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.modeling.errors import OutputExistsError
 from hc_retrofit.outputs import MARKER
@@ -18,7 +19,6 @@ from hc_retrofit.streaming import (
     HC_SHARD,
     INDEX_FILE,
     CannotStream,
-    read_header,
     stream_convert,
     write_safetensors,
 )
@@ -43,8 +43,8 @@ def sharded_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _assert_same_checkpoint(streamed: Path, in_memory: Path) -> None:
     """Bit-identical state dicts (values and dtypes) once loaded, and the same non-weight files."""
-    a = persist.load_converted(streamed).state_dict()
-    b = persist.load_converted(in_memory).state_dict()
+    a = load_converted(streamed).state_dict()
+    b = load_converted(in_memory).state_dict()
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].dtype == b[key].dtype, key
@@ -172,8 +172,8 @@ def test_write_safetensors_round_trips(tmp_path: Path) -> None:
     assert torch.equal(back["a"], tensors["a"].half())
     for key in ("b", "c", "empty", "scalar"):
         assert back[key].dtype == tensors[key].dtype and torch.equal(back[key], tensors[key])
-    entries, metadata, _ = read_header(tmp_path / "x.safetensors")
-    assert metadata == {"format": "pt"} and entries["a"]["dtype"] == "F16"
+    header = read_header(tmp_path / "x.safetensors")
+    assert header.metadata == {"format": "pt"} and header.tensors["a"]["dtype"] == "F16"
 
 
 def test_hub_id_streams_from_its_downloaded_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,7 +190,7 @@ def test_hub_id_streams_from_its_downloaded_files(tmp_path: Path, monkeypatch: p
     messages: list[str] = []
     summary = stream_convert("tiny-org/sharded", tmp_path / "streamed", HCConfig(), progress=messages.append)
     assert summary.base_model == "tiny-org/sharded" and any("downloading tiny-org/sharded" in m for m in messages)
-    assert persist.read_config_dict(tmp_path / "streamed")["hc_retrofit_base"] == "tiny-org/sharded"
+    assert read_config_dict(tmp_path / "streamed")["hc_retrofit_base"] == "tiny-org/sharded"
     convert_checkpoint("tiny-org/sharded", tmp_path / "memory", HCConfig())
     _assert_same_checkpoint(tmp_path / "streamed", tmp_path / "memory")
     for shard in snapshot.glob("*.safetensors"):
@@ -218,7 +218,7 @@ def test_verify_runs_before_the_rename_layer_by_layer_when_it_cannot_fit(
     summary = stream_convert(str(sharded_base), tmp_path / "big", HCConfig(), verify=True, progress=messages.append)
     assert summary.verified and summary.verify_loading == "layer by layer" and runs[-1][1] == "layers"
     assert any("layer by layer" in m for m in messages)
-    assert persist.is_converted_dir(tmp_path / "big")
+    assert is_converted_dir(tmp_path / "big")
 
 
 def test_available_memory_needs_no_psutil(monkeypatch):
@@ -245,8 +245,8 @@ def test_a_linked_shard_that_must_be_re_encoded_leaves_the_base_intact(tmp_path:
     assert {s.name: s.read_bytes() for s in base.glob("*.safetensors")} == before
     for name in before:
         assert not os.path.samefile(tmp_path / "out" / name, base / name)
-        assert read_header(tmp_path / "out" / name)[0]  # a readable bf16 shard
-    loaded = persist.load_converted(tmp_path / "out")
+        assert read_header(tmp_path / "out" / name).tensors  # a readable bf16 shard
+    loaded = load_converted(tmp_path / "out")
     assert next(loaded.model.layers[0].parameters()).dtype == torch.bfloat16
 
 

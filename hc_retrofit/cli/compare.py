@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from hc_retrofit.cli.app import app
+from hc_retrofit.cli.app import app, quiet_library_progress
 from hc_retrofit.modeling.errors import HCRetrofitError
 
 
@@ -68,8 +68,7 @@ def compare_command(
     ] = None,
     cache_dir: Annotated[str | None, typer.Option(help="datasets cache dir for the tokenised data.")] = None,
     threads: Annotated[
-        int | None,
-        typer.Option(min=1, help="torch CPU threads (1 is fastest for small models on a busy machine)."),
+        int | None, typer.Option(min=1, help="torch CPU threads (default: the cores this process may use).")
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Delete the comparison in --out first (only its own files).")
@@ -83,11 +82,9 @@ def compare_command(
     from rich.console import Console
 
     from hc_retrofit.compare import CompareSpec, run_compare
+    from hc_retrofit.train.threads import default_threads
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    quiet_library_progress()  # the command's own lines and bars own the screen
 
     train = {
         k: v
@@ -99,6 +96,7 @@ def compare_command(
             eval_every=eval_every,
             save_every=save_every,
             cache_dir=cache_dir,
+            threads=threads or default_threads(),
             compile=compile or None,
         ).items()
         if v is not None

@@ -90,7 +90,7 @@ def _convert(
         early = start_copy(model, out, overwrite=overwrite, link=link)
     try:
         from hc_retrofit.conversion import convert_checkpoint  # torch + transformers: only when a command runs
-        from hc_retrofit.persist import parse_dtype
+        from hc_retrofit.dtypes import parse_dtype
         from hc_retrofit.streaming import CannotStream, stream_convert
 
         quiet_library_progress()

@@ -15,6 +15,15 @@ from typing import Any
 
 from .errors import ConfigError
 
+CONFIG_KEY = "hc_retrofit"
+"""``config.json`` key of a converted checkpoint: its :class:`HCConfig` settings."""
+MODEL_TYPE_PREFIX = "hc_retrofit_"
+"""A converted checkpoint's ``model_type`` is this prefix + its base's (unknown to plain transformers)."""
+BASE_TYPE_KEY = "hc_retrofit_base_model_type"
+"""``config.json`` key: the base model's ``model_type``."""
+BASE_ARCH_KEY = "hc_retrofit_base_architecture"
+"""``config.json`` key: the base model's class name."""
+
 VARIANTS = ("static", "dynamic", "mhc")
 
 

@@ -40,13 +40,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .config import HCConfig
+from .config import CONFIG_KEY, HCConfig
 from .errors import AlreadyConvertedError, UnsupportedArchitectureError
 from .families import STRUCTURE_KEY, Block, Family, family_for
 from .site import HyperConnection, SiteContext
 from .stream_ops import expand_streams, reduce_streams
-
-CONFIG_KEY = "hc_retrofit"
 
 
 class _LayerCalls:
@@ -322,10 +320,19 @@ def is_converted(model: nn.Module) -> bool:
 
 
 def decoder_layers(model: nn.Module, family: Family | None = None) -> nn.ModuleList:
-    """The decoder-layer list of ``model`` as its family adapter names it."""
+    """The decoder-layer list of ``model`` as its family adapter names it.
+
+    The adapter names it from the task model (``model.layers`` in ``LlamaForCausalLM``); in a base
+    model (``LlamaModel``, what ``AutoModel`` and serving engines build) the path starts after the
+    ``base_model_prefix``.
+    """
     family = family or family_for(model.config)
+    path = family.layers
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    if path.startswith(prefix) and getattr(model, "base_model", None) is model and len(prefix) > 1:
+        path = path.removeprefix(prefix)
     try:
-        layers = model.get_submodule(family.layers)
+        layers = model.get_submodule(path)
     except AttributeError as err:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} has no {family.layers!r}: pass a *ForCausalLM model "

@@ -104,6 +104,22 @@ def load_documents(
     return ds
 
 
+def data_fingerprint(source: str | Path | None) -> dict[str, Any]:
+    """What a run trains on, for ``--resume`` to compare: the data's name and a SHA-256 of its files
+    (of its id, for a Hub dataset)."""
+    from hc_retrofit.ownership import sha256_file
+
+    path = Path(str(source or "")).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
+        digest.update(sha256_file(file).encode())
+    if not files:
+        digest.update(str(source).encode())
+    return {"name": path.name if files else str(source), "sha256": digest.hexdigest()}
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A stable hash of what decides the token ids: the vocabulary/merges and the EOS id."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -24,12 +24,12 @@ from hc_retrofit.train.recipe import TrainConfig
 log = get_logger(__name__)
 
 TRAIN_DTYPES = ("float32", "bfloat16")
-"""The :data:`hc_retrofit.persist.DTYPES` a model may be trained in (its weights are the optimiser's)."""
+"""The :data:`hc_retrofit.dtypes.DTYPES` a model may be trained in (its weights are the optimiser's)."""
 
 
 def resolve_dtype(name: str) -> torch.dtype:
     """``model_dtype`` (a :data:`TRAIN_DTYPES` name or its alias, e.g. ``bf16``) -> the torch dtype."""
-    from hc_retrofit.persist import DTYPE_ALIASES, DTYPES
+    from hc_retrofit.dtypes import DTYPE_ALIASES, DTYPES
 
     canonical = DTYPE_ALIASES.get(name, name)
     if canonical not in TRAIN_DTYPES:
@@ -39,17 +39,17 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def load_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
     """Load ``cfg.model`` (converted dir, local plain model or Hub id) and its tokenizer."""
-    from hc_retrofit import persist
+    from hc_retrofit.base_model import load_base_model, load_tokenizer
+    from hc_retrofit.checkpoint_format import is_converted_dir
+    from hc_retrofit.loading import load_converted
 
     if not cfg.model:
         raise TrainingError("no model given: pass MODEL_OR_DIR (or set `model:` in the recipe)")
     dtype = resolve_dtype(cfg.model_dtype)
-    if persist.is_converted_dir(cfg.model):
-        model = persist.load_converted(cfg.model, dtype=dtype)
-        return model, persist.load_tokenizer(cfg.model)  # with our config: never asks to run checkpoint code
-    return persist.load_base_model(
-        cfg.model, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-    )
+    if is_converted_dir(cfg.model):
+        model = load_converted(cfg.model, dtype=dtype)
+        return model, load_tokenizer(cfg.model)  # with our config: never asks to run checkpoint code
+    return load_base_model(cfg.model, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
 
 
 def prepare_model(cfg: TrainConfig, model: nn.Module, tokenizer: Any) -> nn.Module:
@@ -109,9 +109,9 @@ def prepare_model(cfg: TrainConfig, model: nn.Module, tokenizer: Any) -> nn.Modu
 def save_final(model: nn.Module, tokenizer: Any, out_dir: Path, *, metadata: dict[str, Any]) -> Path:
     """Write the trained model: converted-checkpoint format if it has HC, else ``save_pretrained``."""
     if is_converted(model):
-        from hc_retrofit import persist
+        from hc_retrofit.saving import save_converted
 
-        return Path(persist.save_converted(model, out_dir, tokenizer, overwrite=True, extra_metadata=metadata))
+        return Path(save_converted(model, out_dir, tokenizer, overwrite=True, extra_metadata=metadata))
     from hc_retrofit import outputs
 
     model.config.use_cache = True

@@ -58,13 +58,15 @@ def trained_dir(tmp_path_factory: pytest.TempPathFactory, converted_dir: Path) -
     """``converted_dir`` after a few optimiser steps, saved with a training summary beside it."""
     import json
 
-    from hc_retrofit import outputs, persist
+    from hc_retrofit import outputs
+    from hc_retrofit.loading import load_converted
+    from hc_retrofit.saving import save_converted
     from tests.checkpoints import train_a_few_steps
 
     run = tmp_path_factory.mktemp("run")
     outputs.write_marker(run, "run")  # a run dir as `train` writes it
-    model = train_a_few_steps(persist.load_converted(converted_dir), steps=20, lr=3e-2)
-    out = persist.save_converted(model, run / "final", extra_metadata={"training": {"lr": 3e-2, "steps": 20}})
+    model = train_a_few_steps(load_converted(converted_dir), steps=20, lr=3e-2)
+    out = save_converted(model, run / "final", extra_metadata={"training": {"lr": 3e-2, "steps": 20}})
     (run / "summary.json").write_text(json.dumps({"steps": 20, "initial_eval_loss": 4.6, "final_eval_loss": 3.9}))
     (run / "metrics.jsonl").write_text('{"step": 10, "loss": 4.1}\n{"step": 20, "loss": 3.9}\n')
     return out

@@ -151,7 +151,7 @@ def test_help_and_argument_errors_do_not_import_the_heavy_libraries(tmp_path: Pa
 
 
 def test_convert_help_names_every_dtype(cli) -> None:
-    from hc_retrofit.persist import DTYPES
+    from hc_retrofit.dtypes import DTYPES
 
     help_text = " ".join(cli("convert", "--help").output.split())
     assert all(name in help_text for name in DTYPES)

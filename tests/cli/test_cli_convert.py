@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hc_retrofit import conversion, persist
+from hc_retrofit import conversion, saving
+from hc_retrofit.base_model import load_base_model
+from hc_retrofit.checkpoint_format import is_converted_dir
+from hc_retrofit.loading import load_converted
 from tests.checkpoints import config_json, save_base
 
 
@@ -29,8 +32,8 @@ def test_convert_writes_a_loadable_checkpoint_and_summary(cli, base_dir: Path, t
     assert data["hc_retrofit"]["num_streams"] == 3 and data["hc_retrofit"]["variant"] == "dynamic"
     assert data["hc_retrofit_base"] == str(base_dir.resolve())
     assert (out / "tokenizer.json").is_file()
-    model = persist.load_converted(out)
-    base, _ = persist.load_base_model(str(base_dir))
+    model = load_converted(out)
+    base, _ = load_base_model(str(base_dir))
     ids = torch.randint(3, 90, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)
@@ -68,7 +71,7 @@ def test_convert_overwrite(cli, base_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 1 and "(eval.json)" in _one_error_line(result)
     (ours / "eval.json").unlink()
     assert cli("convert", base_dir, "--out", ours, "--overwrite").exit_code == 0
-    assert persist.is_converted_dir(ours)
+    assert is_converted_dir(ours)
 
 
 def test_convert_overwrite_never_touches_the_source_or_cwd(
@@ -166,7 +169,7 @@ def test_ctrl_c_leaves_no_partial_output(cli, base_dir: Path, tmp_path: Path, mo
     def interrupted(*_args: object, **_kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(persist, "write_remote_code", interrupted)  # mid-save, after the weights
+    monkeypatch.setattr(saving, "write_remote_code", interrupted)  # mid-save, after the weights
     result = cli("convert", base_dir, "--out", tmp_path / "out")
     assert result.exit_code == 130
     assert "Traceback" not in result.output
@@ -215,7 +218,7 @@ def test_convert_falls_back_to_in_memory_and_says_why(cli, tmp_path: Path) -> No
     result = cli("convert", base, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert "cannot stream" in result.output and "converting in memory instead" in result.output
-    assert persist.is_converted_dir(tmp_path / "out")
+    assert is_converted_dir(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe", "out"]  # the early shard copy was removed
 
 

@@ -41,7 +41,7 @@ def test_step0_is_the_base_model_and_loss_decreases(tokenizer, corpus, cache_dir
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.05
     assert sum(r["loss"] for r in rows[-3:]) < sum(r["loss"] for r in rows[:3])
     # the final model is a converted checkpoint that reloads to the trained weights
-    from hc_retrofit.persist import load_converted
+    from hc_retrofit.loading import load_converted
 
     final = load_converted(result.final_dir)
     assert hc_retrofit.is_converted(final)
@@ -87,7 +87,7 @@ def test_hc_init_settings_convert_with_that_init_and_stay_exact(tokenizer, corpu
         results[name] = train(cfg, model=copy.deepcopy(base), tokenizer=tokenizer)
     assert results["init"].step0_loss == pytest.approx(results["plain"].step0_loss, abs=1e-5)
     assert results["init"].initial_eval_loss == pytest.approx(results["plain"].initial_eval_loss, abs=1e-5)
-    from hc_retrofit.persist import load_converted
+    from hc_retrofit.loading import load_converted
 
     hc_config = load_converted(results["init"].final_dir).hc_config
     assert (hc_config.width_init_main, hc_config.residual_init_main) == (0.7, 0.6)
@@ -201,7 +201,7 @@ def test_real_checkpoint_on_real_text_starts_at_the_base_loss(shared_dir, cache_
     model_dir = str(shared_dir / "models" / "stories260K")
     cfg = tiny_config(tmp_path / "real", data_file, cache_dir, model=model_dir, block_size=64, max_steps=2, lr=1e-3)
     result = train(cfg)
-    from hc_retrofit.persist import load_base_model
+    from hc_retrofit.base_model import load_base_model
 
     base, tok = load_base_model(model_dir, dtype=torch.float32)
     data = build_data(data_file, tok, 64, eval_fraction=0.1, cache_dir=cache_dir)

@@ -55,7 +55,7 @@ def test_streams_follow_the_rules_of_hc_config(streams, message):
 def test_model_dtype_names_are_the_convert_names_and_their_aliases(name, expected):
     import torch
 
-    from hc_retrofit.persist import parse_dtype
+    from hc_retrofit.dtypes import parse_dtype
     from hc_retrofit.train.model import resolve_dtype
 
     assert resolve_dtype(name) == parse_dtype(name) == getattr(torch, expected)
