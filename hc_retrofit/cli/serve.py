@@ -32,8 +32,7 @@ def serve_command(
 ) -> None:
     """Serve DIR with vLLM (OpenAI-compatible HTTP): vllm serve DIR --model-impl transformers --trust-remote-code.
 
-    Arguments after DIR that are not options of this command go to vllm serve unchanged
-    (e.g. --max-model-len 4096).
+    Options this command does not have go to vllm serve unchanged (e.g. --max-model-len 4096).
     """
     from hc_retrofit.serve import check_servable, find_vllm, vllm_command
 

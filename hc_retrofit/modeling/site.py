@@ -168,7 +168,7 @@ class HyperConnection(nn.Module):
 
     @property
     def is_dynamic(self) -> bool:
-        return not self.ablate and hasattr(self, "dynamic_proj")
+        return not self.ablate and "dynamic_proj" in self._parameters
 
     def static_coefficients(self) -> Coefficients:
         """``a, R, b`` without the input-dependent term of the dynamic variants (float32)."""

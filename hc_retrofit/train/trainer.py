@@ -229,7 +229,7 @@ class Trainer:
             step,
             self.checkpoint_state,
             keep=self.cfg.keep_checkpoints,
-            models=[self.model],
+            models=[self.accelerator.unwrap_model(self.model)],  # the names save_state writes
         )
         if self.accelerator.is_main_process:
             honour_umask(self.last_checkpoint)  # accelerate writes its weights as 0600

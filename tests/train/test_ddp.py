@@ -55,6 +55,7 @@ def test_two_process_cpu_ddp_matches_one_process_with_the_global_batch(tokenizer
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == [0, 1, 2]  # written once: only the main process writes
     assert proc.stdout.count("model: ") == 1
+    assert "Removed shared tensor" not in proc.stdout + proc.stderr  # the tied lm_head is known: no notice per save
 
     # DDP averages gradients, so 2 processes x batch 2 == 1 process x batch 4 (same samples per step;
     # eval: 2 batches x 2 x 2 processes == 2 batches x 4 on one)
