@@ -6,9 +6,9 @@ linked with ``link=True``; re-encoded tensor by tensor only when the dtype chang
 shard of HC tensors, an index, the converted config, tokenizer, generation config and remote code.
 Memory stays at one tensor (re-encoding) or nothing (copying), whatever the model size.
 
-The HC tensors come from :func:`hc_retrofit.modeling.patch.convert` itself: the base model is built on the
+The HC tensors come from :func:`hc_retrofit.modeling.patch.apply_family` itself: the base model is built on the
 meta device (no storage), converted as in memory, and each of its HC sites is instantiated on the
-CPU from the arguments ``convert()`` gave it (the same constructor, so the same values).
+CPU from the arguments ``apply_family()`` gave it (the same constructor, so the same values).
 
 :func:`plan_streaming` first proves the output equivalent to the in-memory conversion, or says
 why it cannot (the caller then converts in memory): the checkpoint must be safetensors, of a
@@ -38,7 +38,7 @@ from hc_retrofit.dtypes import parse_dtype
 from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.modeling.errors import HCRetrofitError
 from hc_retrofit.modeling.families import FAMILIES, family_for
-from hc_retrofit.modeling.patch import convert, decoder_layers, hyper_connection_sites
+from hc_retrofit.modeling.patch import apply_family, decoder_layers, hyper_connection_sites
 from hc_retrofit.saving import check_output_dir, write_converted_files
 from hc_retrofit.shard_copy import (
     EarlyCopy,
@@ -153,7 +153,7 @@ def _meta_model(base_config: Any, dtype: torch.dtype, config: HCConfig) -> Any:
         getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None)
     ):
         raise CannotStream(f"{type(model).__name__} keeps some modules in float32")
-    convert(model, config)
+    apply_family(model, config)  # unchecked here: the written files are proven by verify
     return model
 
 

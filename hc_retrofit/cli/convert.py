@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from hc_retrofit.cli.app import app, console, err_console, quiet_library_progress
+from hc_retrofit.cli.core import app, console, err_console, quiet_library_progress
 from hc_retrofit.modeling.config import VARIANTS, HCConfig
 
 if TYPE_CHECKING:

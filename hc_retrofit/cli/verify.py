@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hc_retrofit.cli.app import app, console, err_console, quiet_library_progress
+from hc_retrofit.cli.core import app, console, err_console, quiet_library_progress
 
 
 @app.command("verify")
