@@ -9,7 +9,7 @@ from collections.abc import Sequence
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: :func:`hc_retrofit.cli.app.main`, or a one-line error without the [cli] extra."""
     try:
-        from hc_retrofit.cli.core import main as run
+        from hc_retrofit.cli.app import main as run
     except ImportError as err:
         from hc_retrofit.extras import missing_extra_hint
 
