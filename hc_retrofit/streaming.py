@@ -396,8 +396,8 @@ def stream_convert(
 ) -> StreamSummary:
     """Convert ``model_id_or_dir`` to ``out_dir`` without loading its weights (see the module docstring).
 
-    ``verify``: run :func:`verify_streamed` on the result before moving it into place: both
-    models in float32 in memory when they fit, else layer by layer (:mod:`hc_retrofit.layered`;
+    ``verify``: run :func:`verify_streamed` on the result before moving it into place: one
+    model in float32 in memory when it fits, else layer by layer (:mod:`hc_retrofit.layered`;
     said through ``progress`` and in the summary). ``check(dir)``: any other check at that point.
     The shards of a local checkpoint are copied in the background from the start (with ``dtype``
     ``auto``; ``early``: a copy the caller started, see :func:`start_copy`), while it plans.
@@ -512,7 +512,7 @@ def verify_streamed(directory: Path, dtype: torch.dtype, progress: Callable[[str
     """Run ``verify`` on a streamed checkpoint (before it is moved into place); refuse it unless exact.
 
     The base is loaded in the checkpoint's ``dtype``: a conversion to bfloat16 must compute what
-    the base computes in bfloat16. Both models in memory when they fit, else layer by layer.
+    the base computes in bfloat16. One model in memory when it fits, else layer by layer.
     Returns how they were loaded (``"in memory"`` or ``"layer by layer"``).
     """
     from hc_retrofit.verify import LAYERS, choose_mode, verify_checkpoint

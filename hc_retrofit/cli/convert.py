@@ -50,7 +50,7 @@ def convert_command(
         typer.Option(
             "--verify/--no-verify",
             help="After streaming, run `verify` on the result before it is moved into place "
-            "(both models in float32 in memory when they fit, else layer by layer).",
+            "(one model in float32 in memory when it fits, else layer by layer).",
         ),
     ] = True,
 ) -> None:
