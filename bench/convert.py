@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -59,9 +60,10 @@ def build_checkpoint(path: Path, hidden: int, layers: int, vocab: int) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def run_side(side: str, ckpt: Path, out: Path) -> dict:
+def run_side(side: str, ckpt: Path, out: Path, threads: int | None = None) -> dict:
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, side, str(ckpt), str(out)], capture_output=True, text=True, check=False
+        [sys.executable, "-c", CHILD, side, str(ckpt), str(out)], capture_output=True, text=True, check=False, env=env
     )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "hc_bench_convert"))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per side (OMP_NUM_THREADS)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.quick:
@@ -88,7 +91,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {"plain": [], "convert": [], "in-memory": []}
     for r in range(args.repeats):
         for side in list(results) if r % 2 == 0 else list(results)[::-1]:
-            res = run_side(side, ckpt, work / f"out-{side}")
+            res = run_side(side, ckpt, work / f"out-{side}", args.threads)
             results[side].append(res)
             print(side, {k: round(v, 2) if k == "seconds" else v // 2**20 for k, v in res.items()})
     summary = {}

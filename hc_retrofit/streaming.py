@@ -515,13 +515,18 @@ def verify_streamed(directory: Path, dtype: torch.dtype, progress: Callable[[str
     the base computes in bfloat16. One model in memory when it fits, else layer by layer.
     Returns how they were loaded (``"in memory"`` or ``"layer by layer"``).
     """
+    from hc_retrofit.proof import NEW_TOKENS
     from hc_retrofit.verify import LAYERS, choose_mode, verify_checkpoint
 
     how = choose_mode(directory)
     if progress is not None:
         detail = " (larger than the memory: layer by layer)" if how == LAYERS else ""
         progress(f"verifying: running the base and the converted model on a probe batch{detail}")
-    report = verify_checkpoint(directory, base_dtype=dtype, mode="layers" if how == LAYERS else "memory")
+    # the probe of the in-memory convert's proof: the full-sequence logits, then the prefill and one
+    # step through the KV cache (``hc-retrofit verify`` continues for longer, to show the agreement)
+    report = verify_checkpoint(
+        directory, base_dtype=dtype, mode="layers" if how == LAYERS else "memory", new_tokens=NEW_TOKENS
+    )
     if not report.equivalent:
         raise NotEquivalentError(
             f"the streamed checkpoint is not equivalent to {report.base_model} (max |logit diff| "
