@@ -48,6 +48,32 @@ def llama_config(hidden: int = 512, layers: int = 6, vocab: int = 32000, heads: 
     )
 
 
+#: A real model's shape (Qwen3-0.6B's config; random weights): ``--shape qwen3-0.6b``.
+QWEN3_0_6B = dict(
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def model_config(args):
+    """The config ``--shape`` names: ``llama`` (sized by ``--hidden/--layers/--vocab``) or ``qwen3-0.6b``."""
+    if getattr(args, "shape", "llama") == "qwen3-0.6b":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**QWEN3_0_6B)
+    return llama_config(args.hidden, args.layers, args.vocab)
+
+
 def random_model(config, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A randomly initialised causal LM (norm weights perturbed so they matter)."""
     from transformers import AutoModelForCausalLM
@@ -110,6 +136,7 @@ def add_model_args(parser, *, batch: int) -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--shape", choices=["llama", "qwen3-0.6b"], default="llama", help="qwen3-0.6b: a real shape")
 
 
 def apply_timing_args(args) -> None:

@@ -42,7 +42,7 @@ def main() -> None:
         args.hidden, args.layers, args.vocab, args.new_tokens, args.repeats = 128, 2, 1000, 16, 3
 
     device = args.device
-    original = C.random_model(C.llama_config(args.hidden, args.layers, args.vocab), device=device).eval()
+    original = C.random_model(C.model_config(args), device=device).eval()
     # Converted copies are made from a copy that never ran generate(): with --compile, generate
     # stores its compiled call on the model, and a deep copy would inherit the original's.
     pristine = copy.deepcopy(original)

@@ -16,7 +16,8 @@ copy of one random llama-style model and measures, in the same run and on the sa
   same for the original: the memory a training step needs at its peak (end of the forward pass),
   optimizer state excluded. On CUDA ``cuda_peak`` adds ``torch.cuda.max_memory_allocated``.
 * ``max|dlogit|``: the exactness check (fp32 logits, converted vs original).
-* with ``--compile`` (both models ``torch.compile``'d, Inductor): ``compile_s``, the wall time of
+* with ``--compile`` (both models' decoder layers ``torch.compile``'d in place, Inductor: the regional
+  compilation of ``hc-retrofit train --compile``): ``compile_s``, the wall time of
   the converted model's first step (tracing + compilation), and ``compile``, its ratio to the
   original's first step.
 
@@ -27,11 +28,14 @@ llama: ~5%); at the default vocab of 32,000 and width 512 they are ~45% and dilu
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import time
 
 import _common as C
 import torch
+
+from hc_retrofit.train.compile import compile_layers
 
 
 def main() -> None:
@@ -57,16 +61,19 @@ def main() -> None:
     device = args.device
     if args.compile:
         C.prepare_compile()
-    config = C.llama_config(args.hidden, args.layers, args.vocab)
+    config = C.model_config(args)
     original = C.random_model(config, device=device).train()
     ids = torch.randint(3, args.vocab, (args.batch, args.seq), device=device)
 
+    pristine = copy.deepcopy(original)  # converted copies come from a model that was never compiled
+
     def step_fn(model):
-        fwd = torch.compile(model) if args.compile else model
+        if args.compile:  # regional, as `hc-retrofit train --compile`: each decoder layer
+            compile_layers(model)
 
         def step() -> None:
             model.zero_grad(set_to_none=True)
-            fwd(input_ids=ids, labels=ids).loss.backward()
+            model(input_ids=ids, labels=ids).loss.backward()
 
         return step
 
@@ -103,7 +110,7 @@ def main() -> None:
             kwargs = {"num_streams": n, "variant": "mhc" if variant.startswith("mhc") else variant}
             if variant == "mhc-static":
                 kwargs["mhc_dynamic"] = False
-            model = C.converted_copy(original, **kwargs).train()
+            model = C.converted_copy(pristine, **kwargs).train()
             with torch.no_grad():
                 diff = (model(input_ids=ids).logits - original(input_ids=ids).logits).abs().max().item()
             mem = memory(model)

@@ -39,6 +39,7 @@ from hc_retrofit.modeling.patch import decoder_layers
 
 def layer_work(layer, hidden: torch.Tensor, kwargs: dict, grad: torch.Tensor) -> tuple[Work, Work, int]:
     """Forward and backward work of one call of ``layer``, and the bytes autograd saved."""
+    layer.zero_grad(set_to_none=True)  # (a second backward would add into existing gradients)
     x = hidden.detach().requires_grad_(True)
     params = list(layer.parameters())
     with C.saved_activation_bytes(exclude=params) as saved, WorkCounter() as fwd:

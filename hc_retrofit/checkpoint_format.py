@@ -12,7 +12,9 @@ A converted checkpoint is an ordinary transformers directory (safetensors, shard
 * ``hc_retrofit_base``: the base model id or (absolute) path;
 * ``hc_retrofit_version`` and ``hc_retrofit_code_sha256``: the writer's version, and the SHA-256
   of the copied modeling files;
-* ``hc_retrofit_metadata``: optional JSON values (e.g. a training summary).
+* ``hc_retrofit_metadata``: optional JSON values (e.g. a training summary);
+* ``hc_retrofit_attention_interface``: whether the base family's attention goes through
+  transformers' attention interface, which serving engines' Transformers backends need.
 
 The keys the shipped modeling code reads are defined beside that code (:mod:`hc_retrofit.modeling`
 may import nothing from the tool) and re-exported here, so the tool spells every key in one place.
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "ATTENTION_INTERFACE_KEY",
     "BASE_ARCH_KEY",
     "BASE_KEY",
     "BASE_TYPE_KEY",
@@ -63,6 +66,7 @@ BASE_KEY = "hc_retrofit_base"
 VERSION_KEY = "hc_retrofit_version"
 CODE_HASH_KEY = "hc_retrofit_code_sha256"
 METADATA_KEY = "hc_retrofit_metadata"
+ATTENTION_INTERFACE_KEY = "hc_retrofit_attention_interface"
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

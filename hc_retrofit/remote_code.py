@@ -24,7 +24,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit.checkpoint_format import BASE_ARCH_KEY, BASE_TYPE_KEY, CODE_HASH_KEY, VERSION_KEY
+from hc_retrofit.checkpoint_format import (
+    ATTENTION_INTERFACE_KEY,
+    BASE_ARCH_KEY,
+    BASE_TYPE_KEY,
+    CODE_HASH_KEY,
+    VERSION_KEY,
+)
 from hc_retrofit.modeling.remote_model import base_model_type, retrofit_model_type
 from hc_retrofit.tasks import TASKS
 
@@ -42,7 +48,7 @@ checkpoint's hyper-connection tensors load into place.
 
 from {config_module} import {config_cls} as _BaseConfig
 from {model_module} import {model_cls} as _BaseModel
-
+{base_import}
 from .remote_model import HCRetrofitModelMixin, register_conversions
 
 # Every sibling module by name: some transformers versions (5.0) copy only the files that this file
@@ -57,8 +63,19 @@ class {config_class}(_BaseConfig):
 class {class_name}(HCRetrofitModelMixin, _BaseModel):
     config_class = {config_class}
 
-
+{base_class_def}
 register_conversions("{model_type}", "{base_type}", "{model_cls}")
+'''
+
+
+_BASE_IMPORT = "from {module} import {name} as _BaseDecoder\n"
+_BASE_CLASS = '''
+class {class_name}(HCRetrofitModelMixin, _BaseDecoder):
+    """The base model (no head), for ``AutoModel``: what serving engines (vLLM's and SGLang's
+    Transformers backends) build, and what returns the reduced ``(B, T, D)`` hidden states."""
+
+    config_class = {config_class}
+
 '''
 
 
@@ -119,12 +136,19 @@ def modeling_source_for(config_cls: type, model_cls: type, base_type: str) -> st
     from hc_retrofit.version import __version__
 
     siblings = sorted(name.removesuffix(".py") for name in package_module_closure() if name != f"{_ROOT_MODULE}.py")
+    decoder_cls = base_model_class(model_cls, base_type)
     return _TEMPLATE.format(
         version=__version__,
         config_module=_import_path(config_cls),
         config_cls=config_cls.__name__,
         model_module=_import_path(model_cls),
         model_cls=model_cls.__name__,
+        base_import=_BASE_IMPORT.format(module=_import_path(decoder_cls), name=decoder_cls.__name__)
+        if decoder_cls
+        else "",
+        base_class_def=_BASE_CLASS.format(class_name=model_class_name(decoder_cls.__name__), config_class=CONFIG_CLASS)
+        if decoder_cls
+        else "",
         sibling_imports="\n".join(f"from .{m} import __name__ as _{m}" for m in siblings),
         config_class=CONFIG_CLASS,
         class_name=model_class_name(model_cls.__name__),
@@ -144,6 +168,28 @@ def _first_library_class(cls: type) -> type:
 def base_classes(model: Any) -> tuple[type, type]:
     """The transformers config class and ``*ForCausalLM`` class underneath ``model`` (converted or not)."""
     return _first_library_class(type(model.config)), _first_library_class(type(model))
+
+
+def base_model_class(model_cls: type, base_type: str) -> type | None:
+    """The transformers base model of ``model_cls``'s family (``LlamaModel`` for ``LlamaForCausalLM``),
+    or ``None`` when ``model_cls`` is that base model itself (or transformers maps none for ``base_type``).
+
+    The checkpoint's ``auto_map`` maps ``AutoModel`` to a converted twin of it: serving engines'
+    Transformers backends (vLLM, SGLang) build the base model with ``AutoModel`` and apply their own head.
+    """
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    names = MODEL_MAPPING_NAMES.get(base_type)
+    name = names if isinstance(names, str) else (names or (None,))[0]
+    cls = getattr(transformers, name, None) if name else None
+    return None if cls is None or cls is model_cls or name == model_cls.__name__ else cls
+
+
+def uses_attention_interface(model_cls: type) -> bool:
+    """Whether ``model_cls``'s attention dispatches through ``ALL_ATTENTION_FUNCTIONS`` (vLLM's own test)."""
+    can_set = getattr(model_cls, "_can_set_attn_implementation", None)
+    return bool(getattr(model_cls, "_supports_attention_backend", False) or (callable(can_set) and can_set()))
 
 
 def auto_classes(model_cls: type) -> list[str]:
@@ -250,11 +296,16 @@ def write_remote_code(out_dir: Path, model: Any) -> dict[str, Any]:
     module = MODELING_FILE.removesuffix(".py")
     base_type = base_model_type(model.config)
     model_ref = f"{module}.{model_class_name(model_cls.__name__)}"
+    auto_map = {"AutoConfig": f"{module}.{CONFIG_CLASS}"}
+    if (decoder_cls := base_model_class(model_cls, base_type)) is not None:  # first: engines resolve in this order
+        auto_map["AutoModel"] = f"{module}.{model_class_name(decoder_cls.__name__)}"
+    auto_map.update(dict.fromkeys(auto_classes(model_cls), model_ref))
     return {
         "model_type": retrofit_model_type(base_type),
         "architectures": [model_class_name(model_cls.__name__)],
-        "auto_map": {"AutoConfig": f"{module}.{CONFIG_CLASS}", **dict.fromkeys(auto_classes(model_cls), model_ref)},
+        "auto_map": auto_map,
         BASE_TYPE_KEY: base_type,
         BASE_ARCH_KEY: model_cls.__name__,
         CODE_HASH_KEY: code_hash(files),
+        ATTENTION_INTERFACE_KEY: uses_attention_interface(model_cls),
     }

@@ -19,6 +19,18 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cuda`` tests run where a CUDA device is (``bench/gpu_check.sh``), else skip saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device: bash bench/gpu_check.sh runs this on a GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def fake_hub(monkeypatch: pytest.MonkeyPatch):
     """A running fake Hub (tests/hub_server.py); the process talks to it (and only to it), online, with its token."""

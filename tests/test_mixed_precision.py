@@ -52,3 +52,17 @@ def test_a_converted_model_trains_under_bf16_autocast_like_the_original(variant,
     torch.testing.assert_close(loss, ref, atol=1e-3, rtol=1e-3)  # exact at init, up to bf16 rounding
     grads = [p.grad for n, p in model.named_parameters() if "hyper_connections" in n]
     assert grads and all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_coefficients_from_low_precision_parameters_are_float32(variant):
+    # FSDP2 with a bf16 MixedPrecisionPolicy hands the layer its parameters cast to bf16.
+    hc = HyperConnection(16, HCConfig(num_streams=4, variant=variant, dynamic_scale_init=0.5), site_index=1)
+    h = torch.randn(2, 3, 4, 16)
+    ref = [t.detach().clone() for t in vars(hc.coefficients(h)).values()]  # (static: the parameters)
+    for p in hc.parameters():
+        p.data = p.data.bfloat16()  # (not through .to(): that keeps HC parameters float32)
+    c = hc.coefficients(h)
+    for fast, slow in zip((c.a, c.r, c.b), ref, strict=True):
+        assert fast.dtype == torch.float32
+        torch.testing.assert_close(fast, slow.expand_as(fast), atol=2e-2, rtol=2e-2)

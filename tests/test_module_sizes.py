@@ -25,8 +25,6 @@ PENDING = {
     "streaming.py",
     "streaming.py:write_plan",
     "sweep.py",
-    "train/loop.py",
-    "train/loop.py:_train_in",
     "verify.py:verify_checkpoint",
 }
 

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from hc_retrofit.cli.core import app
+from hc_retrofit.cli.core import app, quiet_library_progress
 from hc_retrofit.modeling.errors import HCRetrofitError
 
 
@@ -68,7 +68,7 @@ def compare_command(
     ] = None,
     cache_dir: Annotated[str | None, typer.Option(help="datasets cache dir for the tokenised data.")] = None,
     threads: Annotated[
-        int | None, typer.Option(help="torch CPU threads (1 is fastest for small models on a busy machine).")
+        int | None, typer.Option(help="torch CPU threads (default: the cores this process may use).")
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Delete the comparison in --out first (only its own files).")
@@ -82,11 +82,9 @@ def compare_command(
     from rich.console import Console
 
     from hc_retrofit.compare import CompareSpec, run_compare
+    from hc_retrofit.train.threads import default_threads
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    quiet_library_progress()  # the command's own lines and bars own the screen
 
     train = {
         k: v
@@ -98,6 +96,7 @@ def compare_command(
             eval_every=eval_every,
             save_every=save_every,
             cache_dir=cache_dir,
+            threads=threads or default_threads(),
             compile=compile or None,
         ).items()
         if v is not None
@@ -128,18 +127,18 @@ def compare_command(
 
 
 def print_table(result: object, console: object) -> None:
-    """The per-arm table: best setting, validation and held-out loss, gain over plain, speed."""
-    from rich.table import Table
+    """The per-arm table: best setting, validation and held-out loss, gain over plain, speed.
 
-    table = Table(title="each arm at its best LR (chosen on validation; loss on the held-out split)")
-    for col in ("arm", "LR", "HC x", "val loss", "held-out", "gain", "gain sd", "min gain", "tok/s", "train s"):
-        table.add_column(col, justify="left" if col == "arm" else "right")
+    As records instead of a table when the terminal is too narrow for it (:func:`print_fitted`).
+    """
+    from hc_retrofit.cli.tables import print_fitted
 
     def signed(value: float | None) -> str:
         return "-" if value is None else f"{value:+.4f}"
 
-    for s in result.arms:
-        table.add_row(
+    headers = ("arm", "LR", "HC x", "val loss", "held-out", "gain", "gain sd", "min gain", "tok/s", "train s")
+    rows = [
+        (
             s.arm,
             f"{s.lr:g}",
             "-" if s.hc_lr_multiplier is None else f"{s.hc_lr_multiplier:g}",
@@ -151,7 +150,10 @@ def print_table(result: object, console: object) -> None:
             f"{s.tokens_per_s:,.0f}",
             f"{s.train_seconds:,.0f}",
         )
-    console.print(table)
+        for s in result.arms
+    ]
+    title = "each arm at its best LR (chosen on validation; loss on the held-out split)"
+    print_fitted(console, title, headers, rows, right=headers[1:])
     seeds = len(result.arms[0].heldout_by_seed)
     console.print(
         f"{seeds} seed(s); gain = plain held-out loss - arm held-out loss, per seed, each arm at its own best LR "

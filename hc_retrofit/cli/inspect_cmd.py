@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from hc_retrofit.cli.core import app, console, err_console, quiet_library_progress
+from hc_retrofit.cli.tables import print_fitted
 
 
 def _vector(values: list[float]) -> str:
@@ -50,18 +50,20 @@ def inspect_command(
     from hc_retrofit.plots import plot_report
 
     if plot is not None:
+        from hc_retrofit.plots import new_figure
+
         plot = check_output_file(plot, "--plot")
+        new_figure()  # without matplotlib: the one-line "[plot] extra" error now, not after the work
     quiet_library_progress()
     with err_console.status("loading and probing", spinner="dots"):
         report = inspect_checkpoint(directory)
     if as_json:
         console.print_json(json.dumps(report.to_dict()))
     else:
-        table = Table(title=f"hyper-connections of {directory} ({report.variant}, {report.num_streams} streams)")
-        for column in ("layer", "site", "width a", "depth b", "|R - I|", "R to doubly stoch."):
-            table.add_column(column, justify="right" if column in ("layer", "site") else "left", no_wrap=True)
-        for s in report.sites:
-            table.add_row(
+        title = f"hyper-connections of {directory} ({report.variant}, {report.num_streams} streams)"
+        headers = ("layer", "site", "width a", "depth b", "|R - I|", "R to doubly stoch.")
+        rows = [
+            (
                 str(s.layer),
                 str(s.site),
                 _vector(s.width),
@@ -69,7 +71,9 @@ def inspect_command(
                 f"{s.residual_identity_distance:.4f}",
                 f"{s.residual_doubly_stochastic_distance:.2e}",
             )
-        console.print(table)
+            for s in report.sites
+        ]
+        print_fitted(console, title, headers, rows, right=("layer", "site"))
         console.print(divergence_line(report.stream_divergence, last_layer=max(s.layer for s in report.sites)))
     if plot is not None:
         try:

@@ -71,6 +71,9 @@ def train_command(
         list[str] | None, typer.Option(help="Tracker(s): tensorboard, wandb, all (repeatable).")
     ] = None,
     cache_dir: Annotated[str | None, typer.Option(help="datasets cache dir for the tokenised data.")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads per process (default: the cores / the processes).")
+    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No live progress bar.")] = False,
 ) -> None:
     """Continued pretraining of a converted (or, with --no-hc, plain) model with accelerate."""
@@ -78,6 +81,7 @@ def train_command(
     from rich.console import Console
 
     from hc_retrofit.train import merge, train
+    from hc_retrofit.train.threads import default_threads
 
     quiet_library_progress()
     for name in ("config", "no_progress"):
@@ -86,6 +90,8 @@ def train_command(
         flags[name] = flags[name] or None
     flags["progress"] = False if no_progress else None
     cfg = merge(config, **flags)
+    if cfg.threads is None:
+        cfg.threads = default_threads()  # threads x processes <= cores: never oversubscribe
     result = train(cfg)
     from accelerate import PartialState
 

@@ -197,6 +197,7 @@ class CompareSpec:
             "overwrite",
             "save_every",
             "keep_checkpoints",
+            "threads",  # how fast, not what: a comparison may resume with other threads
         )
         for key in bookkeeping:
             cfg.pop(key, None)

@@ -320,10 +320,19 @@ def is_converted(model: nn.Module) -> bool:
 
 
 def decoder_layers(model: nn.Module, family: Family | None = None) -> nn.ModuleList:
-    """The decoder-layer list of ``model`` as its family adapter names it."""
+    """The decoder-layer list of ``model`` as its family adapter names it.
+
+    The adapter names it from the task model (``model.layers`` in ``LlamaForCausalLM``); in a base
+    model (``LlamaModel``, what ``AutoModel`` and serving engines build) the path starts after the
+    ``base_model_prefix``.
+    """
     family = family or family_for(model.config)
+    path = family.layers
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    if path.startswith(prefix) and getattr(model, "base_model", None) is model and len(prefix) > 1:
+        path = path.removeprefix(prefix)
     try:
-        layers = model.get_submodule(family.layers)
+        layers = model.get_submodule(path)
     except AttributeError as err:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} has no {family.layers!r}: pass a *ForCausalLM model "

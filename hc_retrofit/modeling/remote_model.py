@@ -20,6 +20,10 @@ from .config import BASE_TYPE_KEY, CONFIG_KEY, MODEL_TYPE_PREFIX, HCConfig
 from .errors import CheckpointError, NotConvertedError
 from .patch import apply_family
 
+HC_MODULES = "hyper_connections"
+"""The attribute name under which every converted layer keeps its sites (and so a fragment of the
+name of every HC tensor)."""
+
 
 def retrofit_model_type(base_model_type: str) -> str:
     """The ``model_type`` of a converted checkpoint of ``base_model_type`` (unknown to plain transformers)."""
@@ -79,8 +83,16 @@ def register_conversions(model_type: str, base_type: str, base_architecture: str
         cm.register_checkpoint_conversion_mapping(model_type, mapping, overwrite=True)
 
 
-def check_load_report(info: dict[str, Any], path: Any) -> None:
-    """Fail on missing/unexpected/mismatched keys: transformers leaves missing parameters uninitialised."""
+def check_load_report(info: dict[str, Any], path: Any, *, head_unused: bool = False) -> None:
+    """Fail on missing/unexpected/mismatched keys: transformers leaves missing parameters uninitialised.
+
+    ``head_unused``: a base model was loaded from a task model's checkpoint (``AutoModel`` on a
+    causal LM), whose head tensors (``lm_head.weight``) it does not use; an unused HC tensor
+    still fails.
+    """
+    info = dict(info)
+    if head_unused:
+        info["unexpected_keys"] = [k for k in info.get("unexpected_keys") or [] if HC_MODULES in str(k)]
     problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {k: v for k, v in problems.items() if v}
     if problems:
@@ -92,7 +104,18 @@ def check_load_report(info: dict[str, Any], path: Any) -> None:
 
 
 class HCRetrofitModelMixin:
-    """Put in front of a family's ``*ForCausalLM``: builds the base model, then retrofits it."""
+    """Put in front of a family's ``*ForCausalLM`` (or its base model): builds it, then retrofits it.
+
+    Subclasses declare the HC tensors in ``_keep_in_fp32_modules_strict`` (merged with the base
+    class's): transformers' ``from_pretrained`` and vLLM's Transformers backend then keep them in
+    float32 under a float16/bfloat16 model.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        strict = list(getattr(cls, "_keep_in_fp32_modules_strict", None) or [])
+        if HC_MODULES not in strict:
+            cls._keep_in_fp32_modules_strict = [*strict, HC_MODULES]
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
@@ -113,5 +136,6 @@ class HCRetrofitModelMixin:
         """
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        check_load_report(info, args[0] if args else kwargs.get("pretrained_model_name_or_path", "the checkpoint"))
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path", "the checkpoint")
+        check_load_report(info, path, head_unused=getattr(model, "base_model", None) is model)
         return (model, info) if wants_info else model

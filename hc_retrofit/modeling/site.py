@@ -75,6 +75,18 @@ class SiteContext:
     mixed: torch.Tensor | None = None
 
 
+def _float32(*params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``params`` in float32 (themselves when they are): under FSDP2 with a low-precision
+    ``MixedPrecisionPolicy`` the parameters arrive cast, and the coefficients stay float32."""
+    return tuple(p.float() for p in params)
+
+
+def _autocasting(streams: torch.Tensor) -> bool:
+    """Whether autocast (mixed precision) is on for the device of ``streams``."""
+    device = streams.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
 def initial_width(num_streams: int, main: float, site_index: int) -> torch.Tensor:
     """Initial ``a``: ``main`` on stream ``site_index mod n``, the rest shared equally (sum 1).
 
@@ -156,7 +168,7 @@ class HyperConnection(nn.Module):
 
     @property
     def is_dynamic(self) -> bool:
-        return not self.ablate and hasattr(self, "dynamic_proj")
+        return not self.ablate and "dynamic_proj" in self._parameters
 
     def static_coefficients(self) -> Coefficients:
         """``a, R, b`` without the input-dependent term of the dynamic variants (float32)."""
@@ -164,9 +176,9 @@ class HyperConnection(nn.Module):
         if self.ablate:
             return Coefficients(*ablated(n, next(self.parameters()).device))
         if self.variant == "mhc":
-            base, _ = mhc_layout(self.width_logits, self.residual_logits, self.depth_logits)
+            base, _ = mhc_layout(*_float32(self.width_logits, self.residual_logits, self.depth_logits))
             return Coefficients(*mhc(base, n, self.config.sinkhorn_iters, sinkhorn))
-        return Coefficients(self.width, self.residual, self.depth)
+        return Coefficients(*_float32(self.width, self.residual, self.depth))
 
     def coefficients(self, streams: torch.Tensor | None = None) -> Coefficients:
         """``a, R, b`` for ``streams`` ``(..., n, D)`` (needed only by dynamic variants), float32."""
@@ -181,16 +193,16 @@ class HyperConnection(nn.Module):
             return self.static_coefficients()
         if streams is None:
             raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
-        if torch.is_autocast_enabled(streams.device.type):  # mixed precision: the coefficients stay float32
+        if _autocasting(streams):  # mixed precision: the coefficients stay float32
             with torch.autocast(streams.device.type, enabled=False):
                 return self._coefficients(streams, source)
         project = rms_project if source is None else functools.partial(project_recomputed, source=source)
         if self.variant == "mhc":
-            base, s = mhc_layout(self.width_logits, self.residual_logits, self.depth_logits, self.dynamic_scale)
-            logits = mhc_dynamic_logits(base, s, self.dynamic_proj, streams, project)
+            params = _float32(self.width_logits, self.residual_logits, self.depth_logits, self.dynamic_scale)
+            logits = mhc_dynamic_logits(*mhc_layout(*params), self.dynamic_proj.float(), streams, project)
             return Coefficients(*mhc(logits, self.num_streams, self.config.sinkhorn_iters, sinkhorn))
-        base, s = hc_layout(self.width, self.residual, self.depth, self.dynamic_scale)
-        return Coefficients(*hc_dynamic(base, s, self.dynamic_proj, streams, project))
+        base, s = hc_layout(*_float32(self.width, self.residual, self.depth, self.dynamic_scale))
+        return Coefficients(*hc_dynamic(base, s, self.dynamic_proj.float(), streams, project))
 
     # -- coefficients without autograd (evaluation, generate()) ----------------------------------
     def _static_parts(self) -> StaticParts:
@@ -242,7 +254,7 @@ class HyperConnection(nn.Module):
             return parts.rows(dtype, minus_identity)
         if streams is None:
             raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
-        if torch.is_autocast_enabled(streams.device.type):  # mixed precision: the coefficients stay float32
+        if _autocasting(streams):  # mixed precision: the coefficients stay float32
             with torch.autocast(streams.device.type, enabled=False):
                 return self._no_grad_rows(streams, dtype, minus_identity)
         n = self.num_streams

@@ -21,10 +21,10 @@ from .kernels import cast
 
 def cache_key(params: Iterable[torch.Tensor], *extra: object) -> tuple | None:
     """What identifies the parameters' current values, or ``None`` if they cannot be tracked."""
-    params = list(params)
-    if any(p.is_inference() for p in params):
+    try:  # (one pass: this runs per site and token at decode)
+        return (*extra, *[(id(p), p._version, p.data_ptr()) for p in params])
+    except RuntimeError:  # inference tensors have no version counter
         return None
-    return (*extra, *((id(p), p._version, p.data_ptr()) for p in params))
 
 
 @dataclass

@@ -41,6 +41,8 @@ def _flag_value(argv: Sequence[str], names: tuple[str, ...]) -> str | None:
 
 
 def _is_accelerate_launch(argv: Sequence[str]) -> bool:
+    if "accelerate.commands.launch" in argv[:3]:  # python -m accelerate.commands.launch
+        return True
     names = [Path(a).name for a in argv[:4]]
     return "accelerate-launch" in names or ("accelerate" in names and "launch" in argv[: names.index("accelerate") + 2])
 
@@ -80,8 +82,9 @@ def single_process_warning(
         return None
     return (
         f"the launcher asked for {wanted} processes but this run has {world_size} (WORLD_SIZE={world_size}), "
-        "so it trains alone; without GPUs, start CPU processes with `ACCELERATE_USE_CPU=1 accelerate launch "
-        f"--multi_gpu --num_processes {wanted} ...` (or a config with distributed_type: MULTI_CPU)"
+        "so it trains alone; without GPUs, start CPU processes with `accelerate launch --multi_gpu "
+        f"--num_processes {wanted} ...` (or a config with distributed_type: MULTI_GPU and use_cpu: true; "
+        "MULTI_CPU starts one process)"
     )
 
 

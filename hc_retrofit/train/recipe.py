@@ -91,12 +91,17 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     progress: bool = True
     cpu: bool = False
+    threads: int | None = None
+    """torch intra-op threads per process; ``None``: as the process has them (the CLI's default: its share
+    of the cores, :func:`hc_retrofit.train.threads.default_threads`)."""
 
     def validate(self) -> TrainConfig:
         """Raise :class:`TrainingError` naming the first bad setting; return ``self``."""
         for name in ("data", "out"):
             if not getattr(self, name):
                 raise TrainingError(f"no {name} given: pass --{name} (or set `{name}:` in the recipe)")
+        if self.threads is not None and int(self.threads) < 1:
+            raise TrainingError(f"threads must be >= 1, got {self.threads}")
         positive = ("max_steps", "batch_size", "grad_accum", "block_size", "log_every", "keep_checkpoints")
         for name in positive:
             if int(getattr(self, name)) < 1:

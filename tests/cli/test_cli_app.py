@@ -100,7 +100,7 @@ def test_console_script(tmp_path: Path) -> None:
     assert done.stderr.strip() == "error: num_streams must be >= 2 (hyper-connections need several streams), got 0"
 
 
-@pytest.mark.parametrize("command", ["convert", "verify", "inspect", "push", "architectures", "train", "demo"])
+@pytest.mark.parametrize("command", ["convert", "verify", "inspect", "push", "architectures", "train", "demo", "serve"])
 def test_flags_look_like_flags_in_help(cli, command: str) -> None:
     result = cli(command, "--help")
     assert result.exit_code == 0
@@ -122,7 +122,7 @@ def test_commands_silence_transformers_progress_bars(cli, base_dir: Path, tmp_pa
     assert not transformers_logging.is_progress_bar_enabled()
 
 
-COMMANDS = ("architectures", "compare", "convert", "demo", "inspect", "push", "train", "verify")
+COMMANDS = ("architectures", "compare", "convert", "demo", "inspect", "push", "serve", "train", "verify")
 
 
 def test_every_command_is_in_the_fast_help_test(cli) -> None:

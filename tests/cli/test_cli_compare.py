@@ -15,12 +15,23 @@ SMALL = [
 ]  # fmt: skip
 
 
-def test_compare_table_then_json_from_the_finished_runs(cli, plain_model, corpus, cache_dir, tmp_path):  # noqa: F811
+def test_compare_table_then_json_from_the_finished_runs(cli, plain_model, corpus, cache_dir, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "cmp"
     args = ["compare", plain_model, "--data", corpus, "--out", out, "--cache-dir", cache_dir, *SMALL]
-    result = cli(*args)
+    monkeypatch.setenv("COLUMNS", "80")
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()  # as in a fresh process
+    try:
+        result = cli(*args)
+    finally:
+        (transformers_logging.enable_progress_bar if was_enabled else transformers_logging.disable_progress_bar)()
     assert result.exit_code == 0, result.output
-    assert "each arm at its best LR" in result.output and "mhc n=2" in result.output
+    assert "Loading weights" not in result.stderr and "Writing model shards" not in result.stderr  # --no-progress
+    assert "each arm at its best LR" in result.output and "arm mhc n=2" in result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80 and "…" not in result.stdout
+    assert "gain sd " in result.stdout and "min gain " in result.stdout  # every column, by name
     assert (out / "compare.png").exists()
     again = cli(*args, "--json")
     assert again.exit_code == 0, again.output

@@ -6,10 +6,41 @@ import json
 from pathlib import Path
 
 
-def test_inspect_table(cli, converted_dir: Path) -> None:
+def test_inspect_table(cli, converted_dir: Path, monkeypatch) -> None:
+    from hc_retrofit.cli import app
+
+    monkeypatch.setattr(app.console, "width", 200)
     result = cli("inspect", converted_dir)
     assert result.exit_code == 0, result.output
     assert "width a" in result.output and "stream divergence" in result.output
+    assert "R to doubly stoch." in result.output and "…" not in result.output
+
+
+def test_inspect_fits_80_columns(cli, converted_dir: Path, monkeypatch) -> None:
+    from hc_retrofit.cli import app
+
+    monkeypatch.setattr(app.console, "width", 80)
+    result = cli("inspect", converted_dir)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in result.output
+    assert sum(line.startswith("layer ") for line in lines) == 6  # one record per site
+    assert "width a [" in result.output and "depth b [" in result.output and "R to doubly stoch. " in result.output
+
+
+def test_inspect_plot_without_matplotlib_fails_before_the_work(cli, converted_dir: Path, tmp_path, monkeypatch) -> None:
+    import sys
+
+    import hc_retrofit.inspection
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the missing extra was reported")
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setattr(hc_retrofit.inspection, "inspect_checkpoint", never)
+    result = cli("inspect", converted_dir, "--plot", tmp_path / "hc.png")
+    assert result.exit_code == 1 and result.output.startswith("error: ") and "hc-retrofit[plot]" in result.output
+    assert result.output.count("\n") == 1
 
 
 def test_inspect_json_at_init_and_after_training(cli, converted_dir: Path, trained_dir: Path) -> None:

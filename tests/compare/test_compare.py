@@ -63,7 +63,7 @@ def test_interrupted_compare_resumes_to_the_same_result(
     crash_at, resumed_from, plain_model, corpus, cache_dir, tmp_path, monkeypatch
 ):
     """Killed after the step-2 checkpoint: the run resumes from it; killed before: it starts over."""
-    import hc_retrofit.train.loop as loop
+    from hc_retrofit.train.trainer import Trainer
 
     full = tiny_spec(tmp_path / "full", plain_model, corpus, cache_dir, lr_grid=(1e-2,))
     full.train["save_every"] = 2  # checkpoints at step 2: what the interrupted run resumes from
@@ -71,17 +71,17 @@ def test_interrupted_compare_resumes_to_the_same_result(
 
     spec = tiny_spec(tmp_path / "cut", plain_model, corpus, cache_dir, lr_grid=(1e-2,))
     spec.train["save_every"] = 2
-    real = loop._forward_backward
+    real = Trainer.forward_backward
 
-    def crash_hc(model, data, schedule, step, cfg, accelerator):
-        if step == crash_at and not cfg.no_hc:
+    def crash_hc(self, step):
+        if step == crash_at and not self.cfg.no_hc:
             raise KeyboardInterrupt
-        return real(model, data, schedule, step, cfg, accelerator)
+        return real(self, step)
 
-    monkeypatch.setattr(loop, "_forward_backward", crash_hc)
+    monkeypatch.setattr(Trainer, "forward_backward", crash_hc)
     with pytest.raises(KeyboardInterrupt):
         run_compare(spec, progress=False, log=lambda _: None)
-    monkeypatch.setattr(loop, "_forward_backward", real)
+    monkeypatch.setattr(Trainer, "forward_backward", real)
     plain_dir = tmp_path / "cut" / Trial(Arm(), 1e-2, None, 0).relpath
     plain_summary = (plain_dir / "summary.json").stat().st_mtime_ns
 
@@ -97,15 +97,15 @@ def test_interrupted_compare_resumes_to_the_same_result(
 
 
 def test_a_diverged_setting_is_never_chosen(plain_model, corpus, cache_dir, tmp_path, monkeypatch):
-    import hc_retrofit.train.loop as loop
+    from hc_retrofit.train.trainer import Trainer
 
-    real = loop._forward_backward
+    real = Trainer.forward_backward
 
-    def nan_at_high_lr(model, data, schedule, step, cfg, accelerator):
-        loss = real(model, data, schedule, step, cfg, accelerator)
-        return math.nan if cfg.lr == 1e-2 and step == 2 else loss
+    def nan_at_high_lr(self, step):
+        loss = real(self, step)
+        return math.nan if self.cfg.lr == 1e-2 and step == 2 else loss
 
-    monkeypatch.setattr(loop, "_forward_backward", nan_at_high_lr)
+    monkeypatch.setattr(Trainer, "forward_backward", nan_at_high_lr)
     spec = tiny_spec(tmp_path / "cmp", plain_model, corpus, cache_dir)
     lines: list[str] = []
     result = run_compare(spec, progress=False, log=lines.append)
@@ -114,7 +114,7 @@ def test_a_diverged_setting_is_never_chosen(plain_model, corpus, cache_dir, tmp_
     assert [g["diverged"] for g in result.grid] == [False, True, False, True]
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["grid"][1]["validation_loss"] is None
     # a second call reads the divergence back instead of re-running it
-    monkeypatch.setattr(loop, "_forward_backward", real)
+    monkeypatch.setattr(Trainer, "forward_backward", real)
     again: list[str] = []
     run_compare(spec, progress=False, log=again.append)
     assert all("already done" in line for line in again)

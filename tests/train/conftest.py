@@ -30,6 +30,15 @@ def cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("hf_datasets_cache"))
 
 
+def free_port() -> int:
+    """A free TCP port for a launched process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_lm(tokenizer, seed: int = 0):
     return demo_model("tiny", vocab_size=len(tokenizer), seed=seed)
 

@@ -37,11 +37,12 @@ def test_train_plain_dir_with_recipe_then_continue_from_the_converted_output(pla
     out = tmp_path / "run1"
     code = run_cli(
         "train", plain_dir, "--data", corpus, "--out", out, "--config", recipe,
-        "--max-steps", "3", "--report-to", "tensorboard", "--no-progress",
+        "--max-steps", "3", "--report-to", "tensorboard", "--threads", "1", "--no-progress",
     )  # fmt: skip
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["hc"] and summary["steps"] == 3  # the flag beat the recipe's max_steps: 50
+    assert (summary["threads"], summary["strategy"]) == (1, "single")
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["hc_retrofit"]["variant"] == "static" and config["hc_retrofit"]["num_streams"] == 2
     assert list((out / "logs").rglob("events.out.tfevents*")), "tensorboard tracker should write events"
@@ -64,6 +65,9 @@ def test_train_plain_dir_with_recipe_then_continue_from_the_converted_output(pla
         )
         == 0
     )
+    from hc_retrofit.train.threads import available_cores
+
+    assert 1 <= json.loads((out2 / "summary.json").read_text())["threads"] <= available_cores()  # the default
     first_eval = next(r for r in read_metrics(out2) if "eval_loss" in r)
     assert first_eval["step"] == 0
     assert first_eval["eval_loss"] == pytest.approx(summary["final_eval_loss"], abs=1e-5)

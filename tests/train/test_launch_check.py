@@ -17,6 +17,7 @@ PY = "/usr/bin/python3"
         ([PY, "/x/bin/accelerate", "launch", "--num_processes", "2", "-m", "hc_retrofit", "train"], 2),
         ([PY, "/x/bin/accelerate", "launch", "--num-processes=3", "-m", "hc_retrofit"], 3),
         ([PY, "/x/bin/accelerate-launch", "--num_processes", "4", "train.py"], 4),
+        ([PY, "-m", "accelerate.commands.launch", "--num_processes", "2", "-m", "hc_retrofit"], 2),
         ([PY, "/x/bin/accelerate", "launch", "-m", "hc_retrofit", "train"], None),
         ([PY, "-m", "pytest", "--num_processes", "2"], None),  # not accelerate launch
         (None, None),

@@ -14,8 +14,9 @@ import pytest
 from hc_retrofit import outputs
 from hc_retrofit.modeling.errors import HCRetrofitError
 from hc_retrofit.train import NonFiniteLossError, TrainingError, train
-from hc_retrofit.train import loop as train_loop
+from hc_retrofit.train import trainer as train_trainer
 from hc_retrofit.train.checkpoint import STATE_FILE, list_checkpoints
+from hc_retrofit.train.metrics import read_metrics
 
 from .conftest import tiny_config, tiny_lm
 
@@ -67,7 +68,7 @@ def test_overwrite_replaces_our_run_only_once_the_new_one_is_complete(
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_loop, "_save_model", boom)  # the new run dies before it is complete
+    monkeypatch.setattr(train_trainer.Trainer, "save_checkpoint", boom)  # the new run dies before it is complete
     with pytest.raises(KeyboardInterrupt):
         _run(tokenizer, corpus, cache_dir, out, max_steps=3, overwrite=True)
     assert _tree(out) == first  # the old run is back, untouched
@@ -78,12 +79,26 @@ def test_overwrite_replaces_our_run_only_once_the_new_one_is_complete(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the set-aside copy is gone
 
 
-def test_resume_on_a_finished_run_without_checkpoints_changes_nothing(tokenizer, corpus, cache_dir, tmp_path):
+def test_a_finished_run_continues_from_its_last_step(tokenizer, corpus, cache_dir, tmp_path):
+    """The end of a run is checkpointed: ``--resume --max-steps N`` trains on from it, never re-trains."""
     out = tmp_path / "run"
     _run(tokenizer, corpus, cache_dir, out, max_steps=3, save_every=0)
+    assert [s for s, _ in list_checkpoints(out)] == [3]
     before = _tree(out)
     with pytest.raises(TrainingError, match="complete"):
         _run(tokenizer, corpus, cache_dir, out, max_steps=3, save_every=0, resume=True)
+    assert _tree(out) == before
+    longer = _run(tokenizer, corpus, cache_dir, out, max_steps=5, save_every=0, resume=True)
+    assert longer.start_step == 3 and longer.steps == 5
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [0, 1, 2, 3, 4]  # one curve, nothing re-trained
+    assert [s for s, _ in list_checkpoints(out)] == [3, 5]
+
+
+def test_resume_on_a_finished_run_without_checkpoints_changes_nothing(tokenizer, corpus, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    _run(tokenizer, corpus, cache_dir, out, max_steps=3, save_every=0)
+    shutil.rmtree(out / "checkpoints")  # removed by hand
+    before = _tree(out)
     with pytest.raises(TrainingError, match="no checkpoint"):  # a longer run cannot continue without one
         _run(tokenizer, corpus, cache_dir, out, max_steps=5, save_every=0, resume=True)
     assert _tree(out) == before
@@ -160,7 +175,7 @@ def test_non_finite_or_absurd_settings_are_refused_up_front(corpus, cache_dir, t
 
 def test_no_checkpoint_is_written_from_non_finite_weights(tokenizer, corpus, cache_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = train_loop.group_lrs
+    real = train_trainer.group_lrs
 
     def poison_on_third_step(optimizer):
         calls["n"] += 1
@@ -168,7 +183,7 @@ def test_no_checkpoint_is_written_from_non_finite_weights(tokenizer, corpus, cac
             optimizer.param_groups[0]["params"][0].data.fill_(math.nan)
         return real(optimizer)
 
-    monkeypatch.setattr(train_loop, "group_lrs", poison_on_third_step)
+    monkeypatch.setattr(train_trainer, "group_lrs", poison_on_third_step)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="non-finite weights") as err:
         _run(tokenizer, corpus, cache_dir, out, max_steps=8, save_every=2, keep_checkpoints=5)
