@@ -99,8 +99,9 @@ def become_checkpoint(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
 
 
 def _config_differences(written: dict[str, Any], base: dict[str, Any]) -> list[str]:
-    """The keys (outside :data:`_WRITER_KEYS`) whose values differ between two configs' full dicts."""
-    keys = (set(written) | set(base)) - _WRITER_KEYS
+    """The keys (not the converted ``hc_retrofit*`` keys nor :data:`_WRITER_KEYS`) whose values differ
+    between two configs' full dicts."""
+    keys = {k for k in set(written) | set(base) if not k.startswith(CONFIG_KEY)} - _WRITER_KEYS  # hc_retrofit*: ours
     return sorted(k for k in keys if written.get(k) != base.get(k))
 
 
