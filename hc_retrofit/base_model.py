@@ -16,6 +16,7 @@ from hc_retrofit.checkpoint_format import (
     read_config_dict,
 )
 from hc_retrofit.dtypes import parse_dtype
+from hc_retrofit.finite_weights import first_nonfinite_tensor, refuse_nonfinite
 from hc_retrofit.log import first_line
 from hc_retrofit.modeling.errors import AlreadyConvertedError, CheckpointError
 from hc_retrofit.repo_ids import check_repo_id, looks_like_path
@@ -94,6 +95,27 @@ def _check_causal_lm_config(config: Any, name: str) -> None:
     )
 
 
+def check_base_load_report(info: dict[str, Any], name: str, config: Any) -> None:
+    """Refuse a base whose weights do not match its config (one line): any tensor the model has that the
+    checkpoint lacks (it would be random), any the checkpoint has that the model does not use, any of
+    another shape. An edited ``model_type`` loads another family's classes and shows here."""
+    problems = []
+    for key, what in (
+        ("missing_keys", "missing (would be random)"),
+        ("unexpected_keys", "unused"),
+        ("mismatched_keys", "of another shape"),
+    ):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            problems.append(f"{len(names)} tensors {what}: {shown}")
+    if problems:
+        raise CheckpointError(
+            f"{name}: its weights do not match its config.json (model_type {config.model_type!r}): "
+            f"{'; '.join(problems)}; was config.json edited? restore it, or pass the right checkpoint"
+        )
+
+
 def load_base_model(
     model_id_or_dir: str,
     *,
@@ -115,11 +137,29 @@ def load_base_model(
     name = str(local) if local.exists() else str(model_id_or_dir)
     if local.is_dir():
         check_weight_files(local)
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its load report: checked below and said in one line
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, config=config, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name,
+            config=config,
+            revision=revision,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load the weights of {model_id_or_dir}: {first_line(err)}") from err
+    except RuntimeError as err:  # transformers raises on shapes that disagree with config.json
+        raise CheckpointError(
+            f"{model_id_or_dir}: its weights do not match its config.json ({first_line(err)[:160]}); was the config "
+            "edited? restore it"
+        ) from err
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    check_base_load_report(info, model_id_or_dir, config)
+    refuse_nonfinite(model_id_or_dir, first_nonfinite_tensor(model))
     tokenizer = load_tokenizer(model_id_or_dir, revision=revision, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer

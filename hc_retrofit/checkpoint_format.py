@@ -184,6 +184,21 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
 
 
 def check_weight_files(directory: str | os.PathLike) -> None:
-    """Fail with one line on a truncated or garbage ``*.safetensors`` file in ``directory`` (headers only)."""
+    """Fail with one line on a truncated or garbage ``*.safetensors`` file in ``directory`` (headers only),
+    or on a shard its index lists that is not there."""
+    for index in sorted(Path(directory).glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(
+                f"{index} is damaged (no weight_map); download or copy the checkpoint again"
+            ) from None
+        missing = sorted(str(name) for name in shards if not (Path(directory) / str(name)).is_file())
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise CheckpointError(
+                f"{directory}: shard {missing[0]}{more} listed in {index.name} is missing; download or copy the "
+                "checkpoint again"
+            )
     for file in sorted(Path(directory).glob("*.safetensors")):
         read_header(file)

@@ -1,9 +1,12 @@
 """Publishing converted checkpoints on the Hugging Face Hub: model card and upload.
 
-:func:`push_checkpoint` creates the repository (``create_repo``), the branch if one is asked
-for, writes a generated ``README.md`` model card into the directory (unless the user wrote their
-own) and uploads the folder in one commit (``upload_folder``). ``dry_run`` lists what would be
-uploaded and sends no request. The endpoint is huggingface_hub's (``HF_ENDPOINT``).
+:func:`push_checkpoint` checks the code a ``trust_remote_code`` user would run
+(:mod:`hc_retrofit.code_check`), creates the repository (``create_repo``) and the branch if one
+is asked for, and uploads the folder in one commit (``create_commit``): its files as they are,
+except text files with a local path in them (cut, :mod:`hc_retrofit.local_paths`) and the
+generated ``README.md`` model card (unless the user wrote their own), which are sent from
+memory: the folder itself is never written. ``dry_run`` sends no request and returns the plan,
+card included. The endpoint is huggingface_hub's (``HF_ENDPOINT``).
 """
 
 from __future__ import annotations

@@ -190,25 +190,32 @@ def leftovers(out: Path) -> list[Path]:
 
 
 def report_leftovers(out: Path) -> list[Path]:
-    """Warn about what an interrupted run left beside ``out`` (removed by :func:`clean_leftovers`)."""
+    """Warn about what an interrupted run left beside ``out`` (see :func:`clean_leftovers`)."""
     found = leftovers(out)
     for path in found:
-        what = "a previous output set aside by --overwrite" if path.name.endswith(".replaced") else "a partial output"
-        log.warning("%s: %s left by an interrupted run; it is removed when %s is next written", path, what, out.name)
+        if path.name.endswith(".replaced"):
+            log.warning(
+                "%s: the previous %s, set aside by --overwrite and kept when the new run failed; remove it "
+                "yourself once you no longer need it",
+                path,
+                out.name,
+            )
+        else:
+            log.warning(
+                "%s: a partial output left by an interrupted run; it is removed when %s is next written", path, out.name
+            )
     return found
 
 
 def clean_leftovers(out: Path) -> None:
     """Remove the staging and half-deleted siblings of ``out`` left by processes that are gone.
 
-    Call only while holding ``out``'s lock. A set-aside previous output (``.replaced``) is removed
-    only when every file in it is still in its manifest; otherwise it is kept and reported.
+    Call only while holding ``out``'s lock. A set-aside previous output (``.replaced``) is kept:
+    it may be the only copy of a run, and the user was told where it is.
     """
     for path in leftovers(out):
-        if path.name.endswith(".replaced") and ownership.lost_files(path):
-            log.warning("%s holds files hc-retrofit did not write: kept; move them and remove it yourself", path)
-            continue
-        shutil.rmtree(path, ignore_errors=True)
+        if not path.name.endswith(".replaced"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _sibling(out: Path, suffix: str) -> Path:
@@ -231,6 +238,7 @@ def replace_dir(new: Path, out: Path, kind: str | None = None) -> None:
     every file in it). An existing ``out`` is checked once more (every file ours and unchanged), swapped
     out, then removed."""
     if kind is not None:
+        honour_umask(new)
         ownership.seal(new, kind)
     if out.exists():
         ownership.check_replaceable(out)
@@ -241,6 +249,23 @@ def replace_dir(new: Path, out: Path, kind: str | None = None) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(new, out)
+
+
+def honour_umask(directory: Path) -> None:
+    """Give what was written under ``directory`` the modes the umask asks for (0666/0777 minus it).
+
+    Some writers create private files whatever the umask (safetensors writes weights as 0600);
+    an output is shared like any file the user makes. Hard-linked files (a ``--link`` convert's
+    shards: the same file as the input) are left alone.
+    """
+    mask = umask()
+    for folder, dirs, names in os.walk(directory, followlinks=False):
+        for name, wanted in [*((d, 0o777 & ~mask) for d in dirs), *((n, 0o666 & ~mask) for n in names)]:
+            path = Path(folder) / name
+            st = path.lstat()
+            if path.is_symlink() or (not path.is_dir() and st.st_nlink > 1) or st.st_mode & 0o777 == wanted:
+                continue
+            os.chmod(path, wanted)
 
 
 def abandon(tmp: Path, err: BaseException, out: Path) -> BaseException | None:

@@ -246,11 +246,6 @@ def _claimed(rel: str, claims: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(rel, pattern) for pattern in claims)
 
 
-def forget(directory: str | os.PathLike, names: Iterable[str]) -> None:
-    """Drop ``names`` (files or sub-directories) from ``directory``'s manifest before deleting them."""
-    record(directory, [n for n in names if not (Path(directory) / n).exists()])
-
-
 # ----------------------------------------------------------------------------- checking
 def lost_files(directory: str | os.PathLike) -> list[str]:
     """The files (relative paths) that deleting ``directory`` would lose: not written by this tool or
@@ -390,11 +385,6 @@ def _acquire(path: Path, out: Path, flag: str) -> Any:
         f"{flag} {out} is being written by another hc-retrofit process (pid {_holder(path)}); wait for it to "
         f"finish or choose another {flag}"
     )
-
-
-def is_locked_by_us(out: str | os.PathLike) -> bool:
-    """Whether this process holds the lock of ``out``."""
-    return Path(out).expanduser().resolve() in _held
 
 
 def pid_alive(pid: int) -> bool:

@@ -19,6 +19,7 @@ shapes; tied weights may be absent), so that loading needs no renaming, conversi
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import time
@@ -528,6 +529,10 @@ def verify_streamed(directory: Path, dtype: torch.dtype, progress: Callable[[str
         directory, base_dtype=dtype, mode="layers" if how == LAYERS else "memory", new_tokens=NEW_TOKENS
     )
     if not report.equivalent:
+        from hc_retrofit.finite_weights import first_nonfinite_in_files, refuse_nonfinite
+
+        if not math.isfinite(report.max_abs_logit_diff):  # NaN logits: a damaged base, not a bug of ours
+            refuse_nonfinite(report.base_model, first_nonfinite_in_files(directory))
         raise NotEquivalentError(
             f"the streamed checkpoint is not equivalent to {report.base_model} (max |logit diff| "
             f"{report.max_abs_logit_diff:.2e}, max KL {report.max_kl:.2e}); nothing was written. Convert with "

@@ -192,7 +192,9 @@ def verify_checkpoint(
 
     def base_failed(err: HCRetrofitError) -> HCRetrofitError | None:
         """The error to raise when the base cannot be loaded: a recorded base is named as such."""
-        if not recorded:
+        from hc_retrofit.finite_weights import NonFiniteWeightsError
+
+        if not recorded or isinstance(err, NonFiniteWeightsError):
             return None
         return type(err)(f"the base model recorded in {converted_dir} cannot be loaded ({err}); pass it with --base")
 

@@ -68,7 +68,7 @@ def compare_command(
     ] = None,
     cache_dir: Annotated[str | None, typer.Option(help="datasets cache dir for the tokenised data.")] = None,
     threads: Annotated[
-        int | None, typer.Option(help="torch CPU threads (default: the cores this process may use).")
+        int | None, typer.Option(min=1, help="torch CPU threads (default: the cores this process may use).")
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Delete the comparison in --out first (only its own files).")

@@ -21,7 +21,7 @@ def demo_command(
     variants: Annotated[str, typer.Option(help="Comma-separated HC variants to compare with plain.")] = "mhc",
     streams: Annotated[int, typer.Option(help="HC streams.")] = 4,
     seeds: Annotated[str, typer.Option(help="Seeds (data order), comma-separated.")] = "0",
-    threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest for this small model).")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="torch CPU threads (1 is fastest for this small model).")] = 1,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No live progress bar.")] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an earlier demo's results in --out (only its own files).")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -13,7 +14,21 @@ from hc_retrofit.cli.tables import print_fitted
 
 
 def _vector(values: list[float]) -> str:
-    return "[" + " ".join(f"{v:.2f}" for v in values) + "]"
+    """``[0.25 0.25]``, escaped: rich would read ``[nan nan]`` as a style tag."""
+    from rich.markup import escape
+
+    return escape("[" + " ".join(f"{v:.2f}" for v in values) + "]")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` (JSON has no NaN: ``null`` keeps the output valid)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def divergence_line(divergence: list[float], *, last_layer: int) -> str:
@@ -52,13 +67,13 @@ def inspect_command(
     if plot is not None:
         from hc_retrofit.plots import new_figure
 
-        plot = check_output_file(plot, "--plot")
+        plot = check_output_file(plot, "--plot", suffixes=(".png", ".svg", ".pdf", ".jpg"))
         new_figure()  # without matplotlib: the one-line "[plot] extra" error now, not after the work
     quiet_library_progress()
     with err_console.status("loading and probing", spinner="dots"):
         report = inspect_checkpoint(directory)
     if as_json:
-        console.print_json(json.dumps(report.to_dict()))
+        console.print_json(json.dumps(json_safe(report.to_dict()), allow_nan=False))
     else:
         title = f"hyper-connections of {directory} ({report.variant}, {report.num_streams} streams)"
         headers = ("layer", "site", "width a", "depth b", "|R - I|", "R to doubly stoch.")

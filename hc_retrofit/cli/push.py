@@ -70,8 +70,9 @@ def push_command(
         for name in plan.files:
             console.print(f"  {name}", markup=False, highlight=False)
         console.print(card)
-        console.print("-" * 30 + " README.md " + "-" * 30)
-        console.print(plan.card or "", markup=False, highlight=False, soft_wrap=True)
+        console.print("the model card it would upload as README.md (indented here):")
+        for line in (plan.card or "").splitlines():  # indented: the card's own code fences stay inside
+            console.print(f"    {line}".rstrip(), markup=False, highlight=False, soft_wrap=True)
     else:
         console.print(
             f"uploaded {len(plan.files)} files to {plan.url or where}"

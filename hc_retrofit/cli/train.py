@@ -72,7 +72,8 @@ def train_command(
     ] = None,
     cache_dir: Annotated[str | None, typer.Option(help="datasets cache dir for the tokenised data.")] = None,
     threads: Annotated[
-        int | None, typer.Option(help="torch CPU threads per process (default: the cores / the processes).")
+        int | None,
+        typer.Option(min=1, help="torch CPU threads per process (default: the cores / the processes)."),
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No live progress bar.")] = False,
 ) -> None:

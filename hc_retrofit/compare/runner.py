@@ -126,10 +126,11 @@ def compare_lock(spec: CompareSpec) -> Iterator[None]:
 
 
 def _remove_if_untouched(out: Path, existed: bool) -> None:
-    """A comparison refused before it wrote anything leaves no trace: its new, empty ``out`` goes."""
+    """A comparison refused before it trained anything leaves no trace: its new ``out`` goes."""
     if existed or not out.is_dir():
         return
-    if {p.name for p in out.iterdir()} <= {outputs.MARKER, LOCK_FILE}:
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir()}
+    if files <= {outputs.MARKER, LOCK_FILE, COMPARE_FILE}:  # only bookkeeping and empty run folders
         shutil.rmtree(out, ignore_errors=True)
 
 

@@ -95,7 +95,29 @@ def load_documents(
         raise TrainingError(
             f"data {source!s} has no column {text_column!r} (columns: {', '.join(ds.column_names)}); pass --text-column"
         )
+    feature = ds.features[text_column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise TrainingError(
+            f"data {source!s}: column {text_column!r} holds {feature}, not text; every document's {text_column!r} "
+            "must be a string (or pass --text-column)"
+        )
     return ds
+
+
+def data_fingerprint(source: str | Path | None) -> dict[str, Any]:
+    """What a run trains on, for ``--resume`` to compare: the data's name and a SHA-256 of its files
+    (of its id, for a Hub dataset)."""
+    from hc_retrofit.ownership import sha256_file
+
+    path = Path(str(source or "")).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
+        digest.update(sha256_file(file).encode())
+    if not files:
+        digest.update(str(source).encode())
+    return {"name": path.name if files else str(source), "sha256": digest.hexdigest()}
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -118,7 +140,12 @@ def pack_documents(
     tok_fp = tokenizer_fingerprint(tokenizer)
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
+        texts = batch[text_column]
+        if not all(isinstance(t, str) for t in texts):
+            bad = next(t for t in texts if not isinstance(t, str))
+            raise TrainingError(
+                f"a document's {text_column!r} is {bad!r}, not a string: fix or drop it (an empty text is a string)"
+            )
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return {"input_ids": [[*x, eos] for x in ids]}
 

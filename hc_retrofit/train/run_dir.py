@@ -30,6 +30,8 @@ from hc_retrofit.train.recipe import TrainConfig
 FINAL_DIR = "final"
 PLOT_FILE = "loss.png"
 SUMMARY_FILE = "summary.json"
+LOGS_DIR = "logs"
+"""What ``--report-to`` trackers write (accelerate's ``logging_dir``)."""
 RUN_CLAIMS = (FINAL_DIR, f"{ckpt.CHECKPOINTS}/step-*")
 """What a run writes beside its files (the manifest vouches for their staging and lock files too)."""
 
@@ -115,7 +117,7 @@ class RunDirectory:
         """Write ``summary.json`` and record the finished run's files."""
         if self.main:
             self.summary.write_text(json.dumps(summary, indent=2))
-            self.record(SUMMARY_FILE, FINAL_DIR, ckpt.CHECKPOINTS, PLOT_FILE)
+            self.record(SUMMARY_FILE, FINAL_DIR, ckpt.CHECKPOINTS, PLOT_FILE, LOGS_DIR)
 
     def succeeded(self) -> None:
         """The new run is complete: now the run it replaced may go."""

@@ -61,7 +61,14 @@ def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Any:
 
 
 def resolve_mixed_precision(name: str, *, cpu: bool = False) -> str | None:
-    """``auto``: the launcher's setting if any, else bf16 on a GPU that supports it, else none."""
+    """``auto``: the launcher's setting if any, else bf16 on a GPU that supports it, else none.
+
+    ``fp16`` without a GPU is refused: accelerate would run in float32 without a word.
+    """
+    if name == "fp16" and (cpu or not torch.cuda.is_available()):
+        raise TrainingError(
+            "--mixed-precision fp16 needs a GPU (its loss scaling runs only there); on CPU pass bf16 or no"
+        )
     if name != "auto":
         return name
     if os.environ.get("ACCELERATE_MIXED_PRECISION"):

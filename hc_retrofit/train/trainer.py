@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hc_retrofit.log import get_logger
+from hc_retrofit.outputs import honour_umask
 from hc_retrofit.train import checkpoint as ckpt
-from hc_retrofit.train.data import BatchSchedule, PackedData, eval_shards
+from hc_retrofit.train.data import BatchSchedule, PackedData, data_fingerprint, eval_shards
 from hc_retrofit.train.errors import NonFiniteLossError, TrainingError
 from hc_retrofit.train.metrics import MetricsLog
 from hc_retrofit.train.optim import build_optimizer, build_scheduler, drop_base_gradients, group_lrs
@@ -57,6 +58,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, accelerator: Any, run: RunDirectory, model: nn.Module, data: PackedData):
         self.cfg, self.accelerator, self.run, self.data = cfg, accelerator, run, data
         world, rank = accelerator.num_processes, accelerator.process_index
+        if cfg.batch_size * world > len(data.train):
+            raise TrainingError(
+                f"--batch-size {cfg.batch_size} (x {world} processes) is larger than the {len(data.train)} training "
+                f"blocks of {cfg.block_size} tokens in the data; pass --batch-size {max(1, len(data.train) // world)} "
+                "or less"
+            )
         self.schedule = BatchSchedule(len(data.train), cfg.batch_size, seed=cfg.seed, world_size=world, rank=rank)
         self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
         torch.manual_seed(cfg.seed)
@@ -80,6 +87,7 @@ class Trainer:
             "hc": self.hc,
             "streams": getattr(hc_cfg, "num_streams", None),
             "variant": getattr(hc_cfg, "variant", None),
+            "data": data_fingerprint(cfg.data),
         }
         self.start_step, self.last_checkpoint = 0, None
         self.step0_loss = self.last_loss = self.initial_eval = self.final_eval = self.final_heldout = None
@@ -223,6 +231,8 @@ class Trainer:
             keep=self.cfg.keep_checkpoints,
             models=[self.accelerator.unwrap_model(self.model)],  # the names save_state writes
         )
+        if self.accelerator.is_main_process:
+            honour_umask(self.last_checkpoint)  # accelerate writes its weights as 0600
         self.run.record(ckpt.CHECKPOINTS)
         return self.last_checkpoint
 
@@ -260,6 +270,11 @@ class Trainer:
                     "use the same settings, or --overwrite / a new --out for a new run"
                 )
         warnings = []
+        if "data" in state and state["data"] != self.checkpoint_state["data"]:
+            warnings.append(
+                f"--data differs from the data the checkpoint was trained on ({state['data']['name']}, sha256 "
+                f"{str(state['data']['sha256'])[:12]}): the run continues on the new data"
+            )
         if "seed" in state and state["seed"] != self.cfg.seed:
             warnings.append(
                 f"the checkpoint was trained with seed {state['seed']}, now {self.cfg.seed}: the data order differs"
