@@ -21,7 +21,6 @@ PENDING = {
     "hub.py",
     "modeling/kernels.py",
     "modeling/patch.py",
-    "ownership.py",
     "streaming.py",
     "streaming.py:write_plan",
     "sweep.py",
