@@ -1,14 +1,16 @@
 """Conversion cost: ``hc-retrofit convert`` vs plain ``from_pretrained`` + ``save_pretrained``.
 
-    python bench/convert.py            # builds a ~420 MB random llama checkpoint first (cached)
+    python bench/convert.py            # builds a ~670 MiB random llama checkpoint first (cached)
     python bench/convert.py --quick
 
 Each side runs in a fresh subprocess (so peak RSS is its own), alternately, ``--repeats`` times:
 
 * ``plain``: ``AutoModelForCausalLM.from_pretrained(ckpt)`` then ``save_pretrained(out)``;
-* ``convert``: the CLI, ``hc-retrofit convert ckpt --out out --overwrite --in-memory`` (load,
-  retrofit, save with the remote-code files), run in-process through ``hc_retrofit.cli.app.main``.
-  (The CLI streams by default, which loads no model: bench/size_ladder.py measures that path.)
+* ``convert``: the default CLI, ``hc-retrofit convert ckpt --out out --overwrite``: streams (copies
+  the base shards, adds the HC shard) and verifies the written checkpoint (one model in memory:
+  the base, then the written tensors loaded into it after the recorded surgery);
+* ``in-memory``: ``... --in-memory --no-verify`` (load, retrofit and prove, save with the
+  remote-code files). All run in-process through ``hc_retrofit.cli.app.main``.
 
 Reported: median wall time, and peak RSS (``ru_maxrss``) minus the RSS after the imports, i.e.
 the memory the work itself needed, as a multiple of the checkpoint's size on disk.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,8 +38,9 @@ start = time.perf_counter()
 if side == "plain":
     AutoModelForCausalLM.from_pretrained(ckpt).save_pretrained(out)
 else:
-    sys.argv = ["hc-retrofit", "convert", ckpt, "--out", out, "--overwrite", "--variant", "mhc", "--streams", "4",
-                "--in-memory"]
+    sys.argv = ["hc-retrofit", "convert", ckpt, "--out", out, "--overwrite", "--variant", "mhc", "--streams", "4"]
+    if side == "in-memory":
+        sys.argv += ["--in-memory", "--no-verify"]
     try:
         hc_retrofit.cli.app.main()
     except SystemExit as e:
@@ -56,9 +60,10 @@ def build_checkpoint(path: Path, hidden: int, layers: int, vocab: int) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def run_side(side: str, ckpt: Path, out: Path) -> dict:
+def run_side(side: str, ckpt: Path, out: Path, threads: int | None = None) -> dict:
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, side, str(ckpt), str(out)], capture_output=True, text=True, check=False
+        [sys.executable, "-c", CHILD, side, str(ckpt), str(out)], capture_output=True, text=True, check=False, env=env
     )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -69,11 +74,12 @@ def run_side(side: str, ckpt: Path, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=18)  # ~670 MiB of float32 weights
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "hc_bench_convert"))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per side (OMP_NUM_THREADS)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.quick:
@@ -82,10 +88,10 @@ def main() -> None:
     ckpt = work / f"llama-h{args.hidden}-l{args.layers}-v{args.vocab}"
     size = build_checkpoint(ckpt, args.hidden, args.layers, args.vocab)
     print(f"checkpoint {ckpt}: {size / 2**20:.0f} MB of weights")
-    results: dict[str, list[dict]] = {"plain": [], "convert": []}
+    results: dict[str, list[dict]] = {"plain": [], "convert": [], "in-memory": []}
     for r in range(args.repeats):
-        for side in ("plain", "convert") if r % 2 == 0 else ("convert", "plain"):
-            res = run_side(side, ckpt, work / f"out-{side}")
+        for side in list(results) if r % 2 == 0 else list(results)[::-1]:
+            res = run_side(side, ckpt, work / f"out-{side}", args.threads)
             results[side].append(res)
             print(side, {k: round(v, 2) if k == "seconds" else v // 2**20 for k, v in res.items()})
     summary = {}
@@ -96,10 +102,16 @@ def main() -> None:
         }
         summary[side]["work_rss_x_model"] = summary[side]["work_rss_mb"] * 2**20 / size
     rows = [
-        {"side": side, **s, "time_ratio": s["seconds"] / summary["plain"]["seconds"]} for side, s in summary.items()
+        {
+            "side": side,
+            **s,
+            "time_ratio": s["seconds"] / summary["plain"]["seconds"],
+            "memory_ratio": s["work_rss_mb"] / summary["plain"]["work_rss_mb"],
+        }
+        for side, s in summary.items()
     ]
     print()
-    C.print_table(rows, ["side", "seconds", "time_ratio", "work_rss_mb", "work_rss_x_model"])
+    C.print_table(rows, ["side", "seconds", "time_ratio", "work_rss_mb", "memory_ratio", "work_rss_x_model"])
     C.write_json(
         "convert" + ("_quick" if args.quick else ""),
         {"settings": vars(args), "checkpoint_bytes": size, "rows": rows, "runs": results},

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import _common as C
 import torch
+from hc_retrofit.train.demo import corpus_path, demo_tokenizer
 
 from hc_retrofit.train import train
-from hc_retrofit.train.demo import corpus_path, demo_tokenizer
 from hc_retrofit.train.metrics import read_metrics
 from hc_retrofit.train.recipe import TrainConfig
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from hc_retrofit.version import __version__
+
 if TYPE_CHECKING:  # the names below load on first use (PEP 562), so `import hc_retrofit` stays light
     from hc_retrofit.connections import (
         HyperConnection,
@@ -85,8 +87,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-__version__ = "0.1.0"
-
 __all__ = [
     "FAMILIES",
     "AlreadyConvertedError",
@@ -99,6 +99,7 @@ __all__ = [
     "NotConvertedError",
     "Site",
     "UnsupportedArchitectureError",
+    "__version__",
     "convert",
     "depth_connection",
     "expand_streams",

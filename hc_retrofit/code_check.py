@@ -112,7 +112,7 @@ def code_problems(directory: str | os.PathLike, expected: dict[str, str | None] 
     config.json). An empty list means: the folder ships exactly our modeling code and nothing else
     that runs.
     """
-    import hc_retrofit
+    from hc_retrofit.version import __version__
 
     root = Path(directory)
     try:
@@ -146,7 +146,7 @@ def code_problems(directory: str | os.PathLike, expected: dict[str, str | None] 
                     )
                 elif found != want:
                     problems.append(
-                        f"{rel} differs from what hc-retrofit {hc_retrofit.__version__} writes ({_diff_size(want, found)})"
+                        f"{rel} differs from what hc-retrofit {__version__} writes ({_diff_size(want, found)})"
                     )
             elif suffix in COMPILED_SUFFIXES:
                 problems.append(f"{rel} is compiled code or a script: not something hc-retrofit ships")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -130,10 +129,3 @@ def inspect_checkpoint(path: str | os.PathLike) -> InspectionReport:
     """Inspect a converted checkpoint directory."""
     require_converted_dir(path)
     return inspect_model(load_converted(path, dtype=torch.float32), load_tokenizer(str(path)))
-
-
-def plot_report(report: InspectionReport, file: str | os.PathLike) -> Path:
-    """Draw ``report`` as a PNG (see :func:`hc_retrofit.plots.plot_report`)."""
-    from hc_retrofit.plots import plot_report as draw
-
-    return draw(report, file)

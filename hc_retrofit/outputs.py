@@ -66,9 +66,7 @@ def _protected_places() -> list[tuple[Path, str]]:
     import site
     import sysconfig
 
-    import hc_retrofit
-
-    places = [(Path(hc_retrofit.__file__).parent, "the installed hc-retrofit package")]
+    places = [(Path(__file__).parent, "the installed hc-retrofit package")]
     for key in ("purelib", "platlib"):
         with contextlib.suppress(KeyError):
             places.append((Path(sysconfig.get_paths()[key]), "a Python site-packages directory"))

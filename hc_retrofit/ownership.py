@@ -110,12 +110,12 @@ def _write(directory: Path, data: dict[str, Any]) -> None:
 
 
 def _new(kind: str) -> dict[str, Any]:
-    import hc_retrofit
+    from hc_retrofit.version import __version__
 
     return {
         "format": FORMAT,
         "kind": kind,
-        "version": hc_retrofit.__version__,
+        "version": __version__,
         "files": {},
         "dirs": [],
         "claims": [],

@@ -3,7 +3,7 @@
 A wrong model is the one unforgivable bug, so no adapter is trusted (hand-written or discovered):
 the original model is run on a small probe batch first (full-sequence logits, plus a two-token
 greedy ``generate()`` through the KV cache where the model can generate), then each candidate
-adapter is applied with :func:`hc_retrofit.modeling.patch.convert` and the probe is run again. The first
+adapter is applied with :func:`hc_retrofit.modeling.patch.apply_family` and the probe is run again. The first
 candidate whose logits agree (fp32 tolerance; tokens identical) is kept and its structure is
 recorded in ``config.hc_retrofit_structure`` (so saved checkpoints rebuild exactly that structure).
 A candidate that is not exact, or fails, is undone -- every module gets back its class, attributes,
@@ -26,8 +26,7 @@ from hc_retrofit.discovery import discover
 from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.modeling.errors import HCRetrofitError, UnsupportedArchitectureError
 from hc_retrofit.modeling.families import FAMILIES, Family
-from hc_retrofit.modeling.patch import check_convertible, remove_hyper_connections
-from hc_retrofit.modeling.patch import convert as apply_adapter
+from hc_retrofit.modeling.patch import apply_family, check_convertible, remove_hyper_connections
 
 LOGIT_ATOL = 1e-4
 LOGIT_RTOL = 1e-4
@@ -286,7 +285,7 @@ def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family 
     tried: list[str] = list(notes)
     for candidate in candidates:
         outcome = _try(model, config, candidate, inputs, reference, dtype)
-        if outcome is None:  # patch.convert recorded the structure in config.hc_retrofit_structure
+        if outcome is None:  # apply_family recorded the structure in config.hc_retrofit_structure
             return model
         tried.append(f"{candidate.describe(model.config)} ({outcome})")
     raise UnsupportedArchitectureError(
@@ -307,7 +306,7 @@ def _try(
     """Apply ``family`` and probe: ``None`` if exact (the model stays converted), else why not
     (the model is restored)."""
     try:
-        apply_adapter(model, config, family=family)
+        apply_family(model, config, family=family)
         problem = compare(reference, run_probe(model, inputs, check_cache=reference.tokens is not None), dtype)
     except HCRetrofitError as err:
         remove_hyper_connections(model)

@@ -133,12 +133,12 @@ def modeling_source(model: Any) -> str:
 
 def modeling_source_for(config_cls: type, model_cls: type, base_type: str) -> str:
     """The generated modeling file for base classes ``config_cls``/``model_cls`` of family ``base_type``."""
-    import hc_retrofit  # the package, for its version (not at import time: we are imported by it)
+    from hc_retrofit.version import __version__
 
     siblings = sorted(name.removesuffix(".py") for name in package_module_closure() if name != f"{_ROOT_MODULE}.py")
     decoder_cls = base_model_class(model_cls, base_type)
     return _TEMPLATE.format(
-        version=hc_retrofit.__version__,
+        version=__version__,
         config_module=_import_path(config_cls),
         config_cls=config_cls.__name__,
         model_module=_import_path(model_cls),
@@ -263,7 +263,7 @@ def shipped_code_warnings(directory: str | Path, model: Any, config: dict[str, A
     and are they what the installed hc-retrofit writes (else the ``trust_remote_code`` users of the
     checkpoint run other code than this package: older or newer)?
     """
-    import hc_retrofit
+    from hc_retrofit.version import __version__
 
     expected = remote_code_files(model)
     shipped = shipped_files(directory, expected)
@@ -281,7 +281,7 @@ def shipped_code_warnings(directory: str | Path, model: Any, config: dict[str, A
     if shipped != expected:
         warnings.append(
             f"{directory} was written by hc-retrofit {written_by}, and its modeling files differ from what "
-            f"hc-retrofit {hc_retrofit.__version__} writes: this load uses the installed package, trust_remote_code "
+            f"hc-retrofit {__version__} writes: this load uses the installed package, trust_remote_code "
             "users get the shipped files; save the model again (save_converted) to ship this version's"
         )
     return warnings

@@ -30,9 +30,9 @@ def write_converted_files(
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     keys = write_remote_code(directory, model)
-    import hc_retrofit
+    from hc_retrofit.version import __version__
 
-    keys.update({BASE_KEY: base, VERSION_KEY: hc_retrofit.__version__})
+    keys.update({BASE_KEY: base, VERSION_KEY: __version__})
     if metadata:
         keys[METADATA_KEY] = metadata
     config_file = directory / "config.json"

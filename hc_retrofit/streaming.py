@@ -6,9 +6,9 @@ linked with ``link=True``; re-encoded tensor by tensor only when the dtype chang
 shard of HC tensors, an index, the converted config, tokenizer, generation config and remote code.
 Memory stays at one tensor (re-encoding) or nothing (copying), whatever the model size.
 
-The HC tensors come from :func:`hc_retrofit.modeling.patch.convert` itself: the base model is built on the
+The HC tensors come from :func:`hc_retrofit.modeling.patch.apply_family` itself: the base model is built on the
 meta device (no storage), converted as in memory, and each of its HC sites is instantiated on the
-CPU from the arguments ``convert()`` gave it (the same constructor, so the same values).
+CPU from the arguments ``apply_family()`` gave it (the same constructor, so the same values).
 
 :func:`plan_streaming` first proves the output equivalent to the in-memory conversion, or says
 why it cannot (the caller then converts in memory): the checkpoint must be safetensors, of a
@@ -39,7 +39,7 @@ from hc_retrofit.dtypes import parse_dtype
 from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.modeling.errors import HCRetrofitError
 from hc_retrofit.modeling.families import FAMILIES, family_for
-from hc_retrofit.modeling.patch import convert, decoder_layers, hyper_connection_sites
+from hc_retrofit.modeling.patch import apply_family, decoder_layers, hyper_connection_sites
 from hc_retrofit.saving import check_output_dir, write_converted_files
 from hc_retrofit.shard_copy import (
     EarlyCopy,
@@ -154,7 +154,7 @@ def _meta_model(base_config: Any, dtype: torch.dtype, config: HCConfig) -> Any:
         getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None)
     ):
         raise CannotStream(f"{type(model).__name__} keeps some modules in float32")
-    convert(model, config)
+    apply_family(model, config)  # unchecked here: the written files are proven by verify
     return model
 
 
@@ -397,8 +397,8 @@ def stream_convert(
 ) -> StreamSummary:
     """Convert ``model_id_or_dir`` to ``out_dir`` without loading its weights (see the module docstring).
 
-    ``verify``: run :func:`verify_streamed` on the result before moving it into place: both
-    models in float32 in memory when they fit, else layer by layer (:mod:`hc_retrofit.layered`;
+    ``verify``: run :func:`verify_streamed` on the result before moving it into place: one
+    model in float32 in memory when it fits, else layer by layer (:mod:`hc_retrofit.layered`;
     said through ``progress`` and in the summary). ``check(dir)``: any other check at that point.
     The shards of a local checkpoint are copied in the background from the start (with ``dtype``
     ``auto``; ``early``: a copy the caller started, see :func:`start_copy`), while it plans.
@@ -513,16 +513,21 @@ def verify_streamed(directory: Path, dtype: torch.dtype, progress: Callable[[str
     """Run ``verify`` on a streamed checkpoint (before it is moved into place); refuse it unless exact.
 
     The base is loaded in the checkpoint's ``dtype``: a conversion to bfloat16 must compute what
-    the base computes in bfloat16. Both models in memory when they fit, else layer by layer.
+    the base computes in bfloat16. One model in memory when it fits, else layer by layer.
     Returns how they were loaded (``"in memory"`` or ``"layer by layer"``).
     """
+    from hc_retrofit.proof import NEW_TOKENS
     from hc_retrofit.verify import LAYERS, choose_mode, verify_checkpoint
 
     how = choose_mode(directory)
     if progress is not None:
         detail = " (larger than the memory: layer by layer)" if how == LAYERS else ""
         progress(f"verifying: running the base and the converted model on a probe batch{detail}")
-    report = verify_checkpoint(directory, base_dtype=dtype, mode="layers" if how == LAYERS else "memory")
+    # the probe of the in-memory convert's proof: the full-sequence logits, then the prefill and one
+    # step through the KV cache (``hc-retrofit verify`` continues for longer, to show the agreement)
+    report = verify_checkpoint(
+        directory, base_dtype=dtype, mode="layers" if how == LAYERS else "memory", new_tokens=NEW_TOKENS
+    )
     if not report.equivalent:
         from hc_retrofit.finite_weights import first_nonfinite_in_files, refuse_nonfinite
 

@@ -52,14 +52,16 @@ def auto_class(task: str) -> type:
 
 
 def _library_class_name(model: Any) -> str:
-    for klass in type(model).__mro__:
+    cls = model if isinstance(model, type) else type(model)
+    for klass in cls.__mro__:
         if klass.__module__.startswith("transformers."):
             return klass.__name__
-    return type(model).__name__
+    return cls.__name__
 
 
 def is_causal_lm(model: Any) -> bool:
-    """Whether ``model`` (converted or not) is a transformers causal LM, the one kind hc-retrofit trains."""
+    """Whether ``model`` (converted or not; or its class) is a transformers causal LM, the one kind hc-retrofit
+    trains."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     name = _library_class_name(model)

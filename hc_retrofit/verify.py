@@ -8,6 +8,7 @@ model must agree within tolerance; a trained one is expected to differ, and is o
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -18,10 +19,12 @@ from hc_retrofit.base_model import load_base_model, load_tokenizer
 from hc_retrofit.checkpoint_format import BASE_KEY, read_config_dict, require_converted_dir
 from hc_retrofit.code_check import code_problems
 from hc_retrofit.dtypes import DTYPES
+from hc_retrofit.in_place import NotInPlace, become_checkpoint
 from hc_retrofit.loading import load_converted
 from hc_retrofit.modeling.errors import CheckpointError, HCRetrofitError
 from hc_retrofit.probe import probe_batch
 from hc_retrofit.remote_code import remote_code_files
+from hc_retrofit.runtime_classes import converted_classes
 from hc_retrofit.tasks import is_causal_lm
 
 LOGIT_ATOL = 1e-4
@@ -122,15 +125,16 @@ MEMORY, LAYERS = "in memory", "layer by layer"
 
 
 def in_memory_bytes(converted_dir: str | os.PathLike) -> int:
-    """What the in-memory verify holds: the converted model and its base, both in float32 (from the headers)."""
+    """What the in-memory verify holds: one model in float32 (the base, turned into the converted model in
+    place; from the headers)."""
     from hc_retrofit.layered import stored_tensors
 
     elements = sum(int(torch.Size(t.shape).numel()) for t in stored_tensors(converted_dir).values())
-    return 2 * 4 * elements
+    return 4 * elements
 
 
 def choose_mode(converted_dir: str | os.PathLike, mode: str = "auto") -> str:
-    """:data:`MEMORY` or :data:`LAYERS`: ``mode`` (``auto``: in memory when both float32 models fit
+    """:data:`MEMORY` or :data:`LAYERS`: ``mode`` (``auto``: in memory when the float32 model fits
     in 80% of the available memory, else layer by layer)."""
     from hc_retrofit.layered import LayeredUnavailable, available_memory
 
@@ -175,9 +179,10 @@ def verify_checkpoint(
     ``base_dtype``: load the base in this dtype (then compute in float32, like the converted model),
     to check a conversion that changed the dtype against the base at the same precision. Default: the
     dtype the converted checkpoint was saved in (:func:`stored_dtype`).
-    ``mode``: ``memory`` loads both models whole; ``layers`` runs them one after the other with one
-    decoder layer in memory at a time (:mod:`hc_retrofit.layered`: the same numbers, for models
-    larger than the memory); ``auto`` picks ``layers`` when both models would not fit.
+    ``mode``: ``memory`` loads the base whole, runs it, and turns it into the checkpoint's model in
+    place (:mod:`hc_retrofit.in_place`: every tensor from the written files; one model in memory);
+    ``layers`` runs both with one decoder layer in memory at a time (:mod:`hc_retrofit.layered`: the
+    same numbers, for models larger than the memory); ``auto`` picks ``layers`` when one would not fit.
     """
     require_converted_dir(converted_dir)
     recorded = base is None
@@ -195,15 +200,15 @@ def verify_checkpoint(
 
     def require_causal(converted: Any) -> None:
         if not is_causal_lm(converted):
+            cls = converted if isinstance(converted, type) else type(converted)
             raise CheckpointError(
-                f"{converted_dir} holds a {type(converted).__name__.removeprefix('HCRetrofit')}, not a causal LM: "
+                f"{converted_dir} holds a {cls.__name__.removeprefix('HCRetrofit')}, not a causal LM: "
                 "verify compares causal LMs (an encoder or vision model was proven exact when hc_retrofit.convert "
                 "returned it)"
             )
 
     if how == MEMORY:
-        converted = load_converted(converted_dir, dtype=torch.float32)
-        require_causal(converted)
+        require_causal(converted_classes(converted_dir)[1])
         try:
             base_model, tokenizer = load_base_model(base, revision=revision, dtype=base_dtype)
         except HCRetrofitError as err:
@@ -214,10 +219,20 @@ def verify_checkpoint(
         base_model.float()
         if tokenizer is None:
             tokenizer = load_tokenizer(str(converted_dir))
-        vocab = min(converted.config.vocab_size, base_model.config.vocab_size)
+        vocab = min(int(read_config_dict(converted_dir).get("vocab_size") or 0) or 10**9, base_model.config.vocab_size)
         ids = probe_batch(tokenizer, vocab)
         pad = _pad_id(base_model)
         ref, gen_ref = _run(base_model, ids, new_tokens, pad)
+        # One model in memory: the base becomes the written checkpoint's model in place (every tensor from
+        # its files); when it cannot, the checkpoint is loaded whole once the base is gone.
+        try:
+            converted = become_checkpoint(base_model, converted_dir).eval()
+        except NotInPlace:
+            converted = None
+        del base_model
+        if converted is None:
+            gc.collect()
+            converted = load_converted(converted_dir, dtype=torch.float32)
         got, gen_got = _run(converted, ids, new_tokens, pad)
     else:
         from hc_retrofit.layered_verify import layered_outputs

@@ -301,14 +301,14 @@ def test_layer_class_names_are_kept_for_fsdp_and_device_map():
 
 
 def test_a_refused_adapter_leaves_the_model_untouched():
-    """patch.convert checks every named module of every layer before changing any."""
+    """patch.apply_family checks every named module of every layer before changing any."""
     from hc_retrofit.modeling import patch
     from hc_retrofit.modeling.families import PRE_NORM, Block, Family, Site
 
     base = tiny_model("llama-gqa-untied")
     bad = Family(("llama",), "model.layers", Block("sequential", (PRE_NORM.sites[0], Site(("nope",), ("mlp",)))))
     with pytest.raises(UnsupportedArchitectureError, match="missing nope"):
-        patch.convert(base, HCConfig(), family=bad)
+        patch.apply_family(base, HCConfig(), family=bad)
     assert not hc_retrofit.is_converted(base)
     assert not any("hyper_connections" in n for n, _ in base.named_parameters())
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in base.modules())

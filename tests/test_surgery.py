@@ -168,6 +168,6 @@ def test_removal_undoes_a_conversion_that_failed_half_way(monkeypatch) -> None:
 
     monkeypatch.setattr(patch, "_add_hook", failing)
     with pytest.raises(RuntimeError, match="boom"):
-        patch.convert(base, HCConfig())
+        patch.apply_family(base, HCConfig())
     hc_retrofit.remove_hyper_connections(base)
     assert _fingerprint(base) == before

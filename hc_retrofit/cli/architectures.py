@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from hc_retrofit.cli.app import app, console, err_console, fail
+from hc_retrofit.cli.core import app, console, err_console, fail
 from hc_retrofit.modeling.families import FAMILIES, supported_model_types
 
 

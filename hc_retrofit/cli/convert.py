@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from hc_retrofit.cli.app import app, console, err_console, quiet_library_progress
+from hc_retrofit.cli.core import app, console, err_console, quiet_library_progress
 from hc_retrofit.modeling.config import VARIANTS, HCConfig
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def convert_command(
         typer.Option(
             "--verify/--no-verify",
             help="After streaming, run `verify` on the result before it is moved into place "
-            "(both models in float32 in memory when they fit, else layer by layer).",
+            "(one model in float32 in memory when it fits, else layer by layer).",
         ),
     ] = True,
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hc_retrofit.cli.app import app, quiet_library_progress
+from hc_retrofit.cli.core import app, quiet_library_progress
 
 DEFAULT_STEPS = 200
 QUICK_STEPS = 20
@@ -36,7 +36,7 @@ def demo_command(
     import torch
     from rich.console import Console
 
-    from hc_retrofit.train.demo import run_demo
+    from hc_retrofit.demo import run_demo
 
     quiet_library_progress()
     torch.set_num_threads(threads)

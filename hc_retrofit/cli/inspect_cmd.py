@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hc_retrofit.cli.app import app, console, err_console, quiet_library_progress
+from hc_retrofit.cli.core import app, console, err_console, quiet_library_progress
 from hc_retrofit.cli.tables import print_fitted
 
 
@@ -59,9 +59,10 @@ def inspect_command(
     R's distance from the identity (and, for mHC, from the doubly stochastic matrices) shows how far the
     streams mix; stream divergence is 0 at conversion and grows with training.
     """
-    from hc_retrofit.inspection import inspect_checkpoint, plot_report
+    from hc_retrofit.inspection import inspect_checkpoint
     from hc_retrofit.modeling.errors import OutputExistsError
     from hc_retrofit.outputs import check_output_file
+    from hc_retrofit.plots import plot_report
 
     if plot is not None:
         from hc_retrofit.plots import new_figure

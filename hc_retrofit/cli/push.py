@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hc_retrofit.cli.app import app, console, err_console
+from hc_retrofit.cli.core import app, console, err_console
 
 
 @app.command("push")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from hc_retrofit.cli.app import app
+from hc_retrofit.cli.core import app
 
 
 @app.command(

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from hc_retrofit.cli.app import app, quiet_library_progress
+from hc_retrofit.cli.core import app, quiet_library_progress
 
 
 @app.command("train")

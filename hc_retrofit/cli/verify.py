@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hc_retrofit.cli.app import app, console, err_console, quiet_library_progress
+from hc_retrofit.cli.core import app, console, err_console, quiet_library_progress
 
 
 @app.command("verify")
@@ -25,7 +25,7 @@ def verify_command(
         typer.Option(
             "--mode",
             help="How to load the models: memory (both whole, in float32), layers (one decoder layer at a time, "
-            "for models larger than the memory; the same numbers), auto (layers when both would not fit).",
+            "for models larger than the memory; the same numbers), auto (layers when the model would not fit).",
         ),
     ] = "auto",
 ) -> None:
@@ -41,7 +41,11 @@ def verify_command(
     quiet_library_progress()
     if mode == "auto" and (directory / "config.json").is_file():
         mode = "layers" if choose_mode(directory) == LAYERS else "memory"
-    doing = "running both models layer by layer" if mode == "layers" else "loading both models and comparing"
+    doing = (
+        "running both models layer by layer"
+        if mode == "layers"
+        else "loading the base, then the checkpoint into it, and comparing"
+    )
     with err_console.status(doing, spinner="dots"):
         report = verify_checkpoint(directory, base, trained=trained, mode=mode)
     if as_json:

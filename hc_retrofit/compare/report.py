@@ -18,36 +18,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hc_retrofit.compare.runner import COMPARE_FILE, TrialOutcome, is_finished, read_outcome
-from hc_retrofit.compare.spec import Arm, CompareSpec, Trial
+from hc_retrofit.compare.outcomes import (
+    COMPARE_FILE,
+    PLOT_FILE,
+    RESULTS_FILE,
+    TrialOutcome,
+    best_settings,
+    is_finished,
+    read_outcome,
+)
+from hc_retrofit.compare.spec import CompareSpec, Trial
 from hc_retrofit.log import get_logger
 
 logger = get_logger(__name__)
-
-RESULTS_FILE = "results.json"
-PLOT_FILE = "compare.png"
-
-
-def best_settings(spec: CompareSpec, outcomes: list[TrialOutcome]) -> dict[Arm, tuple[float, float | None]]:
-    """Each arm's setting with the lowest mean validation loss over the tuning seeds."""
-    best: dict[Arm, tuple[float, float | None]] = {}
-    for arm in spec.arms:
-        scores = {
-            setting: _mean_validation(outcomes, arm, setting, spec.tuning_seeds) for setting in spec.settings(arm)
-        }
-        best[arm] = min(scores, key=lambda s: (scores[s], s[0]))  # ties: the lower LR
-    return best
-
-
-def _mean_validation(
-    outcomes: list[TrialOutcome], arm: Arm, setting: tuple[float, float | None], seeds: tuple[int, ...]
-) -> float:
-    values = [
-        o.validation_loss
-        for o in outcomes
-        if o.trial.arm == arm and o.trial.setting == setting and o.trial.seed in seeds
-    ]
-    return statistics.fmean(values) if values else math.inf
 
 
 @dataclass

@@ -13,58 +13,27 @@ from its newest checkpoint with ``--resume`` semantics.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hc_retrofit import outputs, ownership
+from hc_retrofit.compare.outcomes import (
+    COMPARE_CLAIMS,
+    COMPARE_FILE,
+    DIVERGED_FILE,
+    LOCK_FILE,
+    OWNED,
+    TrialOutcome,
+    best_settings,
+    is_finished,
+    read_outcome,
+)
 from hc_retrofit.compare.spec import CompareSpec, Trial
 from hc_retrofit.train.errors import NonFiniteLossError, TrainingError
-from hc_retrofit.train.metrics import read_metrics
-
-COMPARE_FILE = "compare.json"
-DIVERGED_FILE = "diverged.json"
-SUMMARY_FILE = "summary.json"
-#: held (with the process id) while a comparison runs: two at once would train the same run dirs
-LOCK_FILE = "compare.lock"
-#: what ``--overwrite`` may delete: only files a comparison writes
-OWNED = (COMPARE_FILE, "runs", "results.json", "compare.png")
-#: what a comparison writes (its run dirs carry manifests of their own)
-COMPARE_CLAIMS = ("runs/*/*/*",)
-
-
-@dataclass
-class CurvePoint:
-    """One eval of a run: after ``step`` updates, ``tokens`` trained in ``seconds`` of training."""
-
-    step: int
-    tokens: int
-    seconds: float
-    validation_loss: float | None
-    heldout_loss: float | None
-
-
-@dataclass
-class TrialOutcome:
-    """A finished trial: its final validation / held-out losses, speed and eval curve."""
-
-    trial: Trial
-    out_dir: str
-    validation_loss: float
-    heldout_loss: float
-    tokens: int = 0
-    train_seconds: float = 0.0
-    diverged: str | None = None
-    curve: list[CurvePoint] = field(default_factory=list)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.train_seconds if self.train_seconds else 0.0
 
 
 def check_out(spec: CompareSpec) -> Path:
@@ -224,51 +193,6 @@ def run_trial(
     return read_outcome(trial, run_dir)
 
 
-def is_finished(run_dir: Path) -> bool:
-    return (run_dir / SUMMARY_FILE).exists() or (run_dir / DIVERGED_FILE).exists()
-
-
-def read_outcome(trial: Trial, run_dir: Path) -> TrialOutcome:
-    """A finished trial's outcome from its run dir (``summary.json``/``diverged.json``, ``metrics.jsonl``)."""
-    rows = read_metrics(run_dir)
-    curve, seconds, tokens = _curve(rows)
-    if (run_dir / DIVERGED_FILE).exists():
-        error = json.loads((run_dir / DIVERGED_FILE).read_text())["error"]
-        return TrialOutcome(trial, str(run_dir), math.inf, math.inf, tokens, seconds, diverged=error, curve=curve)
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    validation, heldout = summary.get("final_eval_loss"), summary.get("final_heldout_loss")
-    if validation is None or heldout is None:
-        raise TrainingError(f"{run_dir} has no validation/held-out loss: was it written by another version?")
-    return TrialOutcome(trial, str(run_dir), validation, heldout, tokens, seconds, curve=curve)
-
-
-def _curve(rows: list[dict[str, Any]]) -> tuple[list[CurvePoint], float, int]:
-    """Eval points with the training time and tokens before them; total (seconds, tokens).
-
-    Training time is summed from the train rows (``tokens / tokens_per_s`` is that step's time;
-    a step that was not logged counts as the last logged one), so it excludes eval and start-up,
-    and a resumed run counts each step once.
-    """
-    train = sorted((r for r in rows if r.get("loss") is not None and r.get("tokens_per_s")), key=lambda r: r["step"])
-    per_step_tokens = train[0]["tokens"] // (train[0]["step"] + 1) if train else 0
-    elapsed: dict[int, float] = {0: 0.0}  # step k -> training seconds of the first k updates
-    total, prev = 0.0, -1
-    for r in train:
-        dt = per_step_tokens / r["tokens_per_s"]
-        total += dt * (r["step"] - prev)
-        prev = r["step"]
-        elapsed[r["step"] + 1] = total
-    known = sorted(elapsed)
-    points = []
-    for r in rows:
-        if r.get("eval_loss") is None:
-            continue
-        step = r["step"]
-        at = max((k for k in known if k <= step), default=0)
-        points.append(CurvePoint(step, step * per_step_tokens, elapsed[at], r["eval_loss"], r.get("heldout_loss")))
-    return points, total, (prev + 1) * per_step_tokens
-
-
 def run_all(
     spec: CompareSpec,
     *,
@@ -280,8 +204,6 @@ def run_all(
 
     ``load`` returns a fresh (model, tokenizer) per trial instead of loading ``spec.model``.
     """
-    from hc_retrofit.compare.report import best_settings
-
     outcomes: list[TrialOutcome] = []
 
     def run(trials: list[Trial], phase: str) -> None:

@@ -1,4 +1,4 @@
-"""`convert()`: retrofit hyper-connections into a loaded transformers causal LM, in place.
+"""`apply_family()`: retrofit hyper-connections into a loaded transformers model, in place, unchecked.
 
 How a converted decoder layer runs (streams ``H`` have shape ``(B, T, n, D)`` between layers)::
 
@@ -127,7 +127,7 @@ def _recomputes(layer: nn.Module) -> bool:
 
 
 class HCDecoderLayerMixin:
-    """Mixed into each decoder layer's class by :func:`convert`; see the module docstring."""
+    """Mixed into each decoder layer's class by :func:`apply_family`; see the module docstring."""
 
     hyper_connections: nn.ModuleList
     _hc_block: Block
@@ -189,7 +189,7 @@ def _hc_layer_class(cls: type) -> type:
 
     The class is a global of this module under its own name, so ``type(layer)`` and ``repr`` say what
     the layer is and pickling finds it (see :meth:`HCDecoderLayerMixin.__reduce_ex__` for a new
-    process). :func:`convert` adds the name to the model's ``_no_split_modules``, where accelerate's
+    process). :func:`apply_family` adds the name to the model's ``_no_split_modules``, where accelerate's
     FSDP auto-wrap policy and transformers' ``device_map="auto"`` look for decoder layers by name.
     """
     name = f"HC{cls.__name__}"
@@ -205,7 +205,7 @@ def _rebuild_layer(original: type) -> nn.Module:
 
 @dataclass
 class _Hook:
-    """One hook :func:`convert` registered on a child of a decoder layer, and its handle."""
+    """One hook :func:`apply_family` registered on a child of a decoder layer, and its handle."""
 
     child: str
     kind: str  # "pre" (entry: feeds x) or "post" (exit: turns y into what the layer adds)
@@ -223,7 +223,7 @@ class _Hook:
 
 @dataclass
 class _Surgery:
-    """What :func:`convert` did to one decoder layer, so that :func:`remove_hyper_connections` undoes exactly that."""
+    """What :func:`apply_family` did to one decoder layer, so that :func:`remove_hyper_connections` undoes exactly that."""
 
     original_class: type
     hooks: list[_Hook] = field(default_factory=list)
@@ -367,8 +367,8 @@ def check_convertible(model: nn.Module, config: HCConfig | None) -> HCConfig:
     return config
 
 
-def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family | None = None) -> nn.Module:
-    """Retrofit hyper-connections into ``model`` (in place) and return it.
+def apply_family(model: nn.Module, config: HCConfig | None = None, *, family: Family | None = None) -> nn.Module:
+    """Apply ``family``'s hyper-connection structure to ``model`` (in place, unchecked) and return it.
 
     ``model`` is a loaded transformers causal LM of a supported family (see
     :func:`hc_retrofit.families.supported_model_types`). At initialisation the converted model
@@ -457,7 +457,7 @@ def _record_no_split(model: nn.Module, names: set[str]) -> None:
 
 
 def remove_hyper_connections(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert` in place and return ``model``: the original model object again.
+    """Undo :func:`apply_family` in place and return ``model``: the original model object again.
 
     Every decoder layer gets its original class back, loses its ``hyper_connections`` and the hooks
     conversion registered (by their recorded handles, including hooks that followed a replaced

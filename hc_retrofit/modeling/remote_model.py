@@ -18,7 +18,7 @@ from typing import Any
 
 from .config import BASE_TYPE_KEY, CONFIG_KEY, MODEL_TYPE_PREFIX, HCConfig
 from .errors import CheckpointError, NotConvertedError
-from .patch import convert
+from .patch import apply_family
 
 HC_MODULES = "hyper_connections"
 """The attribute name under which every converted layer keeps its sites (and so a fragment of the
@@ -125,7 +125,7 @@ class HCRetrofitModelMixin:
                 f"config has no {CONFIG_KEY!r} settings: this is not a converted hc-retrofit checkpoint"
             )
         with _base_type_config(self):
-            convert(self, HCConfig.from_dict(dict(settings)))
+            apply_family(self, HCConfig.from_dict(dict(settings)))
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:

@@ -44,13 +44,13 @@ def unsharded_copy(sharded: nn.Module, state_dict: dict[str, torch.Tensor]) -> n
     config records (the one it was converted with, proven or discovered), never looked up anew.
     """
     from hc_retrofit.modeling.families import recorded_family
-    from hc_retrofit.modeling.patch import convert
+    from hc_retrofit.modeling.patch import apply_family
 
     model = type(sharded)._from_config(sharded.config, dtype=torch.float32)
     if hyper_connection_sites(sharded) and not hyper_connection_sites(model):
         family = recorded_family(sharded.config)
         if family is None:
             raise TrainingError("the trained model records no hyper-connection structure; cannot gather it to save")
-        convert(model, sharded.hc_config, family=family)
+        apply_family(model, sharded.hc_config, family=family)  # the structure proven at conversion
     model.load_state_dict(state_dict, strict=True)
     return model

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def test_inspect_table(cli, converted_dir: Path, monkeypatch) -> None:
-    from hc_retrofit.cli import app
+    from hc_retrofit.cli import core as app
 
     monkeypatch.setattr(app.console, "width", 200)
     result = cli("inspect", converted_dir)
@@ -17,7 +17,7 @@ def test_inspect_table(cli, converted_dir: Path, monkeypatch) -> None:
 
 
 def test_inspect_fits_80_columns(cli, converted_dir: Path, monkeypatch) -> None:
-    from hc_retrofit.cli import app
+    from hc_retrofit.cli import core as app
 
     monkeypatch.setattr(app.console, "width", 80)
     result = cli("inspect", converted_dir)

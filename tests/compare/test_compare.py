@@ -225,8 +225,8 @@ def test_bad_specs_are_one_clear_error(change, message, tmp_path):
 
 
 def test_an_arm_without_a_shared_eval_step_is_said_not_dropped(tmp_path, caplog):
+    from hc_retrofit.compare.outcomes import CurvePoint, TrialOutcome
     from hc_retrofit.compare.report import mean_curve, plot_compare
-    from hc_retrofit.compare.runner import CurvePoint, TrialOutcome
 
     def run(arm: Arm, seed: int, steps: list[int]) -> TrialOutcome:
         curve = [CurvePoint(s, 100 * s, 1.0 * s, 2.0, 3.0 - 0.1 * s) for s in [0, *steps]]

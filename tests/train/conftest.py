@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hc_retrofit.train.demo import corpus_path, demo_model, demo_tokenizer
+from hc_retrofit.demo import corpus_path, demo_model, demo_tokenizer
 from hc_retrofit.train.recipe import TrainConfig
 
 

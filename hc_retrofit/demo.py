@@ -30,8 +30,8 @@ import torch
 
 from hc_retrofit import outputs, ownership
 from hc_retrofit.modeling.config import HCConfig
-from hc_retrofit.modeling.errors import HCRetrofitError
-from hc_retrofit.modeling.patch import convert, hyper_connection_sites
+from hc_retrofit.modeling.patch import hyper_connection_sites
+from hc_retrofit.proof import convert
 from hc_retrofit.train.errors import TrainingError
 
 CORPUS = "shakespeare_200k.txt"
@@ -42,7 +42,6 @@ COMPARE_DIR = "compare"
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 1024
 #: a retrofit whose logits differ by more than this from the base model's is refused
-EXACT_ATOL = 1e-4
 
 #: LR grid of every arm, and the HC LR multiplier grid (measured in the README's study)
 DEMO_LR_GRID = (1e-3, 3e-3)
@@ -184,8 +183,9 @@ def demo_spec(
 def check_exact(base: Any, tokenizer: Any, variants: tuple[str, ...], streams: int) -> tuple[float, bool, dict]:
     """Convert a copy of ``base`` per variant; (max |logit diff|, greedy identical, parameter counts).
 
-    Raises :class:`HCRetrofitError` if any retrofit is not exact: the demo never continues from a
-    model that is not the pretrained one.
+    Each conversion is proven exact by :func:`hc_retrofit.convert` (which refuses a model that is
+    not): the demo never continues from a model that is not the pretrained one. The longer text's
+    logit difference and greedy continuation are measured here to be shown.
     """
     text = corpus_path().read_text()[:2000]
     probe = torch.tensor([tokenizer(text)["input_ids"][:64]])
@@ -199,11 +199,6 @@ def check_exact(base: Any, tokenizer: Any, variants: tuple[str, ...], streams: i
         params[f"{variant} n={streams}"] = sum(p.numel() for p in model.parameters())
         params[f"{variant} n={streams} (HC only)"] = sum(
             p.numel() for site in hyper_connection_sites(model) for p in site.parameters()
-        )
-    if worst > EXACT_ATOL or not same:
-        raise HCRetrofitError(
-            f"the retrofit of {PRETRAINED} is not exact (max |logit diff| {worst:.2e}, greedy identical: {same}); "
-            "this is a bug in hc-retrofit: please report it"
         )
     return worst, same, params
 
