@@ -248,7 +248,8 @@ def test_an_architecture_without_a_family_converts_through_discovery():
 def test_a_base_model_without_lm_head_converts_on_its_own_layer_list():
     base = tiny_model("gpt2").transformer  # GPT2Model: the gpt2 family's "transformer.h" is "h" here
     model = hc_retrofit.convert(copy.deepcopy(base), HCConfig())
-    assert family_for(model.config).layers == "h"
+    assert decoder_layers(model) is model.h  # the family's "transformer.h", read from the base model
+    assert all(type(layer).__name__.startswith("HC") for layer in model.h)
     ids = torch.randint(3, VOCAB, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).last_hidden_state, base(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
