@@ -147,20 +147,26 @@ def _saved(ctx, count: int) -> tuple[list, torch.Tensor | None]:
     return others, ctx.recomputed.get(rest).reshape(ctx.streams_shape)
 
 
+def _width(streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``a . H`` as a new ``(..., D)`` tensor (the forward of :class:`WidthConnection`)."""
+    lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
+    h = _tokens(streams)
+    a_t = _per_token(a, lead, (n,), streams.dtype).unsqueeze(1)  # (M, 1, n)
+    # Write into the final shape: an output that is a view would forbid in-place use later.
+    x = streams.new_empty(*lead, d)
+    if expanded_streams(h):
+        torch.mul(h[:, 0], a_t.sum(-1), out=x.view(-1, d))
+    else:
+        torch.bmm(a_t, h, out=x.view(-1, 1, d))
+    return x
+
+
 class WidthConnection(torch.autograd.Function):
     """``x = a . H``: forward ``bmm(a, H)``; backward ``dH = a (x) dx``, ``da_k = H_k . dx``."""
 
     @staticmethod
     def forward(ctx, streams: torch.Tensor, a: torch.Tensor, source: tuple | None = None) -> torch.Tensor:
-        lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
-        h = _tokens(streams)
-        a_t = _per_token(a, lead, (n,), streams.dtype).unsqueeze(1)  # (M, 1, n)
-        # Write into the final shape: an output that is a view would forbid in-place use later.
-        x = streams.new_empty(*lead, d)
-        if expanded_streams(h):
-            torch.mul(h[:, 0], a_t.sum(-1), out=x.view(-1, d))
-        else:
-            torch.bmm(a_t, h, out=x.view(-1, 1, d))
+        x = _width(streams, a)
         ctx.shape, ctx.dtype = streams.shape, streams.dtype
         _save(ctx, streams if ctx.needs_input_grad[1] else None, source if ctx.needs_input_grad[1] else None, a)
         return x
@@ -174,27 +180,8 @@ class WidthConnection(torch.autograd.Function):
         d_streams = (a_t * g).reshape(ctx.shape) if ctx.needs_input_grad[0] else None
         d_a = None
         if ctx.needs_input_grad[1]:
-            h = _tokens(streams)
-            if expanded_streams(h):
-                dots = torch.bmm(g, h[:, :1].transpose(1, 2)).expand(-1, n, 1)
-            else:
-                dots = torch.bmm(h, g.transpose(1, 2))  # (M, n, 1): H_k . dx
-            d_a = _grad_to(dots.squeeze(-1), a, lead)
+            d_a = _grad_to(_stream_dots(streams, g).squeeze(-1), a, lead)  # H_k . dx
         return d_streams, d_a, None
-
-
-def _width(streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``a . H`` as a new ``(..., D)`` tensor (the forward of :class:`WidthConnection`)."""
-    lead, n, d = streams.shape[:-2], streams.shape[-2], streams.shape[-1]
-    h = _tokens(streams)
-    a_t = _per_token(a, lead, (n,), streams.dtype).unsqueeze(1)  # (M, 1, n)
-    # Write into the final shape: an output that is a view would forbid in-place use later.
-    x = streams.new_empty(*lead, d)
-    if expanded_streams(h):
-        torch.mul(h[:, 0], a_t.sum(-1), out=x.view(-1, d))
-    else:
-        torch.bmm(a_t, h, out=x.view(-1, 1, d))
-    return x
 
 
 def _stream_dots(streams: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
