@@ -24,7 +24,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from hc_retrofit import ownership
@@ -277,6 +277,23 @@ def abandon(tmp: Path, err: BaseException, out: Path) -> BaseException | None:
     if "no space left" in str(err).lower() or "disk quota" in str(err).lower():
         return OSError(errno.ENOSPC, "No space left on device", str(out.parent))
     return None
+
+
+@contextlib.contextmanager
+def staged(out: Path, kind: str, tmp: Path | None = None) -> Iterator[Path]:
+    """Write a new output into a staging sibling of ``out`` (``tmp``, else a fresh one), put in place
+    by :func:`replace_dir` only when the block completes. On any error (Ctrl-C included) the staging
+    directory is removed, ``out`` is left as it was, and a full disk reported as something else is
+    raised as ``OSError`` (see :func:`abandon`)."""
+    tmp = staging_dir(out) if tmp is None else tmp
+    try:
+        yield tmp
+        replace_dir(tmp, out, kind=kind)
+    except BaseException as err:
+        instead = abandon(tmp, err, out)
+        if instead is not None:
+            raise instead from err
+        raise
 
 
 def set_aside(out: Path) -> Path:

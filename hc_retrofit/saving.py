@@ -82,14 +82,7 @@ def _save_staged(
     if base and Path(base).expanduser().is_dir():  # a local base: absolute, so verify works from any cwd
         base = str(Path(base).expanduser().resolve())
     metadata = {**(getattr(config, METADATA_KEY, None) or {}), **(extra or {})}
-    tmp = outputs.staging_dir(out)
-    try:
+    with outputs.staged(out, kind="checkpoint") as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         keys = write_converted_files(tmp, model, tokenizer, base=base, metadata=metadata)
-        outputs.replace_dir(tmp, out, kind="checkpoint")
-    except BaseException as err:
-        instead = outputs.abandon(tmp, err, out)
-        if instead is not None:
-            raise instead from err
-        raise
     return keys

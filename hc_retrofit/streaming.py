@@ -304,53 +304,50 @@ def write_plan(
         out = check_output_dir(Path(out_dir), overwrite=overwrite, source=str(plan.local_dir))
         tmp = outputs.staging_dir(out)
         copier = ShardCopier([(s.source, s.name) for s in plan.shards if not s.cast], tmp, link=link).start()
-    try:
-        if early is None:
-            _say_copying(copier, say)
-        started = time.perf_counter()
-        weight_map: dict[str, str] = {}
-        total = 0
-        for shard in plan.shards:
-            for key, entry in shard.tensors.items():
-                weight_map[key] = shard.name
-                dtype = shard.cast.get(key, torch_dtype(entry["dtype"]))
-                total += torch.Size(entry["shape"]).numel() * torch.empty((), dtype=dtype).element_size()
-        save_file(plan.hc_tensors, str(tmp / HC_SHARD), metadata={"format": "pt"})
-        for key, tensor in plan.hc_tensors.items():
-            weight_map[key] = HC_SHARD
-            total += tensor.numel() * tensor.element_size()
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        model = plan.model
-        model.config.save_pretrained(tmp)
-        generation = _generation_config(plan)
-        if generation is not None:
-            generation.save_pretrained(tmp)
-        # as the in-memory path loads it (by the name the user gave: tokenizer_config records is_local)
-        tokenizer = load_tokenizer(plan.source, revision=plan.revision, trust_remote_code=plan.trust_remote_code)
-        base = str(plan.local_dir.resolve()) if Path(plan.source).expanduser().is_dir() else plan.source
-        write_converted_files(tmp, model, tokenizer, base=base)
-        timings["files"] = time.perf_counter() - started
-        started = time.perf_counter()
-        linked = copier.wait()
-        timings["copy wait"] = time.perf_counter() - started
-        timings["copy"] = copier.seconds
-        for note in copier.notes:
-            say(note)
-        for i, shard in enumerate([s for s in plan.shards if s.cast], 1):
-            say(f"re-encoding {shard.source.name} to {plan.dtype} ({i}/{sum(1 for s in plan.shards if s.cast)})")
-            _reencode(shard, tmp / shard.name)
-        if check is not None:
+    with outputs.staged(out, kind="checkpoint", tmp=tmp):
+        try:
+            if early is None:
+                _say_copying(copier, say)
             started = time.perf_counter()
-            check(tmp)
-            timings["checks"] = time.perf_counter() - started
-        outputs.replace_dir(tmp, out, kind="checkpoint")
-    except BaseException as err:
-        copier.cancel()
-        instead = outputs.abandon(tmp, err, out)
-        if instead is not None:
-            raise instead from err
-        raise
+            weight_map: dict[str, str] = {}
+            total = 0
+            for shard in plan.shards:
+                for key, entry in shard.tensors.items():
+                    weight_map[key] = shard.name
+                    dtype = shard.cast.get(key, torch_dtype(entry["dtype"]))
+                    total += torch.Size(entry["shape"]).numel() * torch.empty((), dtype=dtype).element_size()
+            save_file(plan.hc_tensors, str(tmp / HC_SHARD), metadata={"format": "pt"})
+            for key, tensor in plan.hc_tensors.items():
+                weight_map[key] = HC_SHARD
+                total += tensor.numel() * tensor.element_size()
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            model = plan.model
+            model.config.save_pretrained(tmp)
+            generation = _generation_config(plan)
+            if generation is not None:
+                generation.save_pretrained(tmp)
+            # as the in-memory path loads it (by the name the user gave: tokenizer_config records is_local)
+            tokenizer = load_tokenizer(plan.source, revision=plan.revision, trust_remote_code=plan.trust_remote_code)
+            base = str(plan.local_dir.resolve()) if Path(plan.source).expanduser().is_dir() else plan.source
+            write_converted_files(tmp, model, tokenizer, base=base)
+            timings["files"] = time.perf_counter() - started
+            started = time.perf_counter()
+            linked = copier.wait()
+            timings["copy wait"] = time.perf_counter() - started
+            timings["copy"] = copier.seconds
+            for note in copier.notes:
+                say(note)
+            for i, shard in enumerate([s for s in plan.shards if s.cast], 1):
+                say(f"re-encoding {shard.source.name} to {plan.dtype} ({i}/{sum(1 for s in plan.shards if s.cast)})")
+                _reencode(shard, tmp / shard.name)
+            if check is not None:
+                started = time.perf_counter()
+                check(tmp)
+                timings["checks"] = time.perf_counter() - started
+        except BaseException:  # stop the copy before the staging directory is removed
+            copier.cancel()
+            raise
     cast = {s.name for s in plan.shards if s.cast}
     return out, sum(1 for name in linked if name not in cast)
 

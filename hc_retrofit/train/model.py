@@ -115,15 +115,8 @@ def save_final(model: nn.Module, tokenizer: Any, out_dir: Path, *, metadata: dic
     from hc_retrofit import outputs
 
     model.config.use_cache = True
-    tmp = outputs.staging_dir(out_dir)
-    try:
+    with outputs.staged(out_dir, kind="checkpoint") as tmp:  # sealed with a manifest of what it wrote
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        outputs.replace_dir(tmp, out_dir, kind="checkpoint")  # with a manifest of what it wrote
-    except BaseException as err:
-        instead = outputs.abandon(tmp, err, out_dir)
-        if instead is not None:
-            raise instead from err
-        raise
     return out_dir
