@@ -18,7 +18,6 @@ ROOT = Path(hc_retrofit.__file__).parent
 PENDING = {
     "cli/compare.py:compare_command",
     "cli/train.py:train_command",
-    "hub.py",
     "streaming.py",
     "sweep.py",
     "verify.py:verify_checkpoint",
