@@ -20,8 +20,9 @@ import torch
 from hc_retrofit.base_model import load_tokenizer
 from hc_retrofit.checkpoint_format import require_converted_dir
 from hc_retrofit.loading import load_converted
+from hc_retrofit.modeling.converted_layer import HCDecoderLayerMixin
 from hc_retrofit.modeling.errors import NotConvertedError
-from hc_retrofit.modeling.patch import HCDecoderLayerMixin, is_converted
+from hc_retrofit.modeling.patch import is_converted
 from hc_retrofit.modeling.site import HyperConnection
 from hc_retrofit.probe import probe_batch
 
