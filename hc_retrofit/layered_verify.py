@@ -20,6 +20,7 @@ from hc_retrofit.base_model import load_base_config, load_tokenizer
 from hc_retrofit.checkpoint_format import check_weight_files
 from hc_retrofit.checkpoint_source import resolve_checkpoint
 from hc_retrofit.layered import LayeredUnavailable, LayerLoader, build_weightless, stored_tensors
+from hc_retrofit.loading import build_float32
 from hc_retrofit.modeling.errors import CheckpointError, HCRetrofitError
 from hc_retrofit.modeling.families import family_for
 from hc_retrofit.modeling.patch import decoder_layers
@@ -75,7 +76,7 @@ def _converted_skeleton(directory: Path) -> Any:
     check_weight_files(directory)
     config = converted_config(directory)
     _, model_cls = converted_classes(directory)
-    model = build_weightless(lambda: model_cls._from_config(config, dtype=torch.float32))
+    model = build_weightless(lambda: build_float32(model_cls, config))
     _generation_config(model, directory)
     return model.eval()
 
