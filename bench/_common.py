@@ -254,6 +254,19 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
 
 
+def finish(name: str, rows: list[dict[str, Any]], args: Any) -> Path:
+    """Print the summary table of ``rows`` and write them with the run's settings.
+
+    The JSON is ``bench/results/<name>[_compile][_quick].json`` (or ``--out``), the suffixes taken
+    from ``args.compile`` and ``args.quick`` where the script has them.
+    """
+    print()
+    print_table(rows, list(rows[0]))
+    name += "_compile" if getattr(args, "compile", False) else ""
+    name += "_quick" if getattr(args, "quick", False) else ""
+    return write_json(name, {"settings": vars(args), "rows": rows}, getattr(args, "out", None))
+
+
 def write_json(name: str, payload: dict[str, Any], out: str | None = None) -> Path:
     """Write ``payload`` (plus the machine description) to ``out`` or ``bench/results/<name>.json``."""
     path = Path(out) if out else RESULTS / f"{name}.json"

@@ -116,10 +116,7 @@ def main() -> None:
             rows.append(row)
             C.print_table([row], list(row))
             del model
-    print()
-    C.print_table(rows, list(rows[0]))
-    name = "layer" + ("_compile" if args.compile else "") + ("_quick" if args.quick else "")
-    C.write_json(name, {"settings": vars(args), "rows": rows}, args.out)
+    C.finish("layer", rows, args)
 
 
 if __name__ == "__main__":

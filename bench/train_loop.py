@@ -22,8 +22,8 @@ from pathlib import Path
 
 import _common as C
 import torch
-from hc_retrofit.train.demo import corpus_path, demo_tokenizer
 
+from hc_retrofit.demo import corpus_path, demo_tokenizer
 from hc_retrofit.train import train
 from hc_retrofit.train.metrics import read_metrics
 from hc_retrofit.train.recipe import TrainConfig
@@ -98,10 +98,7 @@ def main() -> None:
         }
         for name, _ in arms[1:]
     ]
-    print()
-    C.print_table(rows, list(rows[0]))
-    name = "train_loop" + ("_compile" if args.compile else "") + ("_quick" if args.quick else "")
-    C.write_json(name, {"settings": vars(args), "rows": rows}, args.out)
+    C.finish("train_loop", rows, args)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from _common import ROOT, print_table, write_json
 
 def run_once(threads: int | None, args: argparse.Namespace, work: Path) -> tuple[float, int]:
     """tok/s of one short training run with ``--threads threads`` (``None``: the default)."""
-    from hc_retrofit.train.demo import corpus_path, pretrained_path
+    from hc_retrofit.demo import corpus_path, pretrained_path
 
     out = Path(tempfile.mkdtemp(dir=work))
     out.rmdir()

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from hc_retrofit import outputs, ownership
+from hc_retrofit.equivalence import model_dtype, probe_inputs, require_equivalent, run_probe
 from hc_retrofit.modeling.config import HCConfig
 from hc_retrofit.modeling.patch import hyper_connection_sites
 from hc_retrofit.proof import convert
@@ -41,8 +42,9 @@ DEMO_FILE = "demo.json"
 COMPARE_DIR = "compare"
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 1024
-#: a retrofit whose logits differ by more than this from the base model's is refused
-
+#: the demo's own probe: the first tokens of the corpus, and how many greedy tokens follow them
+DEMO_PROBE_TOKENS = 64
+DEMO_NEW_TOKENS = 24
 #: LR grid of every arm, and the HC LR multiplier grid (measured in the README's study)
 DEMO_LR_GRID = (1e-3, 3e-3)
 DEMO_HC_LR_MULTIPLIERS = (10.0,)
@@ -115,19 +117,6 @@ def demo_model(size: str = "default", *, vocab_size: int = VOCAB_SIZE, seed: int
     return LlamaForCausalLM(config).eval()
 
 
-@torch.no_grad()
-def retrofit_error(base: Any, converted: Any, input_ids: torch.Tensor) -> float:
-    """Max |logit difference| between the base and the converted model on ``input_ids``."""
-    return float((base(input_ids=input_ids).logits - converted(input_ids=input_ids).logits).abs().max())
-
-
-def greedy_tokens(model: Any, prompt: torch.Tensor, new_tokens: int = 24) -> list[int]:
-    """Greedy continuation of ``prompt`` (through the KV cache, like generation in use)."""
-    from hc_retrofit.verify import greedy_continuation
-
-    return greedy_continuation(model, prompt, new_tokens, model.config.eos_token_id)[0].tolist()
-
-
 @dataclass
 class DemoResult:
     """The retrofit check per variant and the comparison (:class:`~hc_retrofit.compare.CompareResult`)."""
@@ -184,18 +173,22 @@ def check_exact(base: Any, tokenizer: Any, variants: tuple[str, ...], streams: i
     """Convert a copy of ``base`` per variant; (max |logit diff|, greedy identical, parameter counts).
 
     Each conversion is proven exact by :func:`hc_retrofit.convert` (which refuses a model that is
-    not): the demo never continues from a model that is not the pretrained one. The longer text's
-    logit difference and greedy continuation are measured here to be shown.
+    not): the demo never continues from a model that is not the pretrained one. It is then compared
+    again on a longer text (the first tokens of the corpus and their greedy continuation), with the
+    same comparison and tolerance (:mod:`hc_retrofit.equivalence`), to be shown; a difference beyond
+    the tolerance stops the demo (:class:`~hc_retrofit.equivalence.NotEquivalentError`).
     """
     text = corpus_path().read_text()[:2000]
-    probe = torch.tensor([tokenizer(text)["input_ids"][:64]])
-    reference = greedy_tokens(base, probe[:, :16])
+    inputs = probe_inputs(base, tokenizer=tokenizer, texts=(text,), batch=1, length=DEMO_PROBE_TOKENS)
+    reference = run_probe(base, inputs, new_tokens=DEMO_NEW_TOKENS)
     worst, same = 0.0, True
     params = {"plain": sum(p.numel() for p in base.parameters())}
     for variant in variants:
         model = convert(copy.deepcopy(base), HCConfig(num_streams=streams, variant=variant)).eval()
-        worst = max(worst, retrofit_error(base, model, probe))
-        same = same and greedy_tokens(model, probe[:, :16]) == reference
+        got = run_probe(model, inputs, new_tokens=DEMO_NEW_TOKENS)
+        comparison = require_equivalent(reference, got, model_dtype(base), f"the {variant} retrofit")
+        worst = max(worst, comparison.max_abs_logit_diff)
+        same = same and comparison.greedy_identical
         params[f"{variant} n={streams}"] = sum(p.numel() for p in model.parameters())
         params[f"{variant} n={streams} (HC only)"] = sum(
             p.numel() for site in hyper_connection_sites(model) for p in site.parameters()

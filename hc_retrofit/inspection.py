@@ -19,11 +19,12 @@ import torch
 
 from hc_retrofit.base_model import load_tokenizer
 from hc_retrofit.checkpoint_format import require_converted_dir
+from hc_retrofit.equivalence import CHECKPOINT_BATCH, CHECKPOINT_LENGTH, probe_ids
 from hc_retrofit.loading import load_converted
+from hc_retrofit.modeling.converted_layer import HCDecoderLayerMixin
 from hc_retrofit.modeling.errors import NotConvertedError
-from hc_retrofit.modeling.patch import HCDecoderLayerMixin, is_converted
+from hc_retrofit.modeling.patch import is_converted
 from hc_retrofit.modeling.site import HyperConnection
-from hc_retrofit.probe import probe_batch
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,7 @@ def inspect_model(model: Any, tokenizer: Any = None) -> InspectionReport:
     if not is_converted(model):
         raise NotConvertedError("the model has no hyper-connections to inspect")
     sites = [site_report(i, site) for i, layer in enumerate(hc_layers(model)) for site in layer.hyper_connections]
-    device = next(model.parameters()).device
-    ids = probe_batch(tokenizer, model.config.vocab_size).to(device)
+    ids = probe_ids(model, tokenizer=tokenizer, batch=CHECKPOINT_BATCH, length=CHECKPOINT_LENGTH)
     return InspectionReport(
         variant=model.hc_config.variant,
         num_streams=model.hc_config.num_streams,

@@ -110,17 +110,35 @@ class StoredTensor:
     def read(self) -> torch.Tensor:
         """The tensor, read from its file into fresh memory."""
         buffer = torch.empty(self.nbytes, dtype=torch.uint8)
-        if self.nbytes:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                view = memoryview(buffer.numpy())
-                done = 0
-                while done < self.nbytes:
-                    got = f.readinto(view[done:])
-                    if not got:
-                        raise CheckpointError(f"{self.path} is truncated; download or copy the checkpoint again")
-                    done += got
+        self._read_bytes(buffer)
         return buffer.view(self.dtype).reshape(self.shape)
+
+    @torch.no_grad()
+    def read_into(self, target: torch.Tensor) -> None:
+        """Set ``target`` (same shape) to the stored tensor: read straight into its memory when it is a
+        contiguous CPU tensor of the stored dtype (no temporary), else read, then copy and convert."""
+        if tuple(target.shape) != self.shape:
+            raise ValueError(
+                f"{self.path}: the stored tensor has shape {list(self.shape)}, the target {list(target.shape)}"
+            )
+        if target.dtype == self.dtype and target.device.type == "cpu" and target.is_contiguous():
+            self._read_bytes(target.detach().reshape(-1).view(torch.uint8))
+        else:
+            target.copy_(self.read())
+
+    def _read_bytes(self, buffer: torch.Tensor) -> None:
+        """Fill the contiguous CPU uint8 ``buffer`` (``nbytes`` long) with the tensor's bytes."""
+        if not self.nbytes:
+            return
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            view = memoryview(buffer.numpy())
+            done = 0
+            while done < self.nbytes:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"{self.path} is truncated; download or copy the checkpoint again")
+                done += got
 
 
 def stored_tensors(directory: str | os.PathLike) -> dict[str, StoredTensor]:

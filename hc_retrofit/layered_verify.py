@@ -19,15 +19,13 @@ import torch
 from hc_retrofit.base_model import load_base_config, load_tokenizer
 from hc_retrofit.checkpoint_format import check_weight_files
 from hc_retrofit.checkpoint_source import resolve_checkpoint
+from hc_retrofit.equivalence import CHECKPOINT_BATCH, CHECKPOINT_LENGTH, ProbeOutputs, probe_inputs, run_probe
 from hc_retrofit.layered import LayeredUnavailable, LayerLoader, build_weightless, stored_tensors
 from hc_retrofit.loading import build_float32
 from hc_retrofit.modeling.errors import CheckpointError, HCRetrofitError
 from hc_retrofit.modeling.families import family_for
 from hc_retrofit.modeling.patch import decoder_layers
-from hc_retrofit.probe import probe_batch
 from hc_retrofit.runtime_classes import converted_classes, converted_config
-
-Outputs = tuple[torch.Tensor, torch.Tensor]
 
 
 def _generation_config(model: Any, directory: Path) -> None:
@@ -95,13 +93,11 @@ def layered_outputs(
     revision: str | None,
     base_dtype: torch.dtype | None,
     new_tokens: int,
-    run: Callable[[Any, torch.Tensor, int, int], Outputs],
-    pad_of: Callable[[Any], int],
     base_failed: Callable[[HCRetrofitError], HCRetrofitError | None] = lambda _err: None,
     check_converted: Callable[[Any], None] = lambda _model: None,
-) -> tuple[Any, torch.Tensor, Outputs, Outputs]:
-    """``(converted model (meta weights), probe ids, base outputs, converted outputs)``; ``run(model,
-    ids, new_tokens, pad)`` computes the outputs, exactly as the in-memory verify does.
+) -> tuple[Any, dict[str, torch.Tensor], ProbeOutputs, ProbeOutputs]:
+    """``(converted model (meta weights), probe inputs, base outputs, converted outputs)``: the probe
+    and the runs of :mod:`hc_retrofit.equivalence`, exactly as the in-memory verify does.
     ``base_failed(err)``: the error to raise instead when the base cannot be loaded (``None``: ``err``);
     ``check_converted(model)``: runs on the weightless converted model first (it raises to refuse)."""
     directory = Path(converted_dir)
@@ -120,9 +116,10 @@ def layered_outputs(
         raise named from err
     tokenizer = load_tokenizer(base, revision=revision) or load_tokenizer(str(directory))
     config = converted_config(directory)
-    ids = probe_batch(tokenizer, min(config.vocab_size, base_model.config.vocab_size))
-    pad = pad_of(base_model)
-    reference = run(base_model, ids, new_tokens, pad)
+    inputs = probe_inputs(
+        base_model, tokenizer=tokenizer, vocab=config.vocab_size, batch=CHECKPOINT_BATCH, length=CHECKPOINT_LENGTH
+    )
+    reference = run_probe(base_model, inputs, new_tokens=new_tokens)
     loader.close()
     del base_model, loader
     gc.collect()
@@ -130,6 +127,6 @@ def layered_outputs(
         loader = _converted_loader(converted, directory)
     except LayeredUnavailable as why:
         raise CheckpointError(f"cannot verify {directory} layer by layer: {why}") from why
-    outputs = run(converted, ids, new_tokens, pad)
+    outputs = run_probe(converted, inputs, new_tokens=new_tokens)
     loader.close()
-    return converted, ids, reference, outputs
+    return converted, inputs, reference, outputs

@@ -55,3 +55,9 @@ def enable_cli_logging(level: int = logging.WARNING) -> logging.Handler:
     logger.addHandler(handler)
     logger.setLevel(level)
     return handler
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` with the message's whitespace collapsed and cut to 200 characters (what failed, in a list)."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}"

@@ -299,7 +299,7 @@ def build_tiny(model_type: str, seed: int = 0, task: str = DEFAULT_TASK) -> Any:
 
 
 def _build(model_type: str, overrides: dict[str, Any], seed: int, task: str = DEFAULT_TASK) -> Any:
-    from hc_retrofit.proof import probe_inputs
+    from hc_retrofit.equivalence import probe_inputs
 
     torch.manual_seed(seed)
     sizes = VISION_SIZES if task != "causal-lm" else {}

@@ -77,7 +77,7 @@ def sees_future_tokens(model: Any) -> bool:
     loss would train to copy the answer. Two forwards of one 6-token row, in eval mode."""
     import torch
 
-    from hc_retrofit.proof import probe_ids
+    from hc_retrofit.equivalence import probe_ids
 
     ids = probe_ids(model, batch=1, length=6)
     changed = ids.clone()

@@ -2,14 +2,18 @@
 
 Runs the converted model and its base on the same probe batch (both in float32) and reports the
 largest absolute logit difference, the KL divergence of the next-token distributions and whether
-greedy generation (which goes through the KV cache) produces the same tokens. A freshly converted
-model must agree within tolerance; a trained one is expected to differ, and is only reported.
+greedy generation (which goes through the KV cache) produces the same tokens: the probe, the runs,
+the comparison and the float32 tolerance are :mod:`hc_retrofit.equivalence`'s, as for the proof at
+every conversion. A freshly converted model must agree within tolerance; a trained one is expected
+to differ, and is only reported.
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,17 +23,21 @@ from hc_retrofit.base_model import load_base_model, load_tokenizer
 from hc_retrofit.checkpoint_format import BASE_KEY, read_config_dict, require_converted_dir
 from hc_retrofit.code_check import code_problems
 from hc_retrofit.dtypes import DTYPES
+from hc_retrofit.equivalence import (
+    CHECKPOINT_BATCH,
+    CHECKPOINT_LENGTH,
+    Comparison,
+    ProbeOutputs,
+    measure,
+    probe_inputs,
+    run_probe,
+)
 from hc_retrofit.in_place import NotInPlace, become_checkpoint
 from hc_retrofit.loading import load_converted
 from hc_retrofit.modeling.errors import CheckpointError, HCRetrofitError
-from hc_retrofit.probe import probe_batch
 from hc_retrofit.remote_code import remote_code_files
 from hc_retrofit.runtime_classes import converted_classes
 from hc_retrofit.tasks import is_causal_lm
-
-LOGIT_ATOL = 1e-4
-LOGIT_RTOL = 1e-4
-KL_TOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,8 @@ class VerifyReport:
     remote_code_problems: tuple[str, ...] = ()
     base_dtype: str = "float32"
     loading: str = "in memory"  # or "layer by layer" (one decoder layer in memory at a time)
+    kl_tolerance: float = 0.0
+    difference: str | None = None  # what differs from the base (None: equivalent)
 
     @property
     def remote_code_ok(self) -> bool:
@@ -59,8 +69,8 @@ class VerifyReport:
 
     @property
     def equivalent(self) -> bool:
-        """Same function within tolerance: logits, distributions and greedy tokens."""
-        return self.max_abs_logit_diff <= self.logit_tolerance and self.max_kl <= KL_TOL and self.greedy_identical
+        """Same function within tolerance: logits, distributions, greedy tokens and their cached steps."""
+        return self.difference is None
 
     @property
     def ok(self) -> bool:
@@ -76,27 +86,6 @@ class VerifyReport:
             "equivalent": self.equivalent,
             "ok": self.ok,
         }
-
-
-def _kl(base_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
-    """KL(base || other) per position, in float64."""
-    p = torch.log_softmax(base_logits.double(), dim=-1)
-    q = torch.log_softmax(other_logits.double(), dim=-1)
-    return (p.exp() * (p - q)).sum(-1).clamp_min(0.0)
-
-
-@torch.no_grad()
-def greedy_continuation(model: Any, prompt: torch.Tensor, new_tokens: int, pad_id: int) -> torch.Tensor:
-    """The ``new_tokens`` greedy tokens after ``prompt`` (through the KV cache, as generation in use runs)."""
-    out = model.generate(
-        prompt,
-        attention_mask=torch.ones_like(prompt),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=pad_id,
-    )
-    return out[:, prompt.shape[1] :]
 
 
 def base_model_of(converted_dir: str | os.PathLike) -> str:
@@ -150,17 +139,72 @@ def choose_mode(converted_dir: str | os.PathLike, mode: str = "auto") -> str:
     return LAYERS if available is not None and need > 0.8 * available else MEMORY
 
 
-def _pad_id(model: Any) -> int:
-    pad = model.generation_config.pad_token_id
-    pad = pad if isinstance(pad, int) else (model.config.eos_token_id or 0)
-    return pad[0] if isinstance(pad, list) else pad
+def _base_failed(
+    converted_dir: str | os.PathLike, recorded: bool
+) -> Callable[[HCRetrofitError], HCRetrofitError | None]:
+    """The error to raise when the base cannot be loaded: a recorded base is named as such (``None``: the error)."""
+
+    def named(err: HCRetrofitError) -> HCRetrofitError | None:
+        from hc_retrofit.finite_weights import NonFiniteWeightsError
+
+        if not recorded or isinstance(err, NonFiniteWeightsError):
+            return None
+        return type(err)(f"the base model recorded in {converted_dir} cannot be loaded ({err}); pass it with --base")
+
+    return named
 
 
-def _run(model: Any, ids: torch.Tensor, new_tokens: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of the probe batch and the greedy continuation of its first half."""
-    logits = model(ids).logits.float()
-    prompt = ids[:, : max(2, ids.shape[1] // 2)]
-    return logits, greedy_continuation(model, prompt, new_tokens, pad)
+def _causal_only(converted_dir: str | os.PathLike) -> Callable[[Any], None]:
+    """A check refusing a converted model (or class) that is not a causal LM, in one line."""
+
+    def check(converted: Any) -> None:
+        if not is_causal_lm(converted):
+            cls = converted if isinstance(converted, type) else type(converted)
+            raise CheckpointError(
+                f"{converted_dir} holds a {cls.__name__.removeprefix('HCRetrofit')}, not a causal LM: "
+                "verify compares causal LMs (an encoder or vision model was proven exact when hc_retrofit.convert "
+                "returned it)"
+            )
+
+    return check
+
+
+def _outputs_in_memory(
+    converted_dir: str | os.PathLike,
+    base: str,
+    *,
+    revision: str | None,
+    base_dtype: torch.dtype,
+    new_tokens: int,
+    base_failed: Callable[[HCRetrofitError], HCRetrofitError | None],
+) -> tuple[Any, dict[str, torch.Tensor], ProbeOutputs, ProbeOutputs]:
+    """``(converted model, probe inputs, base outputs, converted outputs)`` with one model in memory: the
+    base runs the probe, then becomes the written checkpoint's model in place (every tensor from its
+    files) and runs it again; when it cannot, the checkpoint is loaded whole once the base is gone."""
+    try:
+        base_model, tokenizer = load_base_model(base, revision=revision, dtype=base_dtype)
+    except HCRetrofitError as err:
+        named = base_failed(err)
+        if named is None:
+            raise
+        raise named from err
+    base_model.float()
+    if tokenizer is None:
+        tokenizer = load_tokenizer(str(converted_dir))
+    vocab = int(read_config_dict(converted_dir).get("vocab_size") or 0) or None
+    inputs = probe_inputs(
+        base_model, tokenizer=tokenizer, vocab=vocab, batch=CHECKPOINT_BATCH, length=CHECKPOINT_LENGTH
+    )
+    reference = run_probe(base_model, inputs, new_tokens=new_tokens)
+    try:
+        converted = become_checkpoint(base_model, converted_dir).eval()
+    except NotInPlace:
+        converted = None
+    del base_model
+    if converted is None:
+        gc.collect()
+        converted = load_converted(converted_dir, dtype=torch.float32)
+    return converted, inputs, reference, run_probe(converted, inputs, new_tokens=new_tokens)
 
 
 @torch.no_grad()
@@ -185,89 +229,67 @@ def verify_checkpoint(
     same numbers, for models larger than the memory); ``auto`` picks ``layers`` when one would not fit.
     """
     require_converted_dir(converted_dir)
-    recorded = base is None
+    base_failed = _base_failed(converted_dir, recorded=base is None)
     base = base or base_model_of(converted_dir)
     base_dtype = base_dtype or stored_dtype(converted_dir)
     how = choose_mode(converted_dir, mode)
-
-    def base_failed(err: HCRetrofitError) -> HCRetrofitError | None:
-        """The error to raise when the base cannot be loaded: a recorded base is named as such."""
-        from hc_retrofit.finite_weights import NonFiniteWeightsError
-
-        if not recorded or isinstance(err, NonFiniteWeightsError):
-            return None
-        return type(err)(f"the base model recorded in {converted_dir} cannot be loaded ({err}); pass it with --base")
-
-    def require_causal(converted: Any) -> None:
-        if not is_causal_lm(converted):
-            cls = converted if isinstance(converted, type) else type(converted)
-            raise CheckpointError(
-                f"{converted_dir} holds a {cls.__name__.removeprefix('HCRetrofit')}, not a causal LM: "
-                "verify compares causal LMs (an encoder or vision model was proven exact when hc_retrofit.convert "
-                "returned it)"
-            )
-
     if how == MEMORY:
-        require_causal(converted_classes(converted_dir)[1])
-        try:
-            base_model, tokenizer = load_base_model(base, revision=revision, dtype=base_dtype)
-        except HCRetrofitError as err:
-            named = base_failed(err)
-            if named is None:
-                raise
-            raise named from err
-        base_model.float()
-        if tokenizer is None:
-            tokenizer = load_tokenizer(str(converted_dir))
-        vocab = min(int(read_config_dict(converted_dir).get("vocab_size") or 0) or 10**9, base_model.config.vocab_size)
-        ids = probe_batch(tokenizer, vocab)
-        pad = _pad_id(base_model)
-        ref, gen_ref = _run(base_model, ids, new_tokens, pad)
-        # One model in memory: the base becomes the written checkpoint's model in place (every tensor from
-        # its files); when it cannot, the checkpoint is loaded whole once the base is gone.
-        try:
-            converted = become_checkpoint(base_model, converted_dir).eval()
-        except NotInPlace:
-            converted = None
-        del base_model
-        if converted is None:
-            gc.collect()
-            converted = load_converted(converted_dir, dtype=torch.float32)
-        got, gen_got = _run(converted, ids, new_tokens, pad)
-    else:
-        from hc_retrofit.layered_verify import layered_outputs
-
-        converted, ids, (ref, gen_ref), (got, gen_got) = layered_outputs(
+        _causal_only(converted_dir)(converted_classes(converted_dir)[1])
+        converted, inputs, ref, got = _outputs_in_memory(
             converted_dir,
             base,
             revision=revision,
             base_dtype=base_dtype,
             new_tokens=new_tokens,
-            run=_run,
-            pad_of=_pad_id,
             base_failed=base_failed,
-            check_converted=require_causal,
         )
-    if ref.shape != got.shape:
+    else:
+        from hc_retrofit.layered_verify import layered_outputs
+
+        converted, inputs, ref, got = layered_outputs(
+            converted_dir,
+            base,
+            revision=revision,
+            base_dtype=base_dtype,
+            new_tokens=new_tokens,
+            base_failed=base_failed,
+            check_converted=_causal_only(converted_dir),
+        )
+    if ref.logits.shape != got.logits.shape:
         raise CheckpointError(
-            f"{base} is not the base of {converted_dir}: logits {tuple(ref.shape)} vs {tuple(got.shape)}"
+            f"{base} is not the base of {converted_dir}: logits {tuple(ref.logits.shape)} vs {tuple(got.logits.shape)}"
         )
-    kl = _kl(ref, got)
+    return _report(converted_dir, base, converted, measure(ref, got, torch.float32), inputs, trained, base_dtype, how)
+
+
+def _report(
+    converted_dir: str | os.PathLike,
+    base: str,
+    converted: Any,
+    comparison: Comparison,
+    inputs: dict[str, torch.Tensor],
+    trained: bool,
+    base_dtype: torch.dtype,
+    loading: str,
+) -> VerifyReport:
     settings = converted.hc_config
+    ids = inputs["input_ids"]
     return VerifyReport(
         converted_dir=str(converted_dir),
         base_model=base,
         variant=settings.variant,
         num_streams=settings.num_streams,
         probe_shape=(int(ids.shape[0]), int(ids.shape[1])),
-        max_abs_logit_diff=float((got - ref).abs().max()),
-        logit_tolerance=LOGIT_ATOL + LOGIT_RTOL * float(ref.abs().max()),
-        mean_kl=float(kl.mean()),
-        max_kl=float(kl.max()),
-        greedy_agreement=float((gen_ref == gen_got).float().mean()),
-        greedy_identical=bool(torch.equal(gen_ref, gen_got)),
+        max_abs_logit_diff=comparison.max_abs_logit_diff,
+        logit_tolerance=comparison.logit_tolerance,
+        mean_kl=float(comparison.mean_kl if comparison.mean_kl is not None else math.nan),
+        max_kl=float(comparison.max_kl if comparison.max_kl is not None else math.nan),
+        greedy_agreement=comparison.greedy_agreement,
+        greedy_identical=comparison.greedy_identical,
         trained=trained,
         remote_code_problems=tuple(code_problems(converted_dir, remote_code_files(converted))),
         base_dtype=str(base_dtype).removeprefix("torch."),
-        loading=how,
+        loading=loading,
+        kl_tolerance=comparison.kl_tolerance,
+        difference=comparison.problem,
     )

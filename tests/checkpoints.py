@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from hc_retrofit.probe import PROBE_TEXTS
+from hc_retrofit.equivalence import PROBE_TEXTS
 from tests.tiny import VOCAB, tiny_model
 
 HUB_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}

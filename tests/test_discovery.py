@@ -10,8 +10,8 @@ import torch
 import hc_retrofit
 from hc_retrofit import HCConfig
 from hc_retrofit.discovery import discover, layer_stack_candidates
+from hc_retrofit.equivalence import probe_ids
 from hc_retrofit.modeling.families import FAMILIES, STRUCTURE_KEY, Block, family_for
-from hc_retrofit.proof import probe_ids
 from tests.tiny import CASES, VOCAB, tiny_model
 
 # Discovery cannot know these from one forward; that is why they stay hand-written.

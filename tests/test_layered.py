@@ -168,3 +168,20 @@ def test_the_weightless_build_patches_nothing_and_leaves_other_threads_alone(tmp
         handle.remove()
     assert torch.nn.Module.register_parameter is original
     assert seen and all(own and device == "cpu" for own, device in seen), seen
+
+
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_read_into_sets_the_target_to_the_stored_tensor(
+    tmp_path: Path, target_dtype: torch.dtype, contiguous: bool
+) -> None:
+    """Straight into a contiguous target of the stored dtype, else read then converted: the same values."""
+    stored = {"w": torch.randn(6, 5), "empty": torch.zeros(0, 3)}
+    save_file(stored, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    tensors = layered.stored_tensors(tmp_path)
+    target = torch.zeros(6, 5, dtype=target_dtype) if contiguous else torch.zeros(5, 6, dtype=target_dtype).t()
+    tensors["w"].read_into(target)
+    assert torch.equal(target, stored["w"].to(target_dtype))
+    tensors["empty"].read_into(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="shape"):
+        tensors["w"].read_into(torch.zeros(5, 6))

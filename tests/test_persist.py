@@ -325,7 +325,7 @@ def test_load_base_model_from_populated_hf_cache(tmp_path: Path, monkeypatch: py
 # ----------------------------------------------------------------------------- encoders and vision
 def _perturbed_encoder(case: str, variant: str) -> tuple[torch.nn.Module, dict]:
     """The converted ``case`` with its HC parameters moved off their init, and a probe batch for it."""
-    from hc_retrofit.proof import probe_inputs
+    from hc_retrofit.equivalence import probe_inputs
 
     model = hc_retrofit.convert(tiny_encoder(case), hc_retrofit.HCConfig(num_streams=4, variant=variant))
     with torch.no_grad():  # HC parameters away from their init, so that a dropped tensor would show

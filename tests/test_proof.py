@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import hc_retrofit
 from hc_retrofit import HCConfig, UnsupportedArchitectureError
+from hc_retrofit.equivalence import ProbeOutputs, compare, probe_ids, probe_inputs, run_probe
 from hc_retrofit.modeling.families import FAMILIES, PRE_NORM, STRUCTURE_KEY, Block, Family, Site, family_for
-from hc_retrofit.proof import ProbeOutputs, compare, probe_ids, probe_inputs, run_probe
 from tests.tiny import ENCODER_CASES, VOCAB, tiny_config, tiny_encoder, tiny_model
 
 # Modules exist and the forward runs, but the function is not the original one: the second branch

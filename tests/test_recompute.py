@@ -1,4 +1,4 @@
-"""Mid-layer streams recomputed in backward (patch._recomputes): same gradients, less memory.
+"""Mid-layer streams recomputed in backward (stream_placement.recomputes): same gradients, less memory.
 
 A converted layer's second site reads ``H1 = R0 H0 + b0 (x) y0``, the layer's add of its first
 site's outputs. Where the block structure says so (decided at convert time, dropout checked per
@@ -11,7 +11,7 @@ import torch
 
 import hc_retrofit
 from hc_retrofit import HCConfig
-from hc_retrofit.modeling import patch
+from hc_retrofit.modeling import converted_layer, patch, stream_placement
 from tests.tiny import VOCAB, tiny_model
 
 VARIANTS = ["static", "dynamic", "mhc"]
@@ -34,13 +34,13 @@ def run(model, ids, recompute: bool = True):
     from bench._common import saved_activation_bytes
 
     calls = []
-    original = patch._recomputes
+    original = converted_layer.recomputes
 
     def spy(layer):
         calls.append(original(layer) and recompute)
         return calls[-1]
 
-    patch._recomputes = spy
+    converted_layer.recomputes = spy
     try:
         torch.manual_seed(0)
         model.zero_grad()
@@ -48,7 +48,7 @@ def run(model, ids, recompute: bool = True):
             loss = model(ids, labels=ids).loss
         loss.backward()
     finally:
-        patch._recomputes = original
+        converted_layer.recomputes = original
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return grads, saved["bytes"], sum(calls)
 
@@ -110,7 +110,7 @@ def test_streams_beside_the_layer_match_the_layer_adding_them(case, variant):
     ids = torch.randint(3, VOCAB, (2, 10))
     layers = patch.decoder_layers(model)
     flags = [layer._hc_recompute for layer in layers]
-    beside = [patch._beside(layer) for layer in layers]
+    beside = [stream_placement.beside_layer(layer) for layer in layers]
     assert all(beside) == (case != "granite-multipliers") and any(beside) == all(beside)
     grads, _, _ = run(model, ids)
     with torch.no_grad():

@@ -17,7 +17,8 @@ from tests.tiny import tiny_encoder, tiny_model
 def test_closure_holds_every_imported_module_as_installed() -> None:
     files = remote_code.package_module_closure()
     hc = {"site.py", "site_cache.py", "formulas.py", "kernels.py", "sinkhorn_knopp.py", "stream_ops.py"}
-    assert {"remote_model.py", "patch.py", "config.py", "errors.py", "families.py", *hc} <= set(files)
+    surgery = {"patch.py", "converted_layer.py", "stream_placement.py", "surgery.py"}
+    assert {"remote_model.py", "config.py", "errors.py", "families.py", *surgery, *hc} <= set(files)
     for name, source in files.items():
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.ImportFrom) and node.level == 1:

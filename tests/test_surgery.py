@@ -158,7 +158,7 @@ def test_removal_undoes_a_conversion_that_failed_half_way(monkeypatch) -> None:
     base = tiny_model("llama-gqa-untied")
     before = _fingerprint(base)
     calls = {"n": 0}
-    real = patch._add_hook
+    real = patch.add_hook
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -166,7 +166,7 @@ def test_removal_undoes_a_conversion_that_failed_half_way(monkeypatch) -> None:
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(patch, "_add_hook", failing)
+    monkeypatch.setattr(patch, "add_hook", failing)
     with pytest.raises(RuntimeError, match="boom"):
         patch.apply_family(base, HCConfig())
     hc_retrofit.remove_hyper_connections(base)

@@ -115,7 +115,7 @@ class _OneLineErrors(TyperGroup):
 app = typer.Typer(
     name="hc-retrofit",
     cls=_OneLineErrors,
-    help="Retrofit hyper-connections (HC, dynamic HC, mHC) into transformers causal LMs, exact at initialisation.",
+    help="Retrofit hyper-connections (HC, dynamic HC, mHC) into transformers models, exact at initialisation.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -34,7 +34,7 @@ def verify_command(
     Exit code 0 when they are equivalent within tolerance (or with --trained), 1 otherwise.
     """
     from hc_retrofit.modeling.errors import ConfigError
-    from hc_retrofit.verify import KL_TOL, LAYERS, MODES, choose_mode, verify_checkpoint
+    from hc_retrofit.verify import LAYERS, MODES, choose_mode, verify_checkpoint
 
     if mode not in MODES:
         raise ConfigError(f"unknown --mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -61,7 +61,8 @@ def verify_command(
         table.add_row("probe batch", f"{report.probe_shape[0]} x {report.probe_shape[1]} tokens")
         table.add_row("max |logit diff|", f"{report.max_abs_logit_diff:.3e} (tolerance {report.logit_tolerance:.1e})")
         table.add_row(
-            "KL(base || converted)", f"mean {report.mean_kl:.3e}, max {report.max_kl:.3e} (tolerance {KL_TOL:.0e})"
+            "KL(base || converted)",
+            f"mean {report.mean_kl:.3e}, max {report.max_kl:.3e} (tolerance {report.kl_tolerance:.0e})",
         )
         table.add_row("greedy generation", f"{100 * report.greedy_agreement:.1f}% of tokens agree")
         table.add_row(

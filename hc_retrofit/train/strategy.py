@@ -79,17 +79,18 @@ def resolve_mixed_precision(name: str, *, cpu: bool = False) -> str | None:
 
 
 def _check_fsdp_dtype(cfg: TrainConfig, accelerator: Any) -> None:
-    """FSDP shards parameters in units of one dtype; HC parameters are float32, so the rest must be too.
+    """Under FSDP the shards are the optimiser's float32 master weights, base and HC alike.
 
-    With float32 master weights the FSDP mixed-precision policy (``mixed_precision: bf16``) still
-    computes in bf16, so nothing is lost; a bf16-loaded model would mix dtypes inside a unit.
+    The FSDP mixed-precision policy (``mixed_precision: bf16``) still computes the layers in bf16,
+    so nothing is lost; bf16 master weights would lose small updates (and a unit holds one dtype).
+    The HC parameters have a float32 unit of their own (:mod:`hc_retrofit.train.fsdp_precision`).
     """
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP and resolve_dtype(cfg.model_dtype) != torch.float32:
         raise TrainingError(
-            "under FSDP load the model in float32 (model_dtype: float32): HC parameters are float32 and an FSDP "
-            "unit holds one dtype; FSDP's mixed precision (mixed_precision: bf16) still computes in bf16"
+            "under FSDP load the model in float32 (model_dtype: float32): the shards are the optimiser's master "
+            "weights; FSDP's mixed precision (mixed_precision: bf16) still computes in bf16"
         )
 
 

@@ -225,9 +225,9 @@ def test_convert_falls_back_to_in_memory_and_says_why(cli, tmp_path: Path) -> No
 def test_streamed_output_that_fails_verify_is_not_written(
     cli, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hc_retrofit import streaming
+    from hc_retrofit import stream_plan
 
-    real = streaming.hc_tensors
+    real = stream_plan.hc_tensors
 
     def wrong(model: object) -> dict[str, torch.Tensor]:  # b = 2 sigmoid(0.5) != 1 at one site: inexact
         tensors = real(model)
@@ -235,7 +235,7 @@ def test_streamed_output_that_fails_verify_is_not_written(
         tensors[key] = tensors[key] + 0.5
         return tensors
 
-    monkeypatch.setattr(streaming, "hc_tensors", wrong)
+    monkeypatch.setattr(stream_plan, "hc_tensors", wrong)
     result = cli("convert", base_dir, "--out", tmp_path / "out")
     assert result.exit_code == 1 and "not equivalent" in _one_error_line(result)
     assert list(tmp_path.iterdir()) == []

@@ -26,7 +26,7 @@ def tree(root: Path) -> dict[str, bytes]:
 @pytest.fixture
 def data_file(tmp_path: Path) -> Path:
     """A small text corpus in the tiny tokenizer's words."""
-    from hc_retrofit.probe import PROBE_TEXTS
+    from hc_retrofit.equivalence import PROBE_TEXTS
 
     path = tmp_path / "data.txt"
     path.write_text("\n\n".join(PROBE_TEXTS * 20), encoding="utf-8")
