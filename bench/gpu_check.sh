@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 OUT="${GPU_CHECK_OUT:-bench/results/gpu_check}"
 SHAPE="--device cuda --shape qwen3-0.6b --seq 2048 --batch 1"
 STEPS=(
-  "python -m pytest -q -rs -m cuda tests"
+  "python -m pytest -q -rs -m cuda tests/test_cuda.py tests/train/test_fsdp_precision.py"
   "python bench/layer.py --device cuda --widths 1024 2048 --batch 1 --seq 2048 --repeats 10 --out $OUT/layer.json"
   "python bench/train_step.py $SHAPE --streams 4 --repeats 5 --out $OUT/train_step.json"
   "python bench/train_step.py $SHAPE --streams 4 --repeats 5 --compile --out $OUT/train_step_compile.json"

@@ -1,5 +1,6 @@
-"""``bench/gpu_check.sh --dry-run`` lists steps that exist: the CUDA tests and benchmark commands
-whose every option the script accepts (a typo would otherwise surface only on a borrowed GPU)."""
+"""``bench/gpu_check.sh --dry-run`` lists steps that exist: every test file with CUDA tests, and
+benchmark commands whose every option the script accepts (a typo would otherwise surface only on a
+borrowed GPU)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ def dry_run() -> list[list[str]]:
 def test_dry_run_lists_the_cuda_tests_and_benchmarks_with_options_they_accept():
     steps = dry_run()
     assert steps[0][:3] == ["python", "-m", "pytest"] and "cuda" in steps[0]
+    marked = {
+        path.relative_to(REPO).as_posix()
+        for path in (REPO / "tests").rglob("test_*.py")
+        if "mark.cuda" in path.read_text(encoding="utf-8") and path.name != "test_gpu_check.py"
+    }
+    assert marked and marked == {word for word in steps[0] if word.startswith("tests/")}  # every CUDA test, by file
     benches = [s for s in steps[1:] if s[1].startswith("bench/")]
     assert {Path(s[1]).name for s in benches} >= {"layer.py", "train_step.py", "decode.py", "summary.py"}
     helps: dict[Path, str] = {}

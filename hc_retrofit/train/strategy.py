@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hc_retrofit.private_api import reset_accelerate_state
 from hc_retrofit.train.errors import TrainingError
 from hc_retrofit.train.model import resolve_dtype
 from hc_retrofit.train.recipe import TrainConfig
@@ -31,12 +32,11 @@ def _fsdp_requested() -> bool:
 def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Any:
     """An ``Accelerator`` for this run: CPU/gloo without a GPU, FSDP2 whenever the launcher asked for it."""
     from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not distributed:  # in-process runs (demo, tests) may each want other settings
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerate_state()
     # Without a GPU, `accelerate launch --multi_gpu` needs cpu=True to form a gloo group (else each
     # process runs alone and all of them act as the main process).
     cpu = cfg.cpu or (distributed and not torch.cuda.is_available())
@@ -79,17 +79,18 @@ def resolve_mixed_precision(name: str, *, cpu: bool = False) -> str | None:
 
 
 def _check_fsdp_dtype(cfg: TrainConfig, accelerator: Any) -> None:
-    """FSDP shards parameters in units of one dtype; HC parameters are float32, so the rest must be too.
+    """Under FSDP the shards are the optimiser's float32 master weights, base and HC alike.
 
-    With float32 master weights the FSDP mixed-precision policy (``mixed_precision: bf16``) still
-    computes in bf16, so nothing is lost; a bf16-loaded model would mix dtypes inside a unit.
+    The FSDP mixed-precision policy (``mixed_precision: bf16``) still computes the layers in bf16,
+    so nothing is lost; bf16 master weights would lose small updates (and a unit holds one dtype).
+    The HC parameters have a float32 unit of their own (:mod:`hc_retrofit.train.fsdp_precision`).
     """
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP and resolve_dtype(cfg.model_dtype) != torch.float32:
         raise TrainingError(
-            "under FSDP load the model in float32 (model_dtype: float32): HC parameters are float32 and an FSDP "
-            "unit holds one dtype; FSDP's mixed precision (mixed_precision: bf16) still computes in bf16"
+            "under FSDP load the model in float32 (model_dtype: float32): the shards are the optimiser's master "
+            "weights; FSDP's mixed precision (mixed_precision: bf16) still computes in bf16"
         )
 
 

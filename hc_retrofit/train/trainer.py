@@ -33,6 +33,7 @@ from hc_retrofit.outputs import honour_umask
 from hc_retrofit.train import checkpoint as ckpt
 from hc_retrofit.train.data import BatchSchedule, PackedData, data_fingerprint, eval_shards
 from hc_retrofit.train.errors import NonFiniteLossError, TrainingError
+from hc_retrofit.train.fsdp_precision import shard_hyper_connections
 from hc_retrofit.train.metrics import MetricsLog
 from hc_retrofit.train.optim import build_optimizer, build_scheduler, drop_base_gradients, group_lrs
 from hc_retrofit.train.progress import TrainProgress
@@ -67,6 +68,7 @@ class Trainer:
         self.schedule = BatchSchedule(len(data.train), cfg.batch_size, seed=cfg.seed, world_size=world, rank=rank)
         self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
         torch.manual_seed(cfg.seed)
+        shard_hyper_connections(accelerator, model)  # FSDP2: HC in a float32 unit, before the optimiser sees it
         optimizer = build_optimizer(
             model,
             lr=cfg.lr,
