@@ -129,3 +129,24 @@ def test_without_fsdp_the_hc_sites_are_left_alone(tokenizer, tmp_path) -> None:
     assert shard_hyper_connections(accelerator, model) == 0
     assert not model._forward_pre_hooks
     assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+
+
+def test_ram_efficient_loading_is_refused_in_one_line(tokenizer) -> None:
+    """accelerate would fill the sharded HC unit from the main process's state dict: refused, not broken."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    import hc_retrofit
+    from hc_retrofit.modeling.config import HCConfig
+    from hc_retrofit.train.errors import TrainingError
+    from hc_retrofit.train.fsdp_precision import shard_hyper_connections
+
+    from .conftest import tiny_lm
+
+    model = hc_retrofit.convert(tiny_lm(tokenizer), HCConfig(num_streams=2, variant="mhc"))
+    plugin = SimpleNamespace(fsdp_version=2, cpu_ram_efficient_loading=True)
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+    with pytest.raises(TrainingError, match="fsdp_cpu_ram_efficient_loading: false"):
+        shard_hyper_connections(accelerator, model)
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())  # nothing sharded
