@@ -9,7 +9,7 @@ import huggingface_hub.constants
 import pytest
 
 import hc_retrofit
-from hc_retrofit import hub
+from hc_retrofit import hub, model_card
 from hc_retrofit.modeling.errors import HubError, NotConvertedError
 from hc_retrofit.saving import save_converted
 from tests.hub_server import FakeHub
@@ -26,7 +26,7 @@ def checkpoint(tmp_path: Path) -> Path:
 
 
 def test_model_card(checkpoint: Path) -> None:
-    card = hub.model_card(checkpoint, "me/tiny-mhc")
+    card = model_card.model_card(checkpoint, "me/tiny-mhc")
     assert card.startswith("---\n") and "base_model: org/tiny-qwen2" in card
     assert "hc-retrofit" in card and '| `variant` | `"mhc"` |' in card
     added = sum(1 for line in card.splitlines() if line.startswith("| parameters added |"))
@@ -38,14 +38,14 @@ def test_model_card(checkpoint: Path) -> None:
 
 def test_model_card_of_an_encoder_loads_it_with_its_auto_class(tmp_path: Path) -> None:
     model = hc_retrofit.convert(tiny_encoder("roberta-masked-lm"), hc_retrofit.HCConfig(num_streams=2))
-    card = hub.model_card(save_converted(model, tmp_path / "roberta"), "me/tiny-roberta")
+    card = model_card.model_card(save_converted(model, tmp_path / "roberta"), "me/tiny-roberta")
     assert 'AutoModelForMaskedLM.from_pretrained("me/tiny-roberta", trust_remote_code=True)' in card
 
 
 def test_model_card_training_summary(checkpoint: Path) -> None:
     (checkpoint.parent / "summary.json").write_text(json.dumps({"steps": 400, "final_eval_loss": 1.7271}))
     (checkpoint.parent / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
-    card = hub.model_card(checkpoint)
+    card = model_card.model_card(checkpoint)
     assert "## Training" in card and "- steps: 400" in card and "1.7271" in card and "logged metric rows: 2" in card
 
 

@@ -19,8 +19,9 @@ from hc_retrofit import (
     width_connection,
 )
 from hc_retrofit.connections import outer_streams, rms_project
-from hc_retrofit.modeling import formulas, sinkhorn_knopp
-from hc_retrofit.modeling.kernels import DepthWidth, WidthPass
+from hc_retrofit.modeling import formulas, kernels, sinkhorn_knopp
+from hc_retrofit.modeling.kernels import DepthConnection, DepthWidth, Recomputed, WidthPass
+from hc_retrofit.modeling.projection import ProjectPass
 from hc_retrofit.modeling.sinkhorn_knopp import sinkhorn_op
 
 F64 = {"dtype": torch.float64}
@@ -131,6 +132,87 @@ def test_depth_width_is_the_depth_then_the_next_width_connection(kind, per_token
     assert torch.autograd.gradcheck(fast, args)
     assert torch.autograd.gradcheck(lambda *t: fast(*t)[0], args)  # x unused
     assert torch.autograd.gradcheck(lambda *t: fast(*t)[1], args)  # H' unused
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "expanded"])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_functions_on_recomputed_streams_gradcheck(monkeypatch, kind, per_token, shared):
+    """A second site's Functions save ``(H0, R0, b0, y0)`` instead of ``H1 = R0 H0 + b0 (x) y0``:
+    shared by several, ``H1`` is recomputed once in backward; a sole consumer takes its dot
+    products with ``H0`` and ``y0`` instead and recomputes nothing."""
+    recomputed = []
+    monkeypatch.setattr(kernels, "mid_layer_streams", lambda *t: recomputed.append(1) or kernels._depth(*t))
+    torch.manual_seed(9)
+    lead = (2, 3) if per_token else ()
+    r0, r = (torch.randn(*lead, 3, 3, **F64, requires_grad=True) for _ in range(2))
+    b0, b, a = (torch.randn(*lead, 3, **F64, requires_grad=True) for _ in range(3))
+    y0, y = (torch.randn(2, 3, 5, **F64, requires_grad=True) for _ in range(2))
+    src = torch.randn(*((2, 3, 5) if kind == "expanded" else (2, 3, 3, 5)), **F64, requires_grad=True)
+
+    def streams(t):
+        return expand_streams(t, 3) if kind == "expanded" else t
+
+    def fast(s, r0_, b0_, y0_, r_, b_, y_, a_):
+        source = (Recomputed(), (streams(s), r0_, b0_, y0_))
+        h1 = ref_depth(streams(s), r0_, b0_, y0_)
+        if not shared:
+            return DepthConnection.apply(h1, r_, b_, y_, source)
+        x, h1 = WidthPass.apply(h1, a_, source)
+        return DepthConnection.apply(h1, r_, b_, y_, source), x
+
+    def ref(s, r0_, b0_, y0_, r_, b_, y_, a_):
+        h1 = ref_depth(streams(s), r0_, b0_, y0_)
+        return ref_depth(h1, r_, b_, y_), ref_width(h1, a_)
+
+    args = (src, r0, b0, y0, r, b, y, a)
+    out, expected = fast(*args), ref(*args)
+    torch.testing.assert_close(out, expected if shared else expected[0])
+    recomputed.clear()
+    (out[0] if shared else out).sum().backward()
+    assert len(recomputed) == (1 if shared else 0)
+    assert torch.autograd.gradcheck(fast, args)
+
+
+@pytest.mark.parametrize("per_token", [False, True])  # dynamic HC (per stream) / mHC (vec H per token)
+@pytest.mark.parametrize("recomputed", [False, True])
+def test_project_pass_is_the_projection_and_the_identity(per_token, recomputed):
+    torch.manual_seed(10)
+    src = torch.randn(2, 3, 4, 6, **F64, requires_grad=True)
+    r0 = torch.randn(4, 4, **F64, requires_grad=True)
+    b0 = torch.randn(4, **F64, requires_grad=True)
+    y0 = torch.randn(2, 3, 6, **F64, requires_grad=True)
+    w = torch.randn(24 if per_token else 6, 5, **F64, requires_grad=True)
+
+    def streams(s, r0_, b0_, y0_):
+        return (ref_depth(s, r0_, b0_, y0_) if recomputed else s).flatten(-2 if per_token else -1)
+
+    def fast(s, r0_, b0_, y0_, w_):
+        source = (Recomputed(), (s, r0_, b0_, y0_)) if recomputed else None
+        p, passed = ProjectPass.apply(streams(s, r0_, b0_, y0_), w_, source)
+        return p, passed * 1.5  # the pass-through is read downstream, so both gradients meet
+
+    args = (src, r0, b0, y0, w)
+    p, passed = fast(*args)
+    torch.testing.assert_close(p, ref_rms_project(streams(*args[:4]), w))
+    torch.testing.assert_close(passed, 1.5 * streams(*args[:4]))
+    assert torch.autograd.gradcheck(fast, args)
+    assert torch.autograd.gradcheck(lambda *t: fast(*t)[0], args)  # pass-through unused
+    assert torch.autograd.gradcheck(lambda *t: fast(*t)[1], args)  # projection unused
+
+
+def test_project_pass_of_bfloat16_streams_matches_float32():
+    torch.manual_seed(11)
+    x = torch.randn(2, 3, 4, 16)
+    w, g_p, g_pass = torch.randn(16, 6), torch.randn(2, 3, 4, 6), torch.randn(2, 3, 4, 16)
+    grads = []
+    for dtype in (torch.float32, torch.bfloat16):
+        leaf = x.to(dtype).detach().requires_grad_(True)
+        p, passed = ProjectPass.apply(leaf, w)
+        assert p.dtype == torch.float32 and passed.dtype == dtype
+        torch.autograd.backward((p, passed), (g_p, g_pass.to(dtype)))
+        grads.append(leaf.grad.float())
+    torch.testing.assert_close(grads[1], grads[0], atol=0.05, rtol=0.02)
 
 
 def test_broadcast_y_and_unbatched_streams():

@@ -1,7 +1,8 @@
 """`hc-retrofit compare`: plain vs HC variants over seeds, each arm at its own best LR.
 
-A thin layer over :func:`hc_retrofit.compare.run_compare`: parses the grids, prints one line per
-trial and the final table (or ``--json``).
+A thin layer over :func:`hc_retrofit.compare.run_compare`: the options become a comparison
+(:func:`hc_retrofit.compare.options.spec_from_options`); it prints one line per trial and the
+final table (or ``--json``).
 """
 
 from __future__ import annotations
@@ -13,24 +14,6 @@ from typing import Annotated
 import typer
 
 from hc_retrofit.cli.core import app, quiet_library_progress
-from hc_retrofit.modeling.errors import HCRetrofitError
-
-
-def _list(text: str, kind: type, flag: str) -> tuple:
-    try:
-        return tuple(kind(v) for v in text.split(",") if v.strip())
-    except ValueError as err:
-        raise HCRetrofitError(f"{flag} takes comma-separated {kind.__name__}s, got {text!r}") from err
-
-
-def _settings(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise HCRetrofitError(f"--set takes KEY=VALUE (a train setting, e.g. weight_decay=0.05), got {pair!r}")
-        out[key.strip().replace("-", "_")] = value.strip()
-    return out
 
 
 @app.command("compare")
@@ -79,44 +62,18 @@ def compare_command(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No live progress bars.")] = False,
 ) -> None:
     """Plain (--no-hc) vs HC variants over seeds, each arm at its best LR (chosen on validation, reported held-out)."""
+    options = dict(locals())
     from rich.console import Console
 
-    from hc_retrofit.compare import CompareSpec, run_compare
-    from hc_retrofit.train.threads import default_threads
+    from hc_retrofit.compare import run_compare
+    from hc_retrofit.compare.options import spec_from_options
 
     quiet_library_progress()  # the command's own lines and bars own the screen
-
-    train = {
-        k: v
-        for k, v in dict(
-            max_steps=max_steps,
-            batch_size=batch_size,
-            block_size=block_size,
-            warmup_steps=warmup_steps,
-            eval_every=eval_every,
-            save_every=save_every,
-            cache_dir=cache_dir,
-            threads=threads or default_threads(),
-            compile=compile or None,
-        ).items()
-        if v is not None
-    }
-    train.update(_settings(set_ or []))
-    spec = CompareSpec(
-        model=model,
-        data=data,
-        out=str(out),
-        variants=_list(variants, str, "--variants"),
-        streams=_list(streams, int, "--streams"),
-        seeds=_list(seeds, int, "--seeds"),
-        lr_grid=_list(lr_grid, float, "--lr-grid"),
-        hc_lr_multiplier_grid=_list(hc_lr_multiplier_grid, float, "--hc-lr-multiplier-grid"),
-        tune_seeds=tune_seeds,
-        validation_fraction=validation_fraction,
-        heldout_fraction=heldout_fraction,
-        recipe=str(config) if config else None,
-        train=train,
-    )
+    for name in ("overwrite", "as_json", "no_progress"):
+        options.pop(name)
+    recipe, settings = options.pop("config"), options.pop("set_")
+    options.update(out=str(out), recipe=str(recipe) if recipe else None, settings=settings)
+    spec = spec_from_options(**options)
     result = run_compare(
         spec, overwrite=overwrite, progress=not no_progress, log=lambda line: typer.echo(line, err=True)
     )

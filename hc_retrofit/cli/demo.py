@@ -30,9 +30,10 @@ def demo_command(
     """Offline demo: the pretrained stories260K retrofitted, verified exact, continued on Shakespeare vs plain at fair LRs."""
     import time
 
-    from hc_retrofit.cli.compare import _list, print_table
+    from hc_retrofit.cli.compare import print_table
+    from hc_retrofit.option_lists import parse_list
 
-    seed_list = _list(seeds, int, "--seeds")  # before the heavy imports: a bad flag fails fast
+    seed_list = parse_list(seeds, int, "--seeds")  # before the heavy imports: a bad flag fails fast
     import torch
     from rich.console import Console
 

@@ -8,11 +8,14 @@ unchanged (DDP, FSDP, multi-CPU).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from hc_retrofit.cli.core import app, quiet_library_progress
+
+if TYPE_CHECKING:
+    from hc_retrofit.train import TrainResult
 
 
 @app.command("train")
@@ -79,25 +82,22 @@ def train_command(
 ) -> None:
     """Continued pretraining of a converted (or, with --no-hc, plain) model with accelerate."""
     flags = dict(locals())
-    from rich.console import Console
-
-    from hc_retrofit.train import merge, train
-    from hc_retrofit.train.threads import default_threads
+    from hc_retrofit.train import train
+    from hc_retrofit.train.recipe import command_line_config
 
     quiet_library_progress()
-    for name in ("config", "no_progress"):
-        flags.pop(name)
-    for name in ("no_hc", "grad_checkpointing", "compile", "resume", "overwrite"):  # flags only switch on
-        flags[name] = flags[name] or None
-    flags["progress"] = False if no_progress else None
-    cfg = merge(config, **flags)
-    if cfg.threads is None:
-        cfg.threads = default_threads()  # threads x processes <= cores: never oversubscribe
-    result = train(cfg)
+    progress = False if flags.pop("no_progress") else None
+    result = train(command_line_config(flags.pop("config"), progress=progress, **flags))
     from accelerate import PartialState
 
-    if not PartialState().is_main_process:  # under accelerate launch, one report
-        return
+    if PartialState().is_main_process:  # under accelerate launch, one report
+        _report(result)
+
+
+def _report(result: TrainResult) -> None:
+    """The run's outcome in three lines: eval loss before and after, where the model, metrics and plot are."""
+    from rich.console import Console
+
     console = Console()
     if result.final_eval_loss is not None and result.initial_eval_loss is not None:
         console.print(

@@ -1,8 +1,9 @@
 """`hc-retrofit compare`: does HC pay on this model and data, against an LR-tuned plain baseline?
 
 Modules, one job each: :mod:`.spec` (arms, LR grids, seeds, per-trial train settings),
-:mod:`.runner` (run, skip or resume each trial's ``train`` run dir), :mod:`.report` (best LR per
-arm on validation, held-out loss and gain over seeds, plots, ``results.json``).
+:mod:`.options` (a spec from the command's text options), :mod:`.runner` (run, skip or resume
+each trial's ``train`` run dir), :mod:`.report` (best LR per arm on validation, held-out loss and
+gain over seeds, plots, ``results.json``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,11 @@ small coefficients) and recompute the rest. Layer 0 receives ``expand_streams(h)
 tensor, stride 0 over streams): there every product collapses to a scaling of ``h``.
 
 A Function may also save, in place of its streams, a *source* (:class:`Recomputed`): the tensors
-the streams were made of, recomputed once in backward for all the Functions that share it.
+the streams were made of, recomputed once in backward for all the Functions that share it; a
+Function that only takes dot products with the streams and is the source's sole consumer takes
+them with the source's tensors instead (:func:`_dots`) and nothing is recomputed. Where backward
+needs both ``R^T G`` and ``b^T G`` it forms them with one product (:func:`_streams_and_y_grads`),
+so the incoming gradient ``G`` is read once for both.
 """
 
 from __future__ import annotations
@@ -22,18 +26,15 @@ __all__ = [
     "DepthConnection",
     "DepthWidth",
     "Outer",
-    "RMSProject",
     "Recomputed",
     "WidthConnection",
     "WidthPass",
     "cast",
     "expanded_streams",
     "mid_layer_streams",
-    "project_recomputed",
-    "rms_project_parts",
+    "save_streams",
+    "saved_streams",
 ]
-
-EPS = 1e-6
 
 
 def cast(c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -120,13 +121,18 @@ class Recomputed:
     def get(self, tensors: tuple) -> torch.Tensor:
         if self.value is None:
             self.value = mid_layer_streams(*tensors)
-        value, self.uses = self.value, self.uses + 1
-        if self.uses >= self.consumers:  # (reset: a retained graph may run backward again)
-            self.value, self.uses = None, 0
+        value = self.value
+        self.skip()
         return value
 
+    def skip(self) -> None:
+        """Count a use that did not need the streams (a consumer that read ``tensors`` directly)."""
+        self.uses += 1
+        if self.uses >= self.consumers:  # (reset: a retained graph may run backward again)
+            self.value, self.uses = None, 0
 
-def _save(ctx, streams: torch.Tensor | None, source: tuple | None, *others: torch.Tensor | None) -> None:
+
+def save_streams(ctx, streams: torch.Tensor | None, source: tuple | None, *others: torch.Tensor | None) -> None:
     """Save ``streams`` (or the ``source`` they are recomputed from) and ``others``."""
     ctx.streams_shape = None if streams is None else streams.shape
     ctx.recomputed = None
@@ -138,13 +144,57 @@ def _save(ctx, streams: torch.Tensor | None, source: tuple | None, *others: torc
     ctx.save_for_backward(*others, *tensors)
 
 
-def _saved(ctx, count: int) -> tuple[list, torch.Tensor | None]:
-    """``(others, streams)`` as :func:`_save` stored them (``streams`` recomputed if needed)."""
+def saved_streams(ctx, count: int, direct: bool = False) -> tuple[list, torch.Tensor | tuple | None]:
+    """``(others, streams)`` as :func:`save_streams` stored them (``streams`` recomputed if needed).
+
+    ``direct``: the caller only takes dot products with the streams (:func:`_dots`), which it can
+    take with the source's ``H0`` and ``y0`` instead; if it is the source's only consumer, the
+    streams are not recomputed and ``streams`` is the source's tensors ``(H0, R0, b0, y0)``.
+    """
     saved = ctx.saved_tensors
     others, rest = list(saved[:count]), saved[count:]
     if ctx.recomputed is None:
         return others, rest[0]
+    if direct and ctx.recomputed.consumers == 1:
+        ctx.recomputed.skip()
+        return others, tuple(rest)
     return others, ctx.recomputed.get(rest).reshape(ctx.streams_shape)
+
+
+def _dots(g: torch.Tensor, streams: torch.Tensor | tuple, lead: torch.Size) -> torch.Tensor:
+    """``g_i . H_k`` per token, ``(M, rows, n)`` for ``g`` ``(M, rows, D)``, in ``g``'s dtype.
+
+    ``streams`` may be a source ``(H0, R0, b0, y0)`` of ``H = R0 H0 + b0 (x) y0``: then
+    ``g H^T = (g H0^T) R0^T + (g y0) b0^T``, a read of ``H0`` and ``y0`` instead of recomputing ``H``.
+    """
+    if not isinstance(streams, tuple):
+        h = _tokens(streams)
+        if expanded_streams(h):
+            return torch.bmm(g, h[:, :1].transpose(1, 2)).expand(-1, g.shape[1], h.shape[1])
+        return torch.bmm(g, h.transpose(1, 2))
+    h0, r0, b0, y0 = streams
+    n, d = h0.shape[-2], h0.shape[-1]
+    ct = torch.promote_types(g.dtype, torch.float32)  # (M, rows, n): small, combined in float32
+    y_t = y0.to(g.dtype).expand(*lead, d).reshape(-1, d, 1)
+    through_y = torch.bmm(g, y_t).to(ct) * _per_token(b0, lead, (n,), ct).unsqueeze(1)
+    r_t = _per_token(r0, lead, (n, n), ct)
+    return torch.baddbmm(through_y, _dots(g, h0.to(g.dtype), lead).to(ct), r_t.transpose(1, 2)).to(g.dtype)
+
+
+def _streams_and_y_grads(
+    g: torch.Tensor, r: torch.Tensor, b: torch.Tensor | None, lead: torch.Size, need: tuple[bool, bool]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``dH = R^T G`` ``(M, n, D)`` and ``dy = b^T G`` ``(M, D)`` per token; when both are needed,
+    from one product ``[R^T; b^T] G`` (``G`` read once; the two are views of its result)."""
+    n, dtype = g.shape[1], g.dtype
+    if all(need):
+        both_lead = torch.broadcast_shapes(r.shape[:-2], b.shape[:-1])
+        rt, bt = r.transpose(-1, -2).expand(*both_lead, n, n), b.unsqueeze(-2).expand(*both_lead, 1, n)
+        both = torch.bmm(_per_token(torch.cat([rt, bt], dim=-2), lead, (n + 1, n), dtype), g)
+        return both[:, :n], both[:, n]
+    d_streams = torch.bmm(_per_token(r, lead, (n, n), dtype).transpose(1, 2), g) if need[0] else None
+    d_y = torch.bmm(_per_token(b, lead, (n,), dtype).unsqueeze(1), g).squeeze(1) if need[1] else None
+    return d_streams, d_y
 
 
 def _width(streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -168,28 +218,20 @@ class WidthConnection(torch.autograd.Function):
     def forward(ctx, streams: torch.Tensor, a: torch.Tensor, source: tuple | None = None) -> torch.Tensor:
         x = _width(streams, a)
         ctx.shape, ctx.dtype = streams.shape, streams.dtype
-        _save(ctx, streams if ctx.needs_input_grad[1] else None, source if ctx.needs_input_grad[1] else None, a)
+        save_streams(ctx, streams if ctx.needs_input_grad[1] else None, source if ctx.needs_input_grad[1] else None, a)
         return x
 
     @staticmethod
     def backward(ctx, gx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         lead, n = ctx.shape[:-2], ctx.shape[-2]
         g = gx.reshape(-1, 1, gx.shape[-1])  # (M, 1, D)
-        (a,), streams = _saved(ctx, 1)
+        (a,), streams = saved_streams(ctx, 1, direct=True)
         a_t = _per_token(a, lead, (n,), ctx.dtype).unsqueeze(-1)  # (M, n, 1)
         d_streams = (a_t * g).reshape(ctx.shape) if ctx.needs_input_grad[0] else None
         d_a = None
         if ctx.needs_input_grad[1]:
-            d_a = _grad_to(_stream_dots(streams, g).squeeze(-1), a, lead)  # H_k . dx
+            d_a = _grad_to(_dots(g, streams, lead).squeeze(1), a, lead)  # H_k . dx
         return d_streams, d_a, None
-
-
-def _stream_dots(streams: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``H_k . g`` per token: ``(M, n, 1)`` for streams ``(..., n, D)`` and ``g`` ``(M, 1, D)``."""
-    h = _tokens(streams)
-    if expanded_streams(h):
-        return torch.bmm(h[:, :1], g.transpose(1, 2)).expand(-1, h.shape[1], 1)
-    return torch.bmm(h, g.transpose(1, 2))
 
 
 class WidthPass(torch.autograd.Function):
@@ -206,13 +248,13 @@ class WidthPass(torch.autograd.Function):
         x = _width(streams, a)
         ctx.shape, ctx.dtype = streams.shape, streams.dtype
         keep = ctx.needs_input_grad[1]
-        _save(ctx, streams if keep else None, source if keep else None, a)
+        save_streams(ctx, streams if keep else None, source if keep else None, a)
         return x, streams.view_as(streams)
 
     @staticmethod
     def backward(ctx, gx, g_streams):  # type: ignore[override]
         lead, n, d = ctx.shape[:-2], ctx.shape[-2], ctx.shape[-1]
-        (a,), streams = _saved(ctx, 1)
+        (a,), streams = saved_streams(ctx, 1, direct=True)
         d_streams = d_a = None
         if gx is not None:
             g = gx.reshape(-1, 1, d).to(ctx.dtype)  # (M, 1, D)
@@ -223,7 +265,7 @@ class WidthPass(torch.autograd.Function):
                 else:
                     d_streams = torch.baddbmm(_tokens(g_streams.to(ctx.dtype)), a_t, g).reshape(ctx.shape)
             if ctx.needs_input_grad[1]:
-                d_a = _grad_to(_stream_dots(streams, g).squeeze(-1), a, lead)
+                d_a = _grad_to(_dots(g, streams, lead).squeeze(1), a, lead)
         elif ctx.needs_input_grad[0] and g_streams is not None:
             d_streams = g_streams
         return d_streams, d_a, None
@@ -245,45 +287,46 @@ class DepthWidth(torch.autograd.Function):
         x = _width(new, a_next)
         ctx.shape, ctx.dtype = streams.shape, streams.dtype
         keep = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
-        _save(ctx, streams if keep else None, source if keep else None, r, b, y, a_next)
+        save_streams(ctx, streams if keep else None, source if keep else None, r, b, y, a_next)
         return new, x
 
     @staticmethod
     def backward(ctx, g_new, gx):  # type: ignore[override]
-        (r, b, y, a), streams = _saved(ctx, 4)
-        lead, n, d = ctx.shape[:-2], ctx.shape[-2], ctx.shape[-1]
-        needs = ctx.needs_input_grad
-        d_streams = d_r = d_b = d_y = d_a = None
-        y_t = y.to(ctx.dtype).expand(*lead, d).reshape(-1, 1, d)
         if g_new is None and gx is None:
             return None, None, None, None, None, None
+        (r, b, y, a), streams = saved_streams(ctx, 4, direct=True)
+        lead, n, d = ctx.shape[:-2], ctx.shape[-2], ctx.shape[-1]
         g = None if gx is None else gx.reshape(-1, 1, d).to(ctx.dtype)  # (M, 1, D)
         if g is None:
             big = _tokens(g_new.to(ctx.dtype))
         else:
             a_t = _per_token(a, lead, (n,), ctx.dtype).unsqueeze(-1)  # (M, n, 1)
             big = a_t * g if g_new is None else torch.baddbmm(_tokens(g_new.to(ctx.dtype)), a_t, g)
-        if needs[0]:
-            r_t = _per_token(r, lead, (n, n), ctx.dtype)
-            d_streams = torch.bmm(r_t.transpose(1, 2), big).reshape(ctx.shape)
-        if needs[1]:
-            h = _tokens(streams)
-            if expanded_streams(h):
-                dots = torch.bmm(big, h[:, :1].transpose(1, 2)).expand(-1, n, n)
-            else:
-                dots = torch.bmm(big, h.transpose(1, 2))  # (M, n, n): G_j . H_k
-            d_r = _grad_to(dots, r, lead)
-        if needs[2]:
-            d_b = _grad_to(torch.bmm(big, y_t.transpose(1, 2)).squeeze(-1), b, lead)
-        if needs[3]:
-            b_t = _per_token(b, lead, (n,), ctx.dtype).unsqueeze(1)  # (M, 1, n)
-            d_y = _grad_to(torch.bmm(b_t, big).squeeze(1), y, lead)
-        if needs[4] and g is not None:
+        d_a = None
+        if ctx.needs_input_grad[4] and g is not None:
             r_t = _per_token(r, lead, (n, n), ctx.dtype)
             b_c = _per_token(b, lead, (n,), ctx.dtype).unsqueeze(-1)  # (M, n, 1)
-            dots = torch.baddbmm(b_c * torch.bmm(y_t, g.transpose(1, 2)), r_t, _stream_dots(streams, g))
+            y_t = y.to(ctx.dtype).expand(*lead, d).reshape(-1, d, 1)
+            dots = torch.baddbmm(b_c * torch.bmm(g, y_t), r_t, _dots(g, streams, lead).transpose(1, 2))
             d_a = _grad_to(dots.squeeze(-1), a, lead)
-        return d_streams, d_r, d_b, d_y, d_a, None
+        return *_depth_grads(ctx, big, streams, r, b, y), d_a, None
+
+
+def _depth_grads(ctx, g: torch.Tensor, streams, r: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor | None):
+    """``dH = R^T G``, ``dR = G H^T``, ``db_j = G_j . y``, ``dy = b^T G`` for ``G`` ``(M, n, D)``
+    (the gradient of ``H' = R H + b (x) y``), as ``ctx.needs_input_grad[:4]`` asks; ``G`` is read
+    by two products when ``dH`` and ``dy`` are both needed (:func:`_streams_and_y_grads`)."""
+    lead, d = ctx.shape[:-2], ctx.shape[-1]
+    needs = ctx.needs_input_grad
+    d_streams, d_y = _streams_and_y_grads(g, r, b, lead, (needs[0], y is not None and needs[3]))
+    d_r = _grad_to(_dots(g, streams, lead), r, lead) if needs[1] else None  # G_j . H_k
+    d_b = None
+    if y is not None and needs[2]:
+        y_t = y.to(ctx.dtype).expand(*lead, d).reshape(-1, d, 1)
+        d_b = _grad_to(torch.bmm(g, y_t).squeeze(-1), b, lead)
+    if d_streams is not None:
+        d_streams = d_streams.reshape(ctx.shape)
+    return d_streams, d_r, d_b, None if d_y is None else _grad_to(d_y, y, lead)
 
 
 class DepthConnection(torch.autograd.Function):
@@ -295,33 +338,15 @@ class DepthConnection(torch.autograd.Function):
     def forward(ctx, streams, r, b, y, source=None):  # type: ignore[override]
         result = _depth(streams, r, b, y)
         ctx.shape, ctx.dtype = streams.shape, streams.dtype
-        _save(ctx, streams if ctx.needs_input_grad[1] else None, source if ctx.needs_input_grad[1] else None, r, b, y)
+        save_streams(
+            ctx, streams if ctx.needs_input_grad[1] else None, source if ctx.needs_input_grad[1] else None, r, b, y
+        )
         return result
 
     @staticmethod
     def backward(ctx, g_out):  # type: ignore[override]
-        (r, b, y), streams = _saved(ctx, 3)
-        lead, n, d = ctx.shape[:-2], ctx.shape[-2], ctx.shape[-1]
-        g = _tokens(g_out.to(ctx.dtype))
-        d_streams = d_r = d_b = d_y = None
-        if ctx.needs_input_grad[0]:
-            r_t = _per_token(r, lead, (n, n), ctx.dtype)
-            d_streams = torch.bmm(r_t.transpose(1, 2), g).reshape(ctx.shape)
-        if ctx.needs_input_grad[1]:
-            h = _tokens(streams)
-            if expanded_streams(h):
-                dots = torch.bmm(g, h[:, :1].transpose(1, 2)).expand(-1, n, n)
-            else:
-                dots = torch.bmm(g, h.transpose(1, 2))  # (M, n, n): dH'_j . H_k
-            d_r = _grad_to(dots, r, lead)
-        if y is not None:
-            y_t = y.to(ctx.dtype).expand(*lead, d).reshape(-1, 1, d)
-            if ctx.needs_input_grad[2]:
-                d_b = _grad_to(torch.bmm(g, y_t.transpose(1, 2)).squeeze(-1), b, lead)
-            if ctx.needs_input_grad[3]:
-                b_t = _per_token(b, lead, (n,), ctx.dtype).unsqueeze(1)  # (M, 1, n)
-                d_y = _grad_to(torch.bmm(b_t, g).squeeze(1), y, lead)
-        return d_streams, d_r, d_b, d_y, None
+        (r, b, y), streams = saved_streams(ctx, 3, direct=True)
+        return *_depth_grads(ctx, _tokens(g_out.to(ctx.dtype)), streams, r, b, y), None
 
 
 class Outer(torch.autograd.Function):
@@ -345,48 +370,3 @@ class Outer(torch.autograd.Function):
             b_t = _per_token(b, lead, (n,), y.dtype).unsqueeze(1)  # (M, 1, n)
             d_y = torch.bmm(b_t, g).reshape(y.shape)
         return d_b, d_y
-
-
-class RMSProject(torch.autograd.Function):
-    """``RMSNorm(x) @ w`` (no norm weight) in float32, computed as ``(x @ w) * rsqrt(mean(x^2))``.
-
-    The normalisation is a per-row scalar, so it is applied after the (narrow) projection and
-    ``RMSNorm(x)`` is never materialised nor saved: backward recomputes from ``x`` (saved anyway
-    by the connections) and the small ``x @ w`` and ``rsqrt`` it keeps.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, source: tuple | None = None) -> torch.Tensor:
-        p, inv = rms_project_parts(x, w)
-        _save(ctx, x, source, w, p, inv)  # x, or what it is recomputed from (see mid_layer_streams)
-        return p * inv
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        (w, p, inv), x = _saved(ctx, 3)
-        xf, w_c = x.to(p.dtype), w.to(p.dtype)
-        g_p = g.to(p.dtype) * inv
-        d_x = d_w = None
-        if ctx.needs_input_grad[0]:
-            # d inv / d x = -inv^3 x / F, and d out / d inv = p.
-            coef = (g * p).sum(-1, keepdim=True) * inv.pow(3) * (-1.0 / x.shape[-1])
-            d_x = torch.addcmul(g_p @ w_c.T, xf, coef).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            # (g^T x)^T rather than x^T g: the same product, several times faster on CPU BLAS.
-            d_w = (g_p.reshape(-1, g_p.shape[-1]).T @ xf.reshape(-1, xf.shape[-1])).T.to(w.dtype)
-        return d_x, d_w, None
-
-
-def project_recomputed(x: torch.Tensor, w: torch.Tensor, source: tuple) -> torch.Tensor:
-    """:func:`rms_project` of streams that backward recomputes from ``source``."""
-    return RMSProject.apply(x, w, source)
-
-
-def rms_project_parts(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x @ w`` and ``rsqrt(mean(x^2) + eps)``, in (at least) float32."""
-    ct = torch.promote_types(x.dtype, torch.float32)  # at least float32
-    xf = cast(x, ct)
-    inv = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(EPS).rsqrt_()
-    # x @ w for a narrow w (n + 2 or 2n + n^2 columns) as (w^T x^T)^T: several times faster on CPU BLAS.
-    p = (cast(w, ct).T @ xf.reshape(-1, x.shape[-1]).T).T
-    return p.reshape(*x.shape[:-1], w.shape[-1]), inv

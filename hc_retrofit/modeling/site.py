@@ -9,17 +9,12 @@ and ``site.outer(ctx, y)`` (``b (x) y``) for the site whose ``R H`` the layer re
 whole layer as the branch. The coefficients are the equations of :mod:`hc_retrofit.formulas`,
 run with the fast kernels (autograd), from a cache (no grad) or as they are (``torch.compile``).
 
-Exactness at init: with ``expand`` = copy into n streams and ``reduce`` = mean, a converted model
-computes the original function iff ``sum_k a_k = 1``, every ``b_j = 1`` and every row of ``R``
-sums to 1. All inits below satisfy this, and none is uniform in ``a`` (that would lock all streams
-into identical gradients: the *symmetry lock*). Sinkhorn ends on a row normalisation, so ``R``
-stays exactly row-stochastic (the property exactness needs) whatever the number of iterations.
+Exactness at init: the initial coefficients (:mod:`.initial`) give ``sum_k a_k = 1``, every
+``b_j = 1`` and a row-stochastic ``R``, so a converted model computes the original function.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,9 +22,11 @@ import torch
 from torch import nn
 
 from .config import HCConfig
-from .formulas import ablated, hc_dynamic, hc_layout, mhc, mhc_dynamic_logits, mhc_layout
-from .kernels import DepthConnection, DepthWidth, Recomputed, WidthPass, cast, expanded_streams, project_recomputed
+from .formulas import Project, ablated, hc_dynamic, hc_layout, mhc, mhc_dynamic_logits, mhc_layout
+from .initial import initial_residual_logits, initial_width
+from .kernels import DepthConnection, DepthWidth, Recomputed, WidthPass, cast, expanded_streams
 from .no_grad import hc_rows, mhc_rows
+from .projection import project_passing
 from .sinkhorn_knopp import sinkhorn
 from .site_cache import StaticParts, cache_key
 from .stream_ops import depth_connection, outer_streams, rms_project, stream_mix, width_connection
@@ -86,33 +83,6 @@ def _autocasting(streams: torch.Tensor) -> bool:
     """Whether autocast (mixed precision) is on for the device of ``streams``."""
     device = streams.device.type
     return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-
-
-def initial_width(num_streams: int, main: float, site_index: int) -> torch.Tensor:
-    """Initial ``a``: ``main`` on stream ``site_index mod n``, the rest shared equally (sum 1).
-
-    Rotating the favoured stream across sites (``e_(site mod n)`` when ``main = 1``, as in the HC
-    paper) breaks the symmetry between streams, so they receive different gradients and diverge.
-    """
-    rest = (1.0 - main) / (num_streams - 1)
-    a = torch.full((num_streams,), rest, dtype=torch.float32)
-    a[site_index % num_streams] = main
-    return a
-
-
-def initial_residual_logits(num_streams: int, diagonal: float) -> torch.Tensor:
-    """Logits whose Sinkhorn projection is ``diagonal`` on the diagonal, the rest shared equally.
-
-    A matrix with a constant diagonal and constant off-diagonal is already doubly stochastic, so
-    the projection is exact after any number of iterations. A diagonal below 1 (0.9 by default)
-    keeps the exp/Sinkhorn gradients alive (identity needs infinite logits, whose gradients
-    vanish), while not too low a value keeps the off-diagonal mixing from averaging the streams
-    back together at every site (spread shrinks by ``diag - off`` per site).
-    """
-    off = (1.0 - diagonal) / (num_streams - 1)
-    logits = torch.zeros(num_streams, num_streams, dtype=torch.float32)
-    logits.fill_diagonal_(math.log(diagonal / off))
-    return logits
 
 
 class HyperConnection(nn.Module):
@@ -187,23 +157,38 @@ class HyperConnection(nn.Module):
             return self._no_grad_coefficients(streams, torch.float32)
         return self._coefficients(streams)
 
-    def _coefficients(self, streams: torch.Tensor | None, source: tuple | None = None) -> Coefficients:
-        """:meth:`coefficients` with autograd (or under ``torch.compile``); ``source``: what
-        ``streams`` are recomputed from in backward, or ``None`` to save them."""
+    def _coefficients(self, streams: torch.Tensor | None, project: Project = rms_project) -> Coefficients:
+        """:meth:`coefficients` with autograd (or under ``torch.compile``), the dynamic term
+        projected by ``project``."""
         if not self.is_dynamic:
             return self.static_coefficients()
         if streams is None:
             raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
         if _autocasting(streams):  # mixed precision: the coefficients stay float32
             with torch.autocast(streams.device.type, enabled=False):
-                return self._coefficients(streams, source)
-        project = rms_project if source is None else functools.partial(project_recomputed, source=source)
+                return self._coefficients(streams, project)
         if self.variant == "mhc":
             params = _float32(self.width_logits, self.residual_logits, self.depth_logits, self.dynamic_scale)
             logits = mhc_dynamic_logits(*mhc_layout(*params), self.dynamic_proj.float(), streams, project)
             return Coefficients(*mhc(logits, self.num_streams, self.config.sinkhorn_iters, sinkhorn))
         base, s = hc_layout(*_float32(self.width, self.residual, self.depth, self.dynamic_scale))
         return Coefficients(*hc_dynamic(base, s, self.dynamic_proj.float(), streams, project))
+
+    def _eager_coefficients(self, streams: torch.Tensor, source: tuple | None) -> tuple[Coefficients, torch.Tensor]:
+        """:meth:`coefficients` in eager autograd, and the streams the width connection reads: for
+        dynamic variants the pass-through of :class:`~.projection.ProjectPass`, so the projection's
+        gradient joins the streams' other gradient in one buffer (``source``: see ``made_of``)."""
+        passed: list[torch.Tensor] = []
+
+        def project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            p, through = project_passing(x, w, source)
+            passed.append(through)
+            return p
+
+        c = self._coefficients(streams, project)
+        if not passed or expanded_streams(streams):  # static; layer 0's views (mHC's vec H copies them)
+            return c, streams
+        return c, passed[0].view(streams.shape)
 
     # -- coefficients without autograd (evaluation, generate()) ----------------------------------
     def _static_parts(self) -> StaticParts:
@@ -297,23 +282,22 @@ class HyperConnection(nn.Module):
         """
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return self._width_no_grad(streams, adds_input)
-        if made_of is not None and not torch.compiler.is_compiling():
-            ctx0, y0 = made_of
-            source = (Recomputed(), (ctx0.streams, ctx0.r, ctx0.b, y0))
-            c = self._coefficients(streams, source)
+        if torch.compiler.is_compiling():  # the formulas, which the compiler fuses
+            c = self._coefficients(streams)
             if adds_input:
                 c = c.minus_identity()
-            x, passed = WidthPass.apply(streams, c.a, source)
-            return x, SiteContext(passed, x, c.a, c.r, c.b, adds_input, source)
-        c = self._coefficients(streams)  # with autograd (float32) or under torch.compile
-        if adds_input:
-            c = c.minus_identity()
-        if torch.compiler.is_compiling():
             x = width_connection(streams, c.a)
             return x, SiteContext(streams, x, c.a, c.r, c.b, adds_input)
+        source = None
+        if made_of is not None:
+            ctx0, y0 = made_of
+            source = (Recomputed(), (ctx0.streams, ctx0.r, ctx0.b, y0))
+        c, read = self._eager_coefficients(streams, source)
+        if adds_input:
+            c = c.minus_identity()
         # The depth side reads the streams through WidthPass: one consumer, one gradient.
-        x, passed = WidthPass.apply(streams, c.a)
-        return x, SiteContext(passed, x, c.a, c.r, c.b, adds_input)
+        x, passed = WidthPass.apply(read, c.a, source)
+        return x, SiteContext(passed, x, c.a, c.r, c.b, adds_input, source)
 
     def depth_connection(self, ctx: SiteContext, y: torch.Tensor) -> torch.Tensor:
         """``H' = R H + b (x) y``."""

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .kernels import cast
+from .private_api import version_counter
 
 
 def cache_key(params: Iterable[torch.Tensor], *extra: object) -> tuple | None:
     """What identifies the parameters' current values, or ``None`` if they cannot be tracked."""
     try:  # (one pass: this runs per site and token at decode)
-        return (*extra, *[(id(p), p._version, p.data_ptr()) for p in params])
+        return (*extra, *[(id(p), version_counter(p), p.data_ptr()) for p in params])
     except RuntimeError:  # inference tensors have no version counter
         return None
 

@@ -19,8 +19,9 @@ from .formulas import mix as plain_mix
 from .formulas import outer as plain_outer
 from .formulas import rms_project as plain_rms_project
 from .formulas import width as plain_width
-from .kernels import DepthConnection, Outer, RMSProject, WidthConnection, cast, expanded_streams
-from .kernels import rms_project_parts as _rms_project_parts
+from .kernels import DepthConnection, Outer, WidthConnection, cast, expanded_streams
+from .projection import project_passing
+from .projection import rms_project_parts as _rms_project_parts
 
 __all__ = [
     "depth_connection",
@@ -87,7 +88,7 @@ def rms_project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         p, inv = _rms_project_parts(x, w)
         return p.mul_(inv)
-    return RMSProject.apply(x, w)
+    return project_passing(x, w)[0]
 
 
 def _width_no_grad(streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -238,3 +238,21 @@ def merge(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
         return TrainConfig(**values)
     except TypeError as err:  # pragma: no cover - guarded by the key checks above
         raise TrainingError(str(err)) from err
+
+
+def command_line_config(recipe: str | Path | None = None, *, progress: bool | None = None, **flags: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of a command line: defaults, then the recipe file, then the flags given.
+
+    A flag not given is ``None``; a switch (``--resume``, ``--compile``) only switches on, so one
+    not given (``False``) keeps the recipe's value too. ``progress`` is ``False`` for
+    ``--no-progress``. Threads given nowhere: this process's share of the cores
+    (:func:`~hc_retrofit.train.threads.default_threads`: threads x processes <= cores, never
+    oversubscribed), where the Python API's default is the threads the process has.
+    """
+    from hc_retrofit.train.threads import default_threads
+
+    given = {k: (v or None) if isinstance(v, bool) else v for k, v in flags.items()}
+    cfg = merge(recipe, progress=progress, **given)
+    if cfg.threads is None:
+        cfg.threads = default_threads()
+    return cfg

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hc_retrofit.train.errors import TrainingError
-from hc_retrofit.train.recipe import DEFAULT_HC_LR_MULTIPLIER, TrainConfig, load_recipe, merge
+from hc_retrofit.train.recipe import DEFAULT_HC_LR_MULTIPLIER, TrainConfig, command_line_config, load_recipe, merge
+from hc_retrofit.train.threads import default_threads
 
 
 def test_flags_override_recipe_which_overrides_defaults(tmp_path):
@@ -17,6 +18,17 @@ def test_flags_override_recipe_which_overrides_defaults(tmp_path):
     assert cfg.report_to == ["tensorboard"] and cfg.grad_checkpointing is True
     assert cfg.hc_lr_multiplier == DEFAULT_HC_LR_MULTIPLIER
     cfg.validate()
+
+
+def test_a_switch_not_given_keeps_the_recipes_value_and_threads_default_to_a_share(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("grad_checkpointing: true\nthreads: 3\n")
+    cfg = command_line_config(recipe, grad_checkpointing=False, compile=True, max_steps=None, batch_size=2)
+    assert cfg.grad_checkpointing is True and cfg.compile is True  # a switch only switches on
+    assert cfg.threads == 3 and cfg.batch_size == 2 and cfg.max_steps == TrainConfig().max_steps
+    assert cfg.progress is True and command_line_config(progress=False).progress is False
+    assert command_line_config().threads == default_threads()  # the Python API's default is None
+    assert TrainConfig().threads is None
 
 
 def test_unknown_recipe_key_is_an_error(tmp_path):
