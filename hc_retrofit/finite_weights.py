@@ -20,10 +20,26 @@ class NonFiniteWeightsError(CheckpointError):
     """A base model's weights hold NaN or inf: the checkpoint is damaged."""
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating-point ``tensor`` holds no NaN and no inf.
+
+    One reduction pass and no temporary: NaN propagates through ``aminmax`` and an inf is one of the
+    extremes, so both extremes are finite exactly when every element is (``isfinite(t).all()``
+    writes a boolean copy of the tensor first, about ten times slower on a CPU).
+    """
+    if tensor.numel() == 0:
+        return True
+    try:
+        low, high = torch.aminmax(tensor.detach())
+    except (RuntimeError, NotImplementedError):  # a dtype without aminmax on this device
+        return bool(torch.isfinite(tensor).all())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def first_nonfinite_tensor(model: Any) -> str | None:
     """The name of ``model``'s first floating-point parameter or buffer holding NaN or inf, or ``None``."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not all_finite(tensor):
             return name
     return None
 
@@ -36,7 +52,7 @@ def first_nonfinite_in_files(directory: str | os.PathLike) -> str | None:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 tensor = f.get_tensor(key)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                if tensor.is_floating_point() and not all_finite(tensor):
                     return f"{key} ({file.name})"
     return None
 

@@ -133,7 +133,7 @@ def _match_tensors(model: nn.Module, tensors: dict[str, StoredTensor]) -> list[t
 def _copy_tensors(model: nn.Module, plan: list[tuple[torch.Tensor, str]], tensors: dict[str, StoredTensor]) -> None:
     """Copy each stored tensor into its model tensor, then drop what the HC sites derived from the old values."""
     for target, stored in plan:
-        target.copy_(tensors[stored].read())
+        tensors[stored].read_into(target)  # into the model's own memory: no second copy of each tensor
     for module in model.modules():  # caches derived from the replaced tensors (hc sites)
         clear = getattr(module, "clear_cache", None)
         if callable(clear):

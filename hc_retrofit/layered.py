@@ -2,8 +2,8 @@
 
 ``verify`` of a model larger than the free memory cannot hold it (let alone it and its base, in
 float32). But a forward pass needs one decoder layer at a time. So the model is built with every
-parameter on the meta device (buffers, e.g. rotary frequencies, are computed as usual), the
-parameters outside the decoder layers (embeddings, final norm, head) are loaded once, and each
+parameter on the meta device (non-persistent buffers, e.g. rotary frequencies, computed as
+``from_pretrained`` computes them), the parameters outside the decoder layers (embeddings, final norm, head) are loaded once, and each
 decoder layer's tensors are read from the safetensors files when the layer is called and dropped
 when it returns (hooks on the layer). Peak memory: the non-layer parameters plus one layer.
 
@@ -19,10 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -110,17 +110,35 @@ class StoredTensor:
     def read(self) -> torch.Tensor:
         """The tensor, read from its file into fresh memory."""
         buffer = torch.empty(self.nbytes, dtype=torch.uint8)
-        if self.nbytes:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                view = memoryview(buffer.numpy())
-                done = 0
-                while done < self.nbytes:
-                    got = f.readinto(view[done:])
-                    if not got:
-                        raise CheckpointError(f"{self.path} is truncated; download or copy the checkpoint again")
-                    done += got
+        self._read_bytes(buffer)
         return buffer.view(self.dtype).reshape(self.shape)
+
+    @torch.no_grad()
+    def read_into(self, target: torch.Tensor) -> None:
+        """Set ``target`` (same shape) to the stored tensor: read straight into its memory when it is a
+        contiguous CPU tensor of the stored dtype (no temporary), else read, then copy and convert."""
+        if tuple(target.shape) != self.shape:
+            raise ValueError(
+                f"{self.path}: the stored tensor has shape {list(self.shape)}, the target {list(target.shape)}"
+            )
+        if target.dtype == self.dtype and target.device.type == "cpu" and target.is_contiguous():
+            self._read_bytes(target.detach().reshape(-1).view(torch.uint8))
+        else:
+            target.copy_(self.read())
+
+    def _read_bytes(self, buffer: torch.Tensor) -> None:
+        """Fill the contiguous CPU uint8 ``buffer`` (``nbytes`` long) with the tensor's bytes."""
+        if not self.nbytes:
+            return
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            view = memoryview(buffer.numpy())
+            done = 0
+            while done < self.nbytes:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"{self.path} is truncated; download or copy the checkpoint again")
+                done += got
 
 
 def stored_tensors(directory: str | os.PathLike) -> dict[str, StoredTensor]:
@@ -156,25 +174,30 @@ def stored_tensors(directory: str | os.PathLike) -> dict[str, StoredTensor]:
 
 
 # ----------------------------------------------------------------------------- the model
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Build modules with every parameter on the meta device (no storage); buffers stay real.
+Model = TypeVar("Model", bound=nn.Module)
 
-    Each parameter moves to meta as it is registered, before its module initialises it, so
-    building even a 70B model costs no memory and no random-init time.
+
+def build_weightless(build: Callable[[], Model]) -> Model:
+    """``build()`` with every parameter and persistent buffer on the meta device (no storage).
+
+    The model is built under ``torch.device("meta")``, a torch-function mode that applies to the
+    calling thread only (another thread, e.g. a shard copy, keeps building real tensors), so even a
+    70B model costs no memory and no random-init time. Its non-persistent buffers (e.g. rotary
+    frequencies), which no checkpoint holds, are then given their values as ``from_pretrained``
+    gives them after its own meta-device build: real placeholders filled by the model's public
+    ``initialize_weights()`` (which leaves the meta parameters without storage).
     """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+    with torch.device("meta"):
+        model = build()
+    persistent = set(model.state_dict())
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta and name not in persistent:
+            owner, leaf = _slot(model, name)
+            owner.register_buffer(leaf, torch.empty_like(buffer, device="cpu"), persistent=False)
+    initialize = getattr(model, "initialize_weights", None)
+    if callable(initialize):
+        initialize()
+    return model
 
 
 def _slot(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -185,7 +208,7 @@ def _slot(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 class LayerLoader:
     """Loads ``model``'s non-layer tensors now and each decoder layer's around its call.
 
-    ``model``: built under :func:`parameters_on_meta`; ``layers``: its decoder-layer list;
+    ``model``: built by :func:`build_weightless`; ``layers``: its decoder-layer list;
     ``cast(name, stored)``: the tensor the model must hold for checkpoint tensor ``stored``
     (e.g. ``stored.float()``). Every parameter (and persistent buffer) of the model must be in
     ``tensors`` under its own name with its shape (a tied parameter under one of its names), and

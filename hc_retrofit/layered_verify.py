@@ -20,7 +20,8 @@ from hc_retrofit.base_model import load_base_config, load_tokenizer
 from hc_retrofit.checkpoint_format import check_weight_files
 from hc_retrofit.checkpoint_source import resolve_checkpoint
 from hc_retrofit.equivalence import CHECKPOINT_BATCH, CHECKPOINT_LENGTH, ProbeOutputs, probe_inputs, run_probe
-from hc_retrofit.layered import LayeredUnavailable, LayerLoader, parameters_on_meta, stored_tensors
+from hc_retrofit.layered import LayeredUnavailable, LayerLoader, build_weightless, stored_tensors
+from hc_retrofit.loading import build_float32
 from hc_retrofit.modeling.errors import CheckpointError, HCRetrofitError
 from hc_retrofit.modeling.families import family_for
 from hc_retrofit.modeling.patch import decoder_layers
@@ -56,8 +57,7 @@ def _base_model(base: str, revision: str | None, base_dtype: torch.dtype | None)
         raise LayeredUnavailable(f"{base} uses its own modeling code (auto_map)")
     local = resolve_checkpoint(base, revision=revision)
     check_weight_files(local)
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = build_weightless(lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32))
     if base_dtype in (torch.float16, torch.bfloat16) and (
         getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None)
     ):
@@ -74,8 +74,7 @@ def _converted_skeleton(directory: Path) -> Any:
     check_weight_files(directory)
     config = converted_config(directory)
     _, model_cls = converted_classes(directory)
-    with parameters_on_meta():
-        model = model_cls._from_config(config, dtype=torch.float32)
+    model = build_weightless(lambda: build_float32(model_cls, config))
     _generation_config(model, directory)
     return model.eval()
 

@@ -48,3 +48,15 @@ def load_converted(
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def build_float32(model_cls: type, config: Any) -> Any:
+    """``model_cls(config)`` with float32 weights, as ``from_config(config, dtype=torch.float32)`` builds it.
+
+    The public constructor builds in torch's default dtype (float32 unless a caller changed the
+    default, in which case the model is cast); ``config.dtype`` is set to match, as ``from_config``
+    sets it. Under ``torch.device("meta")`` this costs nothing.
+    """
+    config.dtype = torch.float32
+    model = model_cls(config)
+    return model if torch.get_default_dtype() == torch.float32 else model.float()

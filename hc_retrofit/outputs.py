@@ -233,13 +233,13 @@ def staging_dir(out: Path, suffix: str = ".partial") -> Path:
     return _sibling(out, suffix)
 
 
-def replace_dir(new: Path, out: Path, kind: str | None = None) -> None:
+def replace_dir(new: Path, out: Path, kind: str | None = None, hashed: dict[str, dict] | None = None) -> None:
     """Move the complete ``new`` to ``out``. With ``kind``, ``new`` is first sealed (its manifest lists
-    every file in it). An existing ``out`` is checked once more (every file ours and unchanged), swapped
-    out, then removed."""
+    every file in it; ``hashed``: see :func:`~hc_retrofit.ownership.seal`). An existing ``out`` is checked
+    once more (every file ours and unchanged), swapped out, then removed."""
     if kind is not None:
         honour_umask(new)
-        ownership.seal(new, kind)
+        ownership.seal(new, kind, hashed)
     if out.exists():
         ownership.check_replaceable(out)
         old = _sibling(out, ".old")
@@ -280,15 +280,16 @@ def abandon(tmp: Path, err: BaseException, out: Path) -> BaseException | None:
 
 
 @contextlib.contextmanager
-def staged(out: Path, kind: str, tmp: Path | None = None) -> Iterator[Path]:
+def staged(out: Path, kind: str, tmp: Path | None = None, hashed: dict[str, dict] | None = None) -> Iterator[Path]:
     """Write a new output into a staging sibling of ``out`` (``tmp``, else a fresh one), put in place
     by :func:`replace_dir` only when the block completes. On any error (Ctrl-C included) the staging
     directory is removed, ``out`` is left as it was, and a full disk reported as something else is
-    raised as ``OSError`` (see :func:`abandon`)."""
+    raised as ``OSError`` (see :func:`abandon`). ``hashed``: filled by the block with the
+    :func:`~hc_retrofit.file_hashes.hash_record` of files it already hashed (the manifest reuses them)."""
     tmp = staging_dir(out) if tmp is None else tmp
     try:
         yield tmp
-        replace_dir(tmp, out, kind=kind)
+        replace_dir(tmp, out, kind=kind, hashed=hashed)
     except BaseException as err:
         instead = abandon(tmp, err, out)
         if instead is not None:

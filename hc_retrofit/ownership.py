@@ -2,8 +2,9 @@
 
 Every directory this tool writes (a converted checkpoint, a training run, a demo, a comparison)
 carries :data:`MANIFEST`: a JSON list of exactly the files it wrote, each with its size,
-modification time and SHA-256 (computed once, right after the file was written; reading a
-100 MB file back from the page cache costs about 0.1 s). A directory may be replaced or deleted
+modification time and SHA-256 (computed once, right after the file was written, while it is
+still in the page cache; a streamed convert hashes each base shard in the thread that copies it,
+while the main thread works: :func:`~hc_retrofit.file_hashes.hash_record`). A directory may be replaced or deleted
 (``--overwrite``) only when :func:`lost_files` is empty: every file in it is in its manifest and
 unchanged (same size; same modification time, or else the same SHA-256), and every sub-directory
 is one the manifest names as ours (with a manifest of its own, also checked).
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import hashlib
 import json
 import os
 import re
@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from hc_retrofit.file_hashes import same_file, sha256_file, sha256_prefix
 from hc_retrofit.modeling.errors import OutputExistsError
 
 MANIFEST = ".hc-retrofit-output"
@@ -39,36 +40,15 @@ SHOWN = 4
 
 
 # ----------------------------------------------------------------------------- hashing
-def sha256_file(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file, read in large blocks."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _record(path: Path, previous: dict[str, Any] | None = None, *, append: bool = False) -> dict[str, Any]:
-    """``{size, mtime_ns, sha256}`` of ``path``; the previous hash is reused when size and mtime agree."""
+    """``{size, mtime_ns, sha256}`` of ``path``; the previous hash is reused when it describes this file
+    (:func:`~hc_retrofit.file_hashes.same_file`)."""
     st = path.stat()
-    if previous and previous.get("size") == st.st_size and previous.get("mtime_ns") == st.st_mtime_ns:
-        digest = previous["sha256"]
-    else:
-        digest = sha256_file(path)
+    digest = previous["sha256"] if previous and same_file(previous, st) else sha256_file(path)
     entry: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     if append:
         entry["append"] = True
     return entry
-
-
-def _prefix_sha256(path: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        left = size
-        while left > 0:
-            block = f.read(min(left, 1 << 20))
-            if not block:
-                break
-            digest.update(block)
-            left -= len(block)
-    return digest.hexdigest()
 
 
 def _unchanged(path: Path, entry: dict[str, Any]) -> bool:
@@ -78,7 +58,7 @@ def _unchanged(path: Path, entry: dict[str, Any]) -> bool:
     except OSError:
         return False
     if entry.get("append"):
-        return st.st_size >= entry["size"] and _prefix_sha256(path, entry["size"]) == entry["sha256"]
+        return st.st_size >= entry["size"] and sha256_prefix(path, entry["size"]) == entry["sha256"]
     if st.st_size != entry.get("size"):
         return False
     if st.st_mtime_ns == entry.get("mtime_ns"):
@@ -129,20 +109,25 @@ def _walk_files(directory: Path) -> Iterator[Path]:
             yield Path(folder) / name
 
 
-def seal(directory: str | os.PathLike, kind: str) -> None:
+def seal(directory: str | os.PathLike, kind: str, hashed: dict[str, dict[str, Any]] | None = None) -> None:
     """Record every file now in ``directory`` (which this process created and wrote) as ours.
 
     For a staging directory that is complete: nothing but this tool has written into it.
+    ``hashed``: :func:`~hc_retrofit.file_hashes.hash_record` of files (relative paths) already hashed by their writer, reused
+    when the file is still the one hashed (same inode, size and modification time), so a large file
+    is not read back once more.
     """
     root = Path(directory)
     data = read_manifest(root) or _new(kind)
     old = data["files"]
+    hashed = hashed or {}
     files = {}
     for path in _walk_files(root):
         rel = path.relative_to(root).as_posix()
         if rel in (MANIFEST, _MANIFEST_TMP):
             continue
-        files[rel] = _record(path, old.get(rel), append=bool((old.get(rel) or {}).get("append")))
+        previous = hashed.get(rel) or old.get(rel)
+        files[rel] = _record(path, previous, append=bool((old.get(rel) or {}).get("append")))
     data["files"] = files
     data["kind"] = kind
     _write(root, data)

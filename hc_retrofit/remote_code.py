@@ -32,6 +32,7 @@ from hc_retrofit.checkpoint_format import (
     VERSION_KEY,
 )
 from hc_retrofit.modeling.remote_model import base_model_type, retrofit_model_type
+from hc_retrofit.private_api import auto_class_model_names
 from hc_retrofit.tasks import TASKS
 
 MODELING_FILE = "modeling_hc_retrofit.py"
@@ -198,18 +199,12 @@ def auto_classes(model_cls: type) -> list[str]:
 
     A class no auto mapping lists gets ``AutoModelForCausalLM`` (what a causal LM is loaded with).
     """
-    from transformers.models.auto import modeling_auto
-    from transformers.models.auto.auto_factory import _BaseAutoModelClass
-
     name = model_cls.__name__
-    found = []
-    for attr in sorted(vars(modeling_auto)):
-        auto = getattr(modeling_auto, attr)
-        if not (isinstance(auto, type) and issubclass(auto, _BaseAutoModelClass)) or auto is _BaseAutoModelClass:
-            continue
-        mapping = getattr(getattr(auto, "_model_mapping", None), "_model_mapping", None) or {}
-        if any(value == name or (isinstance(value, (tuple, list)) and name in value) for value in mapping.values()):
-            found.append(attr)
+    found = [
+        auto
+        for auto, mapping in auto_class_model_names().items()
+        if any(value == name or (isinstance(value, (tuple, list)) and name in value) for value in mapping.values())
+    ]
     # the auto classes of hc-retrofit's tasks first (causal LM, masked LM, image classification, base)
     preferred = [auto for auto, _ in TASKS.values()]
     found.sort(key=lambda a: (preferred.index(a) if a in preferred else len(preferred), a))

@@ -9,7 +9,9 @@ so the copy can start before they are imported.
 
 The copy goes into the staging directory the convert writes its output to; if the convert then
 fails (or cannot stream), :meth:`ShardCopier.cancel` stops it between chunks, and the caller
-removes the directory, as for any failed convert.
+removes the directory, as for any failed convert. Each shard is hashed (SHA-256, for the output's
+ownership manifest) by the same thread right after it is written, while it is in the page cache,
+so the manifest does not read it back at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import threading
 import time
 from pathlib import Path
 
+from hc_retrofit import outputs
 from hc_retrofit.checkpoint_format import HC_SHARD, INDEX_FILE, SINGLE_FILE
+from hc_retrofit.file_hashes import hash_record
 
 SINGLE_RENAMED = "model-00001-of-00001.safetensors"  # model.safetensors would hide the index from transformers
 CHUNK = 256 * 2**20  # bytes per copy_file_range call: how soon a cancel takes effect
@@ -68,13 +72,14 @@ def _clone(fin: int, fout: int) -> bool:
         return False
 
 
-def _copy(src: Path, dst: Path, stop: threading.Event) -> None:
+def _copy(src: Path, dst: Path, stop: threading.Event, mode: int) -> None:
     """``src`` to ``dst`` as ``cp`` does it: a reflink where the filesystem can, else in the kernel
-    (``copy_file_range``, else ``sendfile``) in chunks, with the source read sequentially."""
+    (``copy_file_range``, else ``sendfile``) in chunks, with the source read sequentially. ``dst``
+    gets ``mode`` (what the output's other files get), so that nothing changes it after it is hashed."""
     size = src.stat().st_size
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         if _clone(fin.fileno(), fout.fileno()):
-            shutil.copymode(src, dst)
+            os.chmod(dst, mode)
             return
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fin.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -93,19 +98,22 @@ def _copy(src: Path, dst: Path, stop: threading.Event) -> None:
             if got == 0:
                 raise OSError(f"{src} shrank while being copied")
             done += got
-    shutil.copymode(src, dst)
+    os.chmod(dst, mode)
 
 
 class ShardCopier:
     """Copies (or with ``link``, hard links where possible) shards into a directory, in a thread.
 
     ``files``: ``(source, name in dest)``. :meth:`wait` returns the names hard linked and re-raises
-    the copy's error, if any; ``seconds`` is how long the copy took.
+    the copy's error, if any; ``seconds`` is how long the copy took (hashing included); ``hashed``
+    holds the :func:`~hc_retrofit.file_hashes.hash_record` of each file written, by name.
     """
 
     def __init__(self, files: list[tuple[Path, str]], dest: Path, *, link: bool = False) -> None:
         self.files, self.dest, self.link = files, dest, link
         self.linked: list[str] = []
+        self.hashed: dict[str, dict] = {}
+        self.mode = 0o666 & ~outputs.umask()  # read here: changing the umask in a thread would race
         self.notes: list[str] = []  # e.g. why a shard could not be linked
         self.seconds = 0.0
         self._stop = threading.Event()
@@ -121,18 +129,28 @@ class ShardCopier:
         try:
             for src, name in self.files:
                 real, dst = src.resolve(), self.dest / name  # Hub caches hold symlinks to blobs
-                if self.link:
-                    try:
-                        os.link(real, dst)
-                        self.linked.append(name)
-                        continue
-                    except OSError as err:
-                        self.notes.append(f"cannot hard link {src.name} ({err.strerror or err}): copying it")
-                _copy(real, dst, self._stop)
+                if not (self.link and self._link(src, dst, name)):
+                    _copy(real, dst, self._stop, self.mode)
+                record = hash_record(dst, stop=self._stop.is_set)
+                if self._stop.is_set():
+                    raise Cancelled
+                if record is not None:
+                    self.hashed[name] = record
         except BaseException as err:  # handed to the waiting thread
             self._error = err
         finally:
             self.seconds = time.perf_counter() - start
+
+    def _link(self, src: Path, dst: Path, name: str) -> bool:
+        """Hard link ``src`` (resolved: Hub caches hold symlinks to blobs) as ``dst``; whether it worked
+        (else a note says why)."""
+        try:
+            os.link(src.resolve(), dst)
+        except OSError as err:
+            self.notes.append(f"cannot hard link {src.name} ({err.strerror or err}): copying it")
+            return False
+        self.linked.append(name)
+        return True
 
     def wait(self) -> list[str]:
         """Block until the copy is done; the names that were hard linked. Re-raises a copy error."""
@@ -166,8 +184,6 @@ def start_copy(source: str, out_dir: str | os.PathLike, *, overwrite: bool, link
 
     Raises :class:`~hc_retrofit.modeling.errors.OutputExistsError` for an ``out_dir`` that may not be written.
     """
-    from hc_retrofit import outputs
-
     out = outputs.check_output_dir(Path(out_dir), overwrite=overwrite, inputs=[source])
     local = Path(source).expanduser()
     if not local.is_dir():

@@ -93,7 +93,6 @@ def write_plan(
     directory before the rename (e.g. verify): if it raises, nothing is left behind. Returns the
     output path and how many shards were hard linked. ``timings`` receives seconds per phase.
     """
-    from safetensors.torch import save_file
 
     say = progress or (lambda _msg: None)
     timings = timings if timings is not None else {}
@@ -107,36 +106,18 @@ def write_plan(
         out = check_output_dir(Path(out_dir), overwrite=overwrite, source=str(plan.local_dir))
         tmp = outputs.staging_dir(out)
         copier = ShardCopier([(s.source, s.name) for s in plan.shards if not s.cast], tmp, link=link).start()
-    with outputs.staged(out, kind="checkpoint", tmp=tmp):
+    hashed: dict[str, dict] = {}  # the copied shards' hashes, for the manifest (see shard_copy)
+    with outputs.staged(out, kind="checkpoint", tmp=tmp, hashed=hashed):
         try:
             if early is None:
                 say_copying(copier, say)
             started = time.perf_counter()
-            weight_map: dict[str, str] = {}
-            total = 0
-            for shard in plan.shards:
-                for key, entry in shard.tensors.items():
-                    weight_map[key] = shard.name
-                    dtype = shard.cast.get(key, torch_dtype(entry["dtype"]))
-                    total += torch.Size(entry["shape"]).numel() * torch.empty((), dtype=dtype).element_size()
-            save_file(plan.hc_tensors, str(tmp / HC_SHARD), metadata={"format": "pt"})
-            for key, tensor in plan.hc_tensors.items():
-                weight_map[key] = HC_SHARD
-                total += tensor.numel() * tensor.element_size()
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-            model = plan.model
-            model.config.save_pretrained(tmp)
-            generation = _generation_config(plan)
-            if generation is not None:
-                generation.save_pretrained(tmp)
-            # as the in-memory path loads it (by the name the user gave: tokenizer_config records is_local)
-            tokenizer = load_tokenizer(plan.source, revision=plan.revision, trust_remote_code=plan.trust_remote_code)
-            base = str(plan.local_dir.resolve()) if Path(plan.source).expanduser().is_dir() else plan.source
-            write_converted_files(tmp, model, tokenizer, base=base)
+            _write_files(plan, tmp)
             timings["files"] = time.perf_counter() - started
             started = time.perf_counter()
+            cast = {s.name for s in plan.shards if s.cast}  # re-encoded below: not what the copier hashed
             linked = copier.wait()
+            hashed.update({name: record for name, record in copier.hashed.items() if name not in cast})
             timings["copy wait"] = time.perf_counter() - started
             timings["copy"] = copier.seconds
             for note in copier.notes:
@@ -151,8 +132,35 @@ def write_plan(
         except BaseException:  # stop the copy before the staging directory is removed
             copier.cancel()
             raise
-    cast = {s.name for s in plan.shards if s.cast}
     return out, sum(1 for name in linked if name not in cast)
+
+
+def _write_files(plan: StreamPlan, tmp: Path) -> None:
+    """Everything but the base shards: the HC shard, the index, the configs, tokenizer and remote code."""
+    from safetensors.torch import save_file
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard in plan.shards:
+        for key, entry in shard.tensors.items():
+            weight_map[key] = shard.name
+            dtype = shard.cast.get(key, torch_dtype(entry["dtype"]))
+            total += torch.Size(entry["shape"]).numel() * torch.empty((), dtype=dtype).element_size()
+    save_file(plan.hc_tensors, str(tmp / HC_SHARD), metadata={"format": "pt"})
+    for key, tensor in plan.hc_tensors.items():
+        weight_map[key] = HC_SHARD
+        total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    model = plan.model
+    model.config.save_pretrained(tmp)
+    generation = _generation_config(plan)
+    if generation is not None:
+        generation.save_pretrained(tmp)
+    # as the in-memory path loads it (by the name the user gave: tokenizer_config records is_local)
+    tokenizer = load_tokenizer(plan.source, revision=plan.revision, trust_remote_code=plan.trust_remote_code)
+    base = str(plan.local_dir.resolve()) if Path(plan.source).expanduser().is_dir() else plan.source
+    write_converted_files(tmp, model, tokenizer, base=base)
 
 
 def _generation_config(plan: StreamPlan) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,45 @@ def test_available_memory_is_capped_by_the_cgroup_room(monkeypatch: pytest.Monke
     assert layered.available_memory() == 3 * 2**30  # the container's room, not the host's
     monkeypatch.setattr(layered, "_cgroup_room", lambda: None)
     assert layered.available_memory() == 20 * 2**30
+
+
+def test_the_weightless_build_patches_nothing_and_leaves_other_threads_alone(tmp_path: Path) -> None:
+    """While a layered verify builds its models, ``nn.Module.register_parameter`` is torch's own and
+    a module built by another thread (e.g. a shard copy) gets real parameters, not meta ones."""
+    converted = Path(_convert(tmp_path, "qwen2-tied", HCConfig(variant="dynamic")))
+    original = torch.nn.Module.register_parameter
+    seen: list[tuple[bool, str]] = []  # (torch's own register_parameter, device of another thread's module)
+    verifying = threading.current_thread()
+
+    def check(_module: torch.nn.Module, _name: str, param: torch.nn.Parameter | None) -> None:
+        if threading.current_thread() is verifying and len(seen) < 3:  # a few registrations suffice
+            other: list[str] = []
+            thread = threading.Thread(target=lambda: other.append(torch.nn.Linear(2, 2).weight.device.type))
+            thread.start()
+            thread.join()
+            seen.append((torch.nn.Module.register_parameter is original, other[0]))
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(check)
+    try:
+        assert verify_checkpoint(converted, mode="layers").equivalent
+    finally:
+        handle.remove()
+    assert torch.nn.Module.register_parameter is original
+    assert seen and all(own and device == "cpu" for own, device in seen), seen
+
+
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_read_into_sets_the_target_to_the_stored_tensor(
+    tmp_path: Path, target_dtype: torch.dtype, contiguous: bool
+) -> None:
+    """Straight into a contiguous target of the stored dtype, else read then converted: the same values."""
+    stored = {"w": torch.randn(6, 5), "empty": torch.zeros(0, 3)}
+    save_file(stored, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    tensors = layered.stored_tensors(tmp_path)
+    target = torch.zeros(6, 5, dtype=target_dtype) if contiguous else torch.zeros(5, 6, dtype=target_dtype).t()
+    tensors["w"].read_into(target)
+    assert torch.equal(target, stored["w"].to(target_dtype))
+    tensors["empty"].read_into(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="shape"):
+        tensors["w"].read_into(torch.zeros(5, 6))

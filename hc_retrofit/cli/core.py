@@ -20,11 +20,9 @@ from typer.core import TyperGroup
 
 from hc_retrofit.extras import missing_extra_hint
 from hc_retrofit.modeling.errors import HCRetrofitError
+from hc_retrofit.private_api import click_exceptions_module
 
-try:  # typer >= 0.2x vendors click as typer._click; older typer uses click itself
-    from typer._click import exceptions as click_exceptions
-except ImportError:  # pragma: no cover
-    from click import exceptions as click_exceptions
+click_exceptions = click_exceptions_module()
 
 console = Console()
 err_console = Console(stderr=True)

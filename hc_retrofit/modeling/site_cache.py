@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .kernels import cast
+from .private_api import version_counter
 
 
 def cache_key(params: Iterable[torch.Tensor], *extra: object) -> tuple | None:
     """What identifies the parameters' current values, or ``None`` if they cannot be tracked."""
     try:  # (one pass: this runs per site and token at decode)
-        return (*extra, *[(id(p), p._version, p.data_ptr()) for p in params])
+        return (*extra, *[(id(p), version_counter(p), p.data_ptr()) for p in params])
     except RuntimeError:  # inference tensors have no version counter
         return None
 
@@ -66,6 +67,21 @@ class StaticParts:
             base[:, 1 : n + 1] -= eye_like(base[:, 1 : n + 1])
             self.derived[key] = base
         return self.derived[key]
+
+    def hc_layout(self, minus_identity: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dynamic HC's ``base`` (:meth:`hc_base`), ``s`` and the projection transposed, ``W^T``
+        ``(n + 2, D)`` contiguous: ``F.linear(x, W^T)`` is ``x W`` in the layout linear layers use."""
+        key = ("hc_layout", minus_identity)
+        if key not in self.derived:
+            self.derived[key] = (self.hc_base(minus_identity), self.scale, self.proj.t().contiguous())
+        return self.derived[key]
+
+    def mhc_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """mHC's ``base`` and ``(phi s)^T`` ``(2n + n^2, n D)``: the logits ``base + s (x phi)`` are then
+        ``F.linear(x, (phi s)^T, base)``, one call."""
+        if "mhc_layout" not in self.derived:
+            self.derived["mhc_layout"] = (self.base, (self.proj * self.scale).t().contiguous())
+        return self.derived["mhc_layout"]
 
     def eye(self) -> torch.Tensor:
         """``I`` (``n x n``, float32)."""

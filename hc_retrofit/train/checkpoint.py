@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from hc_retrofit.private_api import removed_shared_tensors
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -73,10 +74,8 @@ class _KnownTiesFilter(logging.Filter):
         self.names = names
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "Removed shared tensor" not in message:
-            return True
-        return not set(re.findall(r"'([^']+)'", message)) <= self.names
+        removed = removed_shared_tensors(record.getMessage())
+        return removed is None or not removed <= self.names
 
 
 @contextlib.contextmanager

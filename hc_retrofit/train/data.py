@@ -32,6 +32,7 @@ from typing import Any
 import datasets
 import torch
 
+from hc_retrofit.private_api import dataset_fingerprint
 from hc_retrofit.train.errors import TrainingError
 
 _FORMAT_VERSION = "hc-retrofit-pack-v1"
@@ -154,7 +155,7 @@ def pack_documents(
         usable = len(flat) // block_size * block_size
         return {"input_ids": [flat[i : i + block_size] for i in range(0, usable, block_size)]}
 
-    fp_tok = _hash(docs._fingerprint, tok_fp, text_column, _FORMAT_VERSION)
+    fp_tok = _hash(dataset_fingerprint(docs), tok_fp, text_column, _FORMAT_VERSION)
     tokenized = docs.map(
         tokenize,
         batched=True,

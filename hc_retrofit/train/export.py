@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hc_retrofit.loading import build_float32
 from hc_retrofit.modeling.patch import hyper_connection_sites
 from hc_retrofit.train.errors import TrainingError
 from hc_retrofit.train.model import save_final
@@ -46,7 +47,7 @@ def unsharded_copy(sharded: nn.Module, state_dict: dict[str, torch.Tensor]) -> n
     from hc_retrofit.modeling.families import recorded_family
     from hc_retrofit.modeling.patch import apply_family
 
-    model = type(sharded)._from_config(sharded.config, dtype=torch.float32)
+    model = build_float32(type(sharded), sharded.config)
     if hyper_connection_sites(sharded) and not hyper_connection_sites(model):
         family = recorded_family(sharded.config)
         if family is None:

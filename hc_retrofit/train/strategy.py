@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hc_retrofit.private_api import reset_accelerate_state
 from hc_retrofit.train.errors import TrainingError
 from hc_retrofit.train.model import resolve_dtype
 from hc_retrofit.train.recipe import TrainConfig
@@ -31,12 +32,11 @@ def _fsdp_requested() -> bool:
 def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Any:
     """An ``Accelerator`` for this run: CPU/gloo without a GPU, FSDP2 whenever the launcher asked for it."""
     from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not distributed:  # in-process runs (demo, tests) may each want other settings
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerate_state()
     # Without a GPU, `accelerate launch --multi_gpu` needs cpu=True to form a gloo group (else each
     # process runs alone and all of them act as the main process).
     cpu = cfg.cpu or (distributed and not torch.cuda.is_available())
