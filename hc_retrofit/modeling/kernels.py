@@ -89,7 +89,7 @@ def _depth(streams: torch.Tensor, r: torch.Tensor, b: torch.Tensor | None, y: to
     if y is not None:
         b_t = _per_token(b, lead, (n,), streams.dtype).unsqueeze(-1)  # (M, n, 1)
         y_t = y.to(streams.dtype).expand(*lead, d).reshape(-1, 1, d)
-        result.view(-1, n, d).addcmul_(b_t, y_t)  # (a broadcast multiply-add: faster than baddbmm_)
+        result.view(-1, n, d).baddbmm_(b_t, y_t)
     return result
 
 
