@@ -177,10 +177,14 @@ def _outputs_in_memory(
     base_dtype: torch.dtype,
     new_tokens: int,
     base_failed: Callable[[HCRetrofitError], HCRetrofitError | None],
+    check_converted: Callable[[Any], None],
 ) -> tuple[Any, dict[str, torch.Tensor], ProbeOutputs, ProbeOutputs]:
     """``(converted model, probe inputs, base outputs, converted outputs)`` with one model in memory: the
     base runs the probe, then becomes the written checkpoint's model in place (every tensor from its
-    files) and runs it again; when it cannot, the checkpoint is loaded whole once the base is gone."""
+    files) and runs it again; when it cannot, the checkpoint is loaded whole once the base is gone.
+    ``base_failed`` and ``check_converted`` (run on the checkpoint's class first): as for
+    :func:`~hc_retrofit.layered_verify.layered_outputs`."""
+    check_converted(converted_classes(converted_dir)[1])
     try:
         base_model, tokenizer = load_base_model(base, revision=revision, dtype=base_dtype)
     except HCRetrofitError as err:
@@ -234,27 +238,18 @@ def verify_checkpoint(
     base_dtype = base_dtype or stored_dtype(converted_dir)
     how = choose_mode(converted_dir, mode)
     if how == MEMORY:
-        _causal_only(converted_dir)(converted_classes(converted_dir)[1])
-        converted, inputs, ref, got = _outputs_in_memory(
-            converted_dir,
-            base,
-            revision=revision,
-            base_dtype=base_dtype,
-            new_tokens=new_tokens,
-            base_failed=base_failed,
-        )
+        outputs = _outputs_in_memory
     else:
-        from hc_retrofit.layered_verify import layered_outputs
-
-        converted, inputs, ref, got = layered_outputs(
-            converted_dir,
-            base,
-            revision=revision,
-            base_dtype=base_dtype,
-            new_tokens=new_tokens,
-            base_failed=base_failed,
-            check_converted=_causal_only(converted_dir),
-        )
+        from hc_retrofit.layered_verify import layered_outputs as outputs
+    converted, inputs, ref, got = outputs(
+        converted_dir,
+        base,
+        revision=revision,
+        base_dtype=base_dtype,
+        new_tokens=new_tokens,
+        base_failed=base_failed,
+        check_converted=_causal_only(converted_dir),
+    )
     if ref.logits.shape != got.logits.shape:
         raise CheckpointError(
             f"{base} is not the base of {converted_dir}: logits {tuple(ref.logits.shape)} vs {tuple(got.logits.shape)}"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from hc_retrofit.cli.core import app, console, err_console, quiet_library_progress
@@ -82,6 +83,9 @@ def verify_command(
         elif report.trained:
             console.print("[yellow]trained[/yellow]: the model differs from its base, as expected after training")
         else:
-            console.print("[red]NOT equivalent[/red] to the base model (pass --trained if DIR was trained)")
+            console.print(
+                f"[red]NOT equivalent[/red] to the base model: {escape(str(report.difference))} "
+                "(pass --trained if DIR was trained)"
+            )
     if not report.ok:
         raise typer.Exit(1)

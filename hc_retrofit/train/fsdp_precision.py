@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from hc_retrofit.modeling.patch import hyper_connection_sites
+from hc_retrofit.train.errors import TrainingError
 from hc_retrofit.train.strategy import is_fsdp
 
 __all__ = ["hc_precision_policy", "shard_hyper_connections"]
@@ -49,6 +50,10 @@ def shard_hyper_connections(accelerator: Any, model: nn.Module) -> int:
 
     Call it before building the optimiser (which then holds the sharded parameters) and before
     ``accelerator.prepare``, which shards the decoder layers around the sites.
+
+    Raises:
+        TrainingError: the FSDP settings load the weights on the main process only
+            (``fsdp_cpu_ram_efficient_loading``), which the HC unit cannot be filled from.
     """
     if not is_fsdp(accelerator) or getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
         return 0
@@ -58,6 +63,11 @@ def shard_hyper_connections(accelerator: Any, model: nn.Module) -> int:
     from torch.distributed.fsdp import OffloadPolicy, fully_shard
 
     plugin = accelerator.state.fsdp_plugin
+    if plugin.cpu_ram_efficient_loading:
+        raise TrainingError(
+            "set fsdp_cpu_ram_efficient_loading: false in the accelerate config: hc-retrofit loads the model on "
+            "every process, and its HC parameters are sharded before accelerate's broadcast from the main process"
+        )
     unit = fully_shard(
         sites,
         mesh=_fsdp_mesh(accelerator),
