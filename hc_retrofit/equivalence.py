@@ -239,22 +239,52 @@ def _main_output(output: Any) -> tuple[torch.Tensor, bool]:
     return first, False
 
 
-def _greedy(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, out: ProbeOutputs) -> None:
-    """Fill ``out.tokens`` and ``out.step_logits`` with ``model``'s greedy continuation of the probe."""
-    ids = inputs["input_ids"]
+def _prefix_cache(output: Any, length: int) -> dict[str, Any]:
+    """The KV cache the full-sequence forward filled, less its last position, as ``generate()``'s
+    keyword (``cache``; ``past_key_values`` before transformers 5.x), or ``{}`` (no cache, or one that
+    cannot be cropped). ``generate()`` continues from it: its first step runs the last prompt position
+    through the cache instead of the whole prompt once more."""
+    name = "cache" if "cache" in getattr(output, "keys", lambda: ())() else "past_key_values"
+    cache = output.get(name) if hasattr(output, "get") else None
+    if length < 1 or not callable(getattr(cache, "crop", None)) or not callable(getattr(cache, "get_seq_length", None)):
+        return {}
     try:
-        gen = model.generate(
-            ids,
-            attention_mask=inputs.get("attention_mask"),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            pad_token_id=pad_id(model),
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
+        if cache.get_seq_length() != length + 1:
+            return {}
+        cache.crop(-1)  # a negative count removes that many positions, in every transformers version
+    except Exception:  # a cache kind that cannot be cropped: generate() runs the prompt itself
+        return {}
+    return {name: cache}
+
+
+def _greedy(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    new_tokens: int,
+    out: ProbeOutputs,
+    cache: dict[str, Any] | None = None,
+) -> None:
+    """Fill ``out.tokens`` and ``out.step_logits`` with ``model``'s greedy continuation of the probe
+    (``cache``: the prompt but its last position, already in the KV cache, see :func:`_prefix_cache`)."""
+    ids = inputs["input_ids"]
+    settings = dict(
+        attention_mask=inputs.get("attention_mask"),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=pad_id(model),
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    try:
+        try:
+            gen = model.generate(ids, **settings, **(cache or {}))
+        except Exception:
+            if not cache:
+                raise
+            gen = model.generate(ids, **settings)  # the cache was not reusable: the whole prompt again
     except Exception as err:  # the original may not generate; the converted one is then held to that
         out.cache_note = f"generate() failed: {one_line(err)}"
     else:
@@ -280,14 +310,15 @@ def run_probe(
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        logits, is_logits = _main_output(model(**inputs))
+        output = model(**inputs)
+        logits, is_logits = _main_output(output)
         out = ProbeOutputs(logits, is_logits=is_logits)
         if not check_cache:
             out.cache_note = "not checked"
         elif not can_generate(model) or "input_ids" not in inputs:
             out.cache_note = f"{type(model).__name__} cannot generate"
         else:
-            _greedy(model, inputs, new_tokens, out)
+            _greedy(model, inputs, new_tokens, out, _prefix_cache(output, inputs["input_ids"].shape[1] - 1))
         return out
     finally:
         for module, training in modes:
