@@ -95,13 +95,19 @@ def test_no_grad_coefficients_match_autograd_coefficients(kind, dtype):
 
 
 @pytest.mark.parametrize("kind", list(SETTINGS))
-def test_block_output_without_grad_matches(kind):
+@pytest.mark.parametrize("lead", [(2, 3), (1, 1), (1,)])  # (1, 1), (1,): one token, decode's 2-D path
+@pytest.mark.parametrize("expanded", [False, True])
+def test_block_output_without_grad_matches(kind, lead, expanded):
     hc = site(kind)
     branch = torch.nn.Linear(8, 8)
-    h = torch.randn(2, 3, 4, 8)
+    h = expand_streams(torch.randn(*lead, 8), 4) if expanded else torch.randn(*lead, 4, 8)
     with torch.inference_mode():
         fast = hc(h, branch)
+        x, ctx = hc.width_connection(h, adds_input=True)  # the layer adds H itself
+        fast_delta = h + hc.delta(ctx, branch(x))
+    assert fast.shape == h.shape
     assert_same(fast, hc(h, branch))
+    assert_same(fast_delta, hc(h, branch))
 
 
 @pytest.mark.parametrize("kind", ["static", "dynamic", "mhc", "mhc-static"])

@@ -9,7 +9,7 @@ checkpoint I/O, verify, hub, train, CLI), which imports from here.
 
 - :mod:`.formulas`: the papers' equations, plainly; the reference for every fast path.
 - :mod:`.kernels`, :mod:`.projection`, :mod:`.sinkhorn_knopp`, :mod:`.stream_ops`,
-  :mod:`.site_cache`: fast paths.
+  :mod:`.site_cache`, :mod:`.no_grad`: fast paths.
 - :mod:`.site`: :class:`~.site.HyperConnection`, one site's parameters and per-site API;
   :mod:`.initial`: its initial coefficients.
 - :mod:`.families`: model structure as data; :mod:`.patch`: the surgery that applies it (and

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from .config import HCConfig
-from .formulas import Project, ablated, hc_dynamic, hc_dynamic_table, hc_layout, mhc, mhc_dynamic_logits, mhc_layout
+from .formulas import Project, ablated, hc_dynamic, hc_layout, mhc, mhc_dynamic_logits, mhc_layout
 from .initial import initial_residual_logits, initial_width
 from .kernels import DepthConnection, DepthWidth, Recomputed, WidthPass, cast, expanded_streams
+from .no_grad import hc_rows, mhc_rows
 from .projection import project_passing
 from .sinkhorn_knopp import sinkhorn
 from .site_cache import StaticParts, cache_key
@@ -232,8 +233,7 @@ class HyperConnection(nn.Module):
         """``[a; R]`` (``[a; R - I]`` if ``minus_identity``) as one ``(..., n + 1, n)`` matrix, its
         rows ``a`` and ``R`` (views), and ``b``, in ``dtype``, without autograd: one product with
         ``H`` then gives the branch input and the mix together. Static coefficients come from the
-        cache; dynamic HC folds ``- I`` into its cached ``base``, so its table is one ``addcmul``
-        and ``[a; R]`` a view of it."""
+        cache; dynamic ones from the cached layout in a few calls (:mod:`hc_retrofit.modeling.no_grad`)."""
         parts = self._static_parts()
         if not self.is_dynamic:
             return parts.rows(dtype, minus_identity)
@@ -242,30 +242,25 @@ class HyperConnection(nn.Module):
         if _autocasting(streams):  # mixed precision: the coefficients stay float32
             with torch.autocast(streams.device.type, enabled=False):
                 return self._no_grad_rows(streams, dtype, minus_identity)
-        n = self.num_streams
         if self.variant == "mhc":
-            logits = mhc_dynamic_logits(parts.base, parts.scale, parts.proj, streams, rms_project)
-            a, r, b = mhc(logits, n, self.config.sinkhorn_iters, sinkhorn)
-            if minus_identity:
-                r = r - parts.eye()
-            rows = cast(torch.cat([a.unsqueeze(-2), r], dim=-2), dtype)
-            b = cast(b, dtype)
+            rows, b = mhc_rows(parts, streams, self.config.sinkhorn_iters, dtype, minus_identity)
         else:
-            base = parts.hc_base(minus_identity)
-            table = cast(hc_dynamic_table(base, parts.scale, parts.proj, streams, rms_project), dtype)
-            rows, b = table.narrow(-1, 0, n + 1).transpose(-1, -2), table.select(-1, n + 1)
-        return rows, rows.select(-2, 0), rows.narrow(-2, 1, n), b
+            rows, b = hc_rows(parts, streams, dtype, minus_identity)
+        return rows, rows.select(-2, 0), rows.narrow(-2, 1, self.num_streams), b
 
     def _width_no_grad(self, streams: torch.Tensor, adds_input: bool) -> tuple[torch.Tensor, SiteContext]:
         """:meth:`width_connection` without autograd (evaluation, ``generate()``): ``a . H`` and
         ``R H`` (or ``(R - I) H``) as one product ``[a; R] H``. At decode (one token: ``n x D``
-        tensors) each op costs its dispatch, so fewer ops is what makes a token faster."""
-        rows, a, r, b = self._no_grad_rows(streams, streams.dtype, adds_input)
+        tensors) each op costs its dispatch, so fewer ops is what makes a token faster: one token's
+        streams are handled as an ``(n, D)`` matrix (its coefficients then have no token dims)."""
         n, d = streams.shape[-2:]
+        one_token = streams.numel() == n * d
+        h = streams.reshape(n, d) if one_token else streams
+        rows, a, r, b = self._no_grad_rows(h, streams.dtype, adds_input)
         if expanded_streams(streams):  # layer 0: n views of one h, every product a scaling of h
             out = rows.sum(-1, keepdim=True) * streams.narrow(-2, 0, 1)
-        elif rows.dim() == 2 and streams.numel() == n * d:  # one token (decode): a plain 2-D product
-            out = torch.mm(rows, streams.reshape(n, d)).view(*streams.shape[:-2], n + 1, d)
+        elif one_token:  # (decode): a plain 2-D product
+            out = torch.mm(rows, h).view(*streams.shape[:-2], n + 1, d)
         else:
             out = torch.matmul(rows, streams)
         x = out.select(-2, 0).contiguous()  # (a copy only for several tokens: the branch gets a plain tensor)

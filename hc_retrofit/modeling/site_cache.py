@@ -68,6 +68,21 @@ class StaticParts:
             self.derived[key] = base
         return self.derived[key]
 
+    def hc_layout(self, minus_identity: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dynamic HC's ``base`` (:meth:`hc_base`), ``s`` and the projection transposed, ``W^T``
+        ``(n + 2, D)`` contiguous: ``F.linear(x, W^T)`` is ``x W`` in the layout linear layers use."""
+        key = ("hc_layout", minus_identity)
+        if key not in self.derived:
+            self.derived[key] = (self.hc_base(minus_identity), self.scale, self.proj.t().contiguous())
+        return self.derived[key]
+
+    def mhc_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """mHC's ``base`` and ``(phi s)^T`` ``(2n + n^2, n D)``: the logits ``base + s (x phi)`` are then
+        ``F.linear(x, (phi s)^T, base)``, one call."""
+        if "mhc_layout" not in self.derived:
+            self.derived["mhc_layout"] = (self.base, (self.proj * self.scale).t().contiguous())
+        return self.derived["mhc_layout"]
+
     def eye(self) -> torch.Tensor:
         """``I`` (``n x n``, float32)."""
         if "eye" not in self.derived:

@@ -7,7 +7,9 @@ weights are bf16 while their sites' parameters are whole float32 tensors whose c
 an unsharded float32 copy's exactly (bf16-rounded parameters would change them); outside forward
 every HC parameter is a float32 DTensor shard; the loss and every gradient are finite and match
 the float32 copy's on the whole batch as closely as a one-process bf16 run does. The CUDA test runs
-the same check with NCCL on the GPUs (``bash bench/gpu_check.sh``).
+the same check with NCCL on the GPUs (``bash bench/gpu_check.sh``). In process: the trainer shards
+the sites before building its optimiser; nothing changes without FSDP; RAM-efficient loading is
+refused in one line.
 """
 
 from __future__ import annotations
@@ -150,3 +152,23 @@ def test_ram_efficient_loading_is_refused_in_one_line(tokenizer) -> None:
     with pytest.raises(TrainingError, match="fsdp_cpu_ram_efficient_loading: false"):
         shard_hyper_connections(accelerator, model)
     assert all(type(p) is torch.nn.Parameter for p in model.parameters())  # nothing sharded
+
+
+def test_the_trainer_shards_the_hc_sites_before_building_the_optimiser(
+    tokenizer, corpus, cache_dir, tmp_path, monkeypatch
+) -> None:
+    """``hc-retrofit train`` goes through :func:`shard_hyper_connections` (a no-op without FSDP2)."""
+    import hc_retrofit.train.trainer as trainer
+    from hc_retrofit.train import train
+
+    from .conftest import tiny_config, tiny_lm
+
+    calls: list[tuple] = []
+    real_build = trainer.build_optimizer
+    monkeypatch.setattr(trainer, "shard_hyper_connections", lambda acc, model: calls.append(("shard", model)) or 0)
+    monkeypatch.setattr(
+        trainer, "build_optimizer", lambda model, **kw: calls.append(("optimiser", model)) or real_build(model, **kw)
+    )
+    model = tiny_lm(tokenizer)
+    train(tiny_config(tmp_path / "run", corpus, cache_dir, max_steps=1, streams=2), model=model, tokenizer=tokenizer)
+    assert [step for step, _ in calls] == ["shard", "optimiser"] and all(m is model for _, m in calls)

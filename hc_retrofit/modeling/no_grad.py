@@ -1,0 +1,64 @@
+"""A site's per-token coefficients without autograd (evaluation, ``generate()``), in few operator calls.
+
+Without autograd a site applies ``[a; R]`` (``[a; R - I]`` where the layer adds ``H`` itself) to its
+streams in one product, so the functions here return that ``(..., n + 1, n)`` matrix and ``b``,
+computed by the equations of :mod:`.formulas` from the input-independent layout the site caches
+(:class:`~.site_cache.StaticParts`):
+
+* dynamic HC: row ``k`` of the table is ``[a_k, R_.k, b_k] = base_k + s * tanh(RMSNorm(H_k) W)``;
+* mHC: the logits ``base + s * (RMSNorm(vec H) phi)`` are one ``linear`` with ``base`` as its bias and
+  ``s`` folded into the cached ``phi`` (``(x phi) s = x (phi s)``), then ``a = sigmoid``,
+  ``b = 2 sigmoid`` and ``R = Sinkhorn(exp)``.
+
+At decode (batch 1, one token: tensors of ``n x D``) each operator call costs its dispatch, far more
+than its arithmetic: the norm is one ``rms_norm`` call (not five reductions and scalings), the
+projection one ``linear``, and a caller holding one token passes its streams as an ``(n, D)`` matrix,
+so every product is a plain 2-D one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .formulas import EPS
+from .kernels import cast
+from .sinkhorn_knopp import sinkhorn
+from .site_cache import StaticParts
+
+__all__ = ["hc_rows", "mhc_rows"]
+
+
+def _normed(x: torch.Tensor) -> torch.Tensor:
+    """``RMSNorm(x)`` over the last dim (no weight), in (at least) float32."""
+    xf = cast(x, torch.promote_types(x.dtype, torch.float32))
+    return F.rms_norm(xf, (xf.shape[-1],), eps=EPS)
+
+
+def hc_rows(
+    parts: StaticParts, streams: torch.Tensor, dtype: torch.dtype, minus_identity: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic HC's ``[a; R]`` ``(..., n + 1, n)`` and ``b`` ``(..., n)`` for ``streams`` ``(..., n, D)``, in ``dtype``."""
+    base, scale, proj_t = parts.hc_layout(minus_identity)
+    normed = _normed(streams)
+    table = torch.addcmul(base, scale, torch.tanh(F.linear(normed, cast(proj_t, normed.dtype))))  # (..., n, n + 2)
+    table = cast(table, dtype)
+    n = table.shape[-2]
+    return table.narrow(-1, 0, n + 1).transpose(-1, -2), table.select(-1, n + 1)
+
+
+def mhc_rows(
+    parts: StaticParts, streams: torch.Tensor, iters: int, dtype: torch.dtype, minus_identity: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mHC's ``[a; R]`` ``(..., n + 1, n)`` and ``b`` ``(..., n)`` for ``streams`` ``(..., n, D)``, in ``dtype``."""
+    n = streams.shape[-2]
+    base, phi_t = parts.mhc_layout()
+    lead = streams.shape[:-2]
+    normed = _normed(streams.reshape(*lead, 1, -1))  # (..., 1, n D): vec H, a row per token
+    logits = F.linear(normed, cast(phi_t, normed.dtype), cast(base, normed.dtype))  # (..., 1, 2n + n^2)
+    a_b = torch.sigmoid(logits.narrow(-1, 0, 2 * n))
+    r = sinkhorn(logits.narrow(-1, 2 * n, n * n).reshape(*lead, n, n), iters)
+    if minus_identity:
+        r = r - parts.eye()
+    rows = cast(torch.cat([a_b.narrow(-1, 0, n), r], dim=-2), dtype)
+    return rows, cast(a_b.narrow(-1, n, n).squeeze(-2) * 2, dtype)
