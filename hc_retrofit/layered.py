@@ -115,30 +115,66 @@ class StoredTensor:
 
     @torch.no_grad()
     def read_into(self, target: torch.Tensor) -> None:
-        """Set ``target`` (same shape) to the stored tensor: read straight into its memory when it is a
-        contiguous CPU tensor of the stored dtype (no temporary), else read, then copy and convert."""
+        """Set ``target`` (same shape) to the stored tensor.
+
+        A contiguous CPU target of the stored dtype is updated block by block: each block of the
+        file is read into a small buffer and written into ``target`` only where it differs. The
+        result is the same as a copy, but a target that already holds these bytes (a base model
+        whose weights are the checkpoint's base shards, possibly memory-mapped) is only read: no
+        second copy of the model, no copy-on-write of mapped pages. Any other target: read, then
+        copied and converted.
+        """
         if tuple(target.shape) != self.shape:
             raise ValueError(
                 f"{self.path}: the stored tensor has shape {list(self.shape)}, the target {list(target.shape)}"
             )
         if target.dtype == self.dtype and target.device.type == "cpu" and target.is_contiguous():
-            self._read_bytes(target.detach().reshape(-1).view(torch.uint8))
+            self._update_bytes(target.detach().reshape(-1).view(torch.uint8))
         else:
             target.copy_(self.read())
 
-    def _read_bytes(self, buffer: torch.Tensor) -> None:
-        """Fill the contiguous CPU uint8 ``buffer`` (``nbytes`` long) with the tensor's bytes."""
+    def _update_bytes(self, dest: torch.Tensor) -> None:
+        """Make the CPU uint8 tensor ``dest`` (``nbytes`` long) hold the stored bytes, writing only the
+        blocks that differ."""
         if not self.nbytes:
             return
+        buffer = torch.empty(min(READ_BLOCK, self.nbytes), dtype=torch.uint8)
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.offset)
-            view = memoryview(buffer.numpy())
-            done = 0
-            while done < self.nbytes:
-                got = f.readinto(view[done:])
-                if not got:
-                    raise CheckpointError(f"{self.path} is truncated; download or copy the checkpoint again")
-                done += got
+            for start in range(0, self.nbytes, READ_BLOCK):
+                block = buffer[: min(READ_BLOCK, self.nbytes - start)]
+                self._fill(f, block)
+                part = dest[start : start + block.numel()]
+                if not _same_bytes(part, block):
+                    part.copy_(block)
+
+    def _read_bytes(self, buffer: torch.Tensor) -> None:
+        """Fill the contiguous CPU uint8 ``buffer`` (``nbytes`` long) with the tensor's bytes."""
+        if self.nbytes:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.offset)
+                self._fill(f, buffer)
+
+    def _fill(self, f: Any, buffer: torch.Tensor) -> None:
+        """Fill ``buffer`` with the next bytes of open file ``f`` (a truncated file is a one-line error)."""
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"{self.path} is truncated; download or copy the checkpoint again")
+            done += got
+
+
+READ_BLOCK = 2**20
+"""Bytes per block of :meth:`StoredTensor.read_into` (its buffer stays in the CPU's cache)."""
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two uint8 tensors of one length hold the same bytes (compared 8 at a time where aligned)."""
+    if a.numel() % 8 == 0 and a.storage_offset() % 8 == 0 and b.storage_offset() % 8 == 0:
+        return torch.equal(a.view(torch.int64), b.view(torch.int64))  # bitwise: integers, not floats (NaN, -0.0)
+    return torch.equal(a, b)
 
 
 def stored_tensors(directory: str | os.PathLike) -> dict[str, StoredTensor]:
