@@ -241,6 +241,22 @@ def _slot(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(owner) if owner else model), leaf
 
 
+def _tensor(module: nn.Module, leaf: str) -> tuple[torch.Tensor | None, bool]:
+    """``module``'s own parameter or buffer ``leaf``, and whether it is a parameter."""
+    parameters = dict(module.named_parameters(recurse=False, remove_duplicate=False))
+    if leaf in parameters:
+        return parameters[leaf], True
+    return dict(module.named_buffers(recurse=False, remove_duplicate=False)).get(leaf), False
+
+
+def _put(module: nn.Module, leaf: str, value: Any, is_parameter: bool) -> None:
+    """Set ``module``'s parameter or (persistent: a checkpoint's) buffer ``leaf`` to ``value``."""
+    if is_parameter:
+        module.register_parameter(leaf, value)
+    else:
+        module.register_buffer(leaf, value)
+
+
 class LayerLoader:
     """Loads ``model``'s non-layer tensors now and each decoder layer's around its call.
 
@@ -307,18 +323,15 @@ class LayerLoader:
         values: dict[str, torch.Tensor] = {}
         for name in names:
             module, leaf = _slot(self.model, name)
-            current = module._parameters.get(leaf) if leaf in module._parameters else module._buffers.get(leaf)
-            if current is not None and current.device.type != "meta" and leaf in module._parameters:
+            current, is_parameter = _tensor(module, leaf)
+            if current is not None and current.device.type != "meta" and is_parameter:
                 continue  # tied to a tensor loaded already
             stored = self._source[name]
             if stored not in values:
                 values[stored] = self.cast(stored, self.tensors[stored].read())
             value = values[stored]
             before[name] = current
-            if leaf in module._parameters:
-                module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-            else:
-                module._buffers[leaf] = value
+            _put(module, leaf, nn.Parameter(value, requires_grad=False) if is_parameter else value, is_parameter)
         self._held += sum(v.numel() * v.element_size() for v in values.values())
         self.loaded_bytes = max(self.loaded_bytes, self._held)
         return before
@@ -334,14 +347,11 @@ class LayerLoader:
             freed: set[int] = set()
             for name, previous in self._restore.items():
                 owner, leaf = _slot(self.model, name)
-                value = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+                value, is_parameter = _tensor(owner, leaf)
                 if value is not None and id(value.untyped_storage()) not in freed:
                     freed.add(id(value.untyped_storage()))
                     self._held -= value.numel() * value.element_size()
-                if leaf in owner._parameters:
-                    owner._parameters[leaf] = previous
-                else:
-                    owner._buffers[leaf] = previous
+                _put(owner, leaf, previous, is_parameter)
             for sub in module.modules():  # caches derived from the dropped tensors (hc sites)
                 clear = getattr(sub, "clear_cache", None)
                 if callable(clear):
