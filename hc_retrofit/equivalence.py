@@ -27,6 +27,7 @@ from torch import nn
 
 from hc_retrofit.log import one_line
 from hc_retrofit.modeling.errors import HCRetrofitError, UnsupportedArchitectureError
+from hc_retrofit.prompt_cache import prompt_cache
 
 PROBE_TEXTS = (
     "Once upon a time, there was a little girl who loved to play outside.",
@@ -239,57 +240,34 @@ def _main_output(output: Any) -> tuple[torch.Tensor, bool]:
     return first, False
 
 
-def _prefix_cache(output: Any, length: int) -> dict[str, Any]:
-    """The KV cache the full-sequence forward filled, less its last position, as ``generate()``'s
-    keyword (``cache``; ``past_key_values`` before transformers 5.x), or ``{}`` (no cache, or one that
-    cannot be cropped). ``generate()`` continues from it: its first step runs the last prompt position
-    through the cache instead of the whole prompt once more."""
-    name = "cache" if "cache" in getattr(output, "keys", lambda: ())() else "past_key_values"
-    cache = output.get(name) if hasattr(output, "get") else None
-    if length < 1 or not callable(getattr(cache, "crop", None)) or not callable(getattr(cache, "get_seq_length", None)):
-        return {}
-    try:
-        if cache.get_seq_length() != length + 1:
-            return {}
-        cache.crop(-1)  # a negative count removes that many positions, in every transformers version
-    except Exception:  # a cache kind that cannot be cropped: generate() runs the prompt itself
-        return {}
-    return {name: cache}
-
-
 def _greedy(
-    model: nn.Module,
-    inputs: dict[str, torch.Tensor],
-    new_tokens: int,
-    out: ProbeOutputs,
-    cache: dict[str, Any] | None = None,
+    model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, out: ProbeOutputs, **cache: Any
 ) -> None:
     """Fill ``out.tokens`` and ``out.step_logits`` with ``model``'s greedy continuation of the probe
-    (``cache``: the prompt but its last position, already in the KV cache, see :func:`_prefix_cache`)."""
+    (``cache``: the prompt but its last position, already in the KV cache, see :func:`~hc_retrofit.prompt_cache.prompt_cache`)."""
     ids = inputs["input_ids"]
-    settings = dict(
-        attention_mask=inputs.get("attention_mask"),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        num_beams=1,
-        use_cache=True,
-        pad_token_id=pad_id(model),
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
     try:
-        try:
-            gen = model.generate(ids, **settings, **(cache or {}))
-        except Exception:
-            if not cache:
-                raise
-            gen = model.generate(ids, **settings)  # the cache was not reusable: the whole prompt again
+        gen = model.generate(
+            ids,
+            attention_mask=inputs.get("attention_mask"),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=pad_id(model),
+            return_dict_in_generate=True,
+            output_logits=True,
+            **cache,
+        )
     except Exception as err:  # the original may not generate; the converted one is then held to that
+        if cache:  # the cache could not be continued: the whole prompt again
+            return _greedy(model, inputs, new_tokens, out)
         out.cache_note = f"generate() failed: {one_line(err)}"
     else:
         out.tokens = gen.sequences[:, ids.shape[1] :]
         out.step_logits = tuple(step.detach().float() for step in gen.logits)
+    return None
 
 
 @torch.no_grad()
@@ -318,7 +296,7 @@ def run_probe(
         elif not can_generate(model) or "input_ids" not in inputs:
             out.cache_note = f"{type(model).__name__} cannot generate"
         else:
-            _greedy(model, inputs, new_tokens, out, _prefix_cache(output, inputs["input_ids"].shape[1] - 1))
+            _greedy(model, inputs, new_tokens, out, **prompt_cache(output, inputs["input_ids"].shape[1] - 1))
         return out
     finally:
         for module, training in modes:

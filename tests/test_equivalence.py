@@ -151,7 +151,7 @@ def test_generation_continues_from_the_full_forward_s_cache(monkeypatch: pytest.
         model = hc_retrofit.convert(model, CONFIG)
     inputs = probe_inputs(model, batch=2, length=6)
     whole = run_probe(model, inputs, new_tokens=3, check_cache=True)
-    monkeypatch.setattr(equivalence, "_prefix_cache", lambda _output, _length: {})
+    monkeypatch.setattr(equivalence, "prompt_cache", lambda _output, _length: {})
     calls = _generate_calls(model, monkeypatch)
     plain = run_probe(model, inputs, new_tokens=3)
     assert not ({"cache", "past_key_values"} & set(calls[0]))
