@@ -12,8 +12,10 @@ Each side runs in a fresh subprocess (so peak RSS is its own), alternately, ``--
 * ``in-memory``: ``... --in-memory --no-verify`` (load, retrofit and prove, save with the
   remote-code files). All run in-process through ``hc_retrofit.cli.app.main``.
 
-Reported: median wall time, and peak RSS (``ru_maxrss``) minus the RSS after the imports, i.e.
-the memory the work itself needed, as a multiple of the checkpoint's size on disk.
+Reported: median time (``--clock wall``: elapsed; ``cpu``: the process's CPU time, all threads,
+far less disturbed by other jobs on a shared machine; both are recorded), and peak RSS
+(``ru_maxrss``) minus the RSS after the imports, i.e. the memory the work itself needed, as a
+multiple of the checkpoint's size on disk. ``spread`` is (max - min) / median of the repeats.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import psutil, torch, transformers, hc_retrofit, hc_retrofit.cli.app
 from transformers import AutoModelForCausalLM
 base_rss = psutil.Process().memory_info().rss
 side, ckpt, out = sys.argv[1:4]
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), time.process_time()
 if side == "plain":
     AutoModelForCausalLM.from_pretrained(ckpt).save_pretrained(out)
 else:
@@ -46,9 +48,9 @@ else:
     except SystemExit as e:
         if e.code not in (0, None):
             raise
-elapsed = time.perf_counter() - start
+elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print("RESULT", json.dumps({"seconds": elapsed, "peak_rss": peak, "base_rss": base_rss}))
+print("RESULT", json.dumps({"seconds": elapsed, "cpu_seconds": cpu, "peak_rss": peak, "base_rss": base_rss}))
 """
 
 
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "hc_bench_convert"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per side (OMP_NUM_THREADS)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="elapsed or process CPU time")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.quick:
@@ -93,11 +96,14 @@ def main() -> None:
         for side in list(results) if r % 2 == 0 else list(results)[::-1]:
             res = run_side(side, ckpt, work / f"out-{side}", args.threads)
             results[side].append(res)
-            print(side, {k: round(v, 2) if k == "seconds" else v // 2**20 for k, v in res.items()})
+            print(side, {k: round(v, 2) if k.endswith("seconds") else v // 2**20 for k, v in res.items()})
     summary = {}
+    key = "seconds" if args.clock == "wall" else "cpu_seconds"
     for side, runs in results.items():
+        times = [x[key] for x in runs]
         summary[side] = {
-            "seconds": C.median([x["seconds"] for x in runs]),
+            "seconds": C.median(times),
+            "spread": (max(times) - min(times)) / C.median(times),
             "work_rss_mb": max(x["peak_rss"] - x["base_rss"] for x in runs) / 2**20,
         }
         summary[side]["work_rss_x_model"] = summary[side]["work_rss_mb"] * 2**20 / size
@@ -111,7 +117,8 @@ def main() -> None:
         for side, s in summary.items()
     ]
     print()
-    C.print_table(rows, ["side", "seconds", "time_ratio", "work_rss_mb", "memory_ratio", "work_rss_x_model"])
+    print(f"times: {args.clock} clock")
+    C.print_table(rows, ["side", "seconds", "spread", "time_ratio", "work_rss_mb", "memory_ratio", "work_rss_x_model"])
     C.write_json(
         "convert" + ("_quick" if args.quick else ""),
         {"settings": vars(args), "checkpoint_bytes": size, "rows": rows, "runs": results},

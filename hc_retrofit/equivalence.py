@@ -27,6 +27,7 @@ from torch import nn
 
 from hc_retrofit.log import one_line
 from hc_retrofit.modeling.errors import HCRetrofitError, UnsupportedArchitectureError
+from hc_retrofit.prompt_cache import prompt_cache
 
 PROBE_TEXTS = (
     "Once upon a time, there was a little girl who loved to play outside.",
@@ -239,8 +240,11 @@ def _main_output(output: Any) -> tuple[torch.Tensor, bool]:
     return first, False
 
 
-def _greedy(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, out: ProbeOutputs) -> None:
-    """Fill ``out.tokens`` and ``out.step_logits`` with ``model``'s greedy continuation of the probe."""
+def _greedy(
+    model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, out: ProbeOutputs, **cache: Any
+) -> None:
+    """Fill ``out.tokens`` and ``out.step_logits`` with ``model``'s greedy continuation of the probe
+    (``cache``: the prompt but its last position, already in the KV cache, see :func:`~hc_retrofit.prompt_cache.prompt_cache`)."""
     ids = inputs["input_ids"]
     try:
         gen = model.generate(
@@ -254,12 +258,16 @@ def _greedy(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, 
             pad_token_id=pad_id(model),
             return_dict_in_generate=True,
             output_logits=True,
+            **cache,
         )
     except Exception as err:  # the original may not generate; the converted one is then held to that
+        if cache:  # the cache could not be continued: the whole prompt again
+            return _greedy(model, inputs, new_tokens, out)
         out.cache_note = f"generate() failed: {one_line(err)}"
     else:
         out.tokens = gen.sequences[:, ids.shape[1] :]
         out.step_logits = tuple(step.detach().float() for step in gen.logits)
+    return None
 
 
 @torch.no_grad()
@@ -280,14 +288,15 @@ def run_probe(
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        logits, is_logits = _main_output(model(**inputs))
+        output = model(**inputs)
+        logits, is_logits = _main_output(output)
         out = ProbeOutputs(logits, is_logits=is_logits)
         if not check_cache:
             out.cache_note = "not checked"
         elif not can_generate(model) or "input_ids" not in inputs:
             out.cache_note = f"{type(model).__name__} cannot generate"
         else:
-            _greedy(model, inputs, new_tokens, out)
+            _greedy(model, inputs, new_tokens, out, **prompt_cache(output, inputs["input_ids"].shape[1] - 1))
         return out
     finally:
         for module, training in modes:

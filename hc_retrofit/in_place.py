@@ -1,7 +1,7 @@
 """Turn a loaded base model into a converted checkpoint's model in place: one model in memory.
 
 ``verify`` (and the default ``convert``, which verifies what it wrote) compares a converted
-checkpoint with its base on a probe batch. Loading both models in float32 holds two models; but the
+checkpoint with its base on a probe batch (:mod:`hc_retrofit.equivalence`). Loading both models in float32 holds two models; but the
 base is needed only for its reference outputs, and the converted model is the base plus the
 surgery its config records plus the tensors of its files. So: load the base, run the probe, then
 :func:`become_checkpoint` applies the recorded surgery to that same model object (as a loader's

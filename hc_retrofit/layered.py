@@ -115,30 +115,66 @@ class StoredTensor:
 
     @torch.no_grad()
     def read_into(self, target: torch.Tensor) -> None:
-        """Set ``target`` (same shape) to the stored tensor: read straight into its memory when it is a
-        contiguous CPU tensor of the stored dtype (no temporary), else read, then copy and convert."""
+        """Set ``target`` (same shape) to the stored tensor.
+
+        A contiguous CPU target of the stored dtype is updated block by block: each block of the
+        file is read into a small buffer and written into ``target`` only where it differs. The
+        result is the same as a copy, but a target that already holds these bytes (a base model
+        whose weights are the checkpoint's base shards, possibly memory-mapped) is only read: no
+        second copy of the model, no copy-on-write of mapped pages. Any other target: read, then
+        copied and converted.
+        """
         if tuple(target.shape) != self.shape:
             raise ValueError(
                 f"{self.path}: the stored tensor has shape {list(self.shape)}, the target {list(target.shape)}"
             )
         if target.dtype == self.dtype and target.device.type == "cpu" and target.is_contiguous():
-            self._read_bytes(target.detach().reshape(-1).view(torch.uint8))
+            self._update_bytes(target.detach().reshape(-1).view(torch.uint8))
         else:
             target.copy_(self.read())
 
-    def _read_bytes(self, buffer: torch.Tensor) -> None:
-        """Fill the contiguous CPU uint8 ``buffer`` (``nbytes`` long) with the tensor's bytes."""
+    def _update_bytes(self, dest: torch.Tensor) -> None:
+        """Make the CPU uint8 tensor ``dest`` (``nbytes`` long) hold the stored bytes, writing only the
+        blocks that differ."""
         if not self.nbytes:
             return
+        buffer = torch.empty(min(READ_BLOCK, self.nbytes), dtype=torch.uint8)
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.offset)
-            view = memoryview(buffer.numpy())
-            done = 0
-            while done < self.nbytes:
-                got = f.readinto(view[done:])
-                if not got:
-                    raise CheckpointError(f"{self.path} is truncated; download or copy the checkpoint again")
-                done += got
+            for start in range(0, self.nbytes, READ_BLOCK):
+                block = buffer[: min(READ_BLOCK, self.nbytes - start)]
+                self._fill(f, block)
+                part = dest[start : start + block.numel()]
+                if not _same_bytes(part, block):
+                    part.copy_(block)
+
+    def _read_bytes(self, buffer: torch.Tensor) -> None:
+        """Fill the contiguous CPU uint8 ``buffer`` (``nbytes`` long) with the tensor's bytes."""
+        if self.nbytes:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.offset)
+                self._fill(f, buffer)
+
+    def _fill(self, f: Any, buffer: torch.Tensor) -> None:
+        """Fill ``buffer`` with the next bytes of open file ``f`` (a truncated file is a one-line error)."""
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"{self.path} is truncated; download or copy the checkpoint again")
+            done += got
+
+
+READ_BLOCK = 2**20
+"""Bytes per block of :meth:`StoredTensor.read_into` (its buffer stays in the CPU's cache)."""
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two uint8 tensors of one length hold the same bytes (compared 8 at a time where aligned)."""
+    if a.numel() % 8 == 0 and a.storage_offset() % 8 == 0 and b.storage_offset() % 8 == 0:
+        return torch.equal(a.view(torch.int64), b.view(torch.int64))  # bitwise: integers, not floats (NaN, -0.0)
+    return torch.equal(a, b)
 
 
 def stored_tensors(directory: str | os.PathLike) -> dict[str, StoredTensor]:
@@ -203,6 +239,22 @@ def build_weightless(build: Callable[[], Model]) -> Model:
 def _slot(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     owner, _, leaf = name.rpartition(".")
     return (model.get_submodule(owner) if owner else model), leaf
+
+
+def _tensor(module: nn.Module, leaf: str) -> tuple[torch.Tensor | None, bool]:
+    """``module``'s own parameter or buffer ``leaf``, and whether it is a parameter."""
+    parameters = dict(module.named_parameters(recurse=False, remove_duplicate=False))
+    if leaf in parameters:
+        return parameters[leaf], True
+    return dict(module.named_buffers(recurse=False, remove_duplicate=False)).get(leaf), False
+
+
+def _put(module: nn.Module, leaf: str, value: Any, is_parameter: bool) -> None:
+    """Set ``module``'s parameter or (persistent: a checkpoint's) buffer ``leaf`` to ``value``."""
+    if is_parameter:
+        module.register_parameter(leaf, value)
+    else:
+        module.register_buffer(leaf, value)
 
 
 class LayerLoader:
@@ -271,18 +323,15 @@ class LayerLoader:
         values: dict[str, torch.Tensor] = {}
         for name in names:
             module, leaf = _slot(self.model, name)
-            current = module._parameters.get(leaf) if leaf in module._parameters else module._buffers.get(leaf)
-            if current is not None and current.device.type != "meta" and leaf in module._parameters:
+            current, is_parameter = _tensor(module, leaf)
+            if current is not None and current.device.type != "meta" and is_parameter:
                 continue  # tied to a tensor loaded already
             stored = self._source[name]
             if stored not in values:
                 values[stored] = self.cast(stored, self.tensors[stored].read())
             value = values[stored]
             before[name] = current
-            if leaf in module._parameters:
-                module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-            else:
-                module._buffers[leaf] = value
+            _put(module, leaf, nn.Parameter(value, requires_grad=False) if is_parameter else value, is_parameter)
         self._held += sum(v.numel() * v.element_size() for v in values.values())
         self.loaded_bytes = max(self.loaded_bytes, self._held)
         return before
@@ -298,14 +347,11 @@ class LayerLoader:
             freed: set[int] = set()
             for name, previous in self._restore.items():
                 owner, leaf = _slot(self.model, name)
-                value = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+                value, is_parameter = _tensor(owner, leaf)
                 if value is not None and id(value.untyped_storage()) not in freed:
                     freed.add(id(value.untyped_storage()))
                     self._held -= value.numel() * value.element_size()
-                if leaf in owner._parameters:
-                    owner._parameters[leaf] = previous
-                else:
-                    owner._buffers[leaf] = previous
+                _put(owner, leaf, previous, is_parameter)
             for sub in module.modules():  # caches derived from the dropped tensors (hc sites)
                 clear = getattr(sub, "clear_cache", None)
                 if callable(clear):

@@ -11,7 +11,6 @@ from hc_retrofit.checkpoint_format import check_weight_files, read_config_dict
 from hc_retrofit.checkpoint_source import resolve_checkpoint
 from hc_retrofit.dtypes import parse_dtype
 from hc_retrofit.log import get_logger
-from hc_retrofit.modeling.errors import CheckpointError
 from hc_retrofit.modeling.remote_model import check_load_report
 from hc_retrofit.remote_code import shipped_code_warnings
 from hc_retrofit.runtime_classes import converted_classes
@@ -33,15 +32,10 @@ def load_converted(
     config_cls, model_cls = converted_classes(path)
     config = config_cls.from_pretrained(path)
     check_weight_files(path)
-    try:
-        model, info = model_cls.from_pretrained(path, config=config, dtype=parse_dtype(dtype), output_loading_info=True)
-    except RuntimeError as err:  # transformers raises on tensor shapes that disagree with config.json
-        if "mismatched" not in str(err) and "size mismatch" not in str(err):
-            raise
-        raise CheckpointError(
-            f"{path}: tensor shapes disagree with config.json (was it edited, e.g. num_streams?); restore the config "
-            "or convert again"
-        ) from err
+    # tensor shapes that disagree with config.json are reported in ``info`` (a CheckpointError), not raised
+    model, info = model_cls.from_pretrained(
+        path, config=config, dtype=parse_dtype(dtype), output_loading_info=True, ignore_mismatched_sizes=True
+    )
     check_load_report(info, path)
     for warning in shipped_code_warnings(path, model, read_config_dict(path)):
         log.warning(warning)

@@ -46,10 +46,12 @@ def _candidates(
 def convert(model: nn.Module, config: HCConfig | None = None, *, family: Family | None = None) -> nn.Module:
     """Retrofit hyper-connections into ``model`` (in place), prove it exact, and return it.
 
-    ``model`` is a loaded transformers causal LM. ``family`` (default: the hand-written adapter
-    of ``config.model_type``) says where the hyper-connection sites go. Before returning, the
-    converted model is compared with the original on a probe batch (logits within fp32 tolerance,
-    and the same greedy tokens and logits through the KV cache where the model can generate).
+    ``model`` is a loaded transformers model (a causal LM, an encoder or a vision model).
+    ``family`` (default: the hand-written adapter of ``config.model_type``, else discovery's
+    proposals) says where the hyper-connection sites go. Before returning, the converted model is
+    compared with the original on a probe batch (:mod:`hc_retrofit.equivalence`: outputs and
+    distributions within the tolerance of the model's dtype, and the same greedy tokens and logits
+    through the KV cache where the model can generate).
 
     Raises:
         UnsupportedArchitectureError: no adapter, or no adapter is exact; ``model`` is unchanged.

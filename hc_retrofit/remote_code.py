@@ -19,6 +19,7 @@ what the installed hc-retrofit writes, for :func:`hc_retrofit.load_converted` to
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 from importlib import resources
 from pathlib import Path
@@ -102,21 +103,28 @@ def package_module_closure(root: str = _ROOT_MODULE) -> dict[str, str]:
         if f"{name}.py" in files:
             continue
         source = _module_source(name)
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.ImportFrom) and node.level > 0:
-                if node.level != 1 or not node.module or "." in node.module:
-                    raise RuntimeError(
-                        f"hc_retrofit/modeling/{name}.py: only 'from .module import name' can be shipped"
-                    )
-                todo.append(node.module)
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "hc_retrofit":
-                raise RuntimeError(
-                    f"hc_retrofit/modeling/{name}.py is shipped as remote code: import {node.module} relatively (from .x import y)"
-                )
-            elif isinstance(node, ast.Import) and any(a.name.split(".")[0] == "hc_retrofit" for a in node.names):
-                raise RuntimeError(f"hc_retrofit/modeling/{name}.py is shipped as remote code: use 'from .x import y'")
+        todo.extend(_relative_imports(name, source))
         files[f"{name}.py"] = source
     return files
+
+
+@functools.lru_cache(maxsize=64)
+def _relative_imports(name: str, source: str) -> tuple[str, ...]:
+    """The sibling modules ``hc_retrofit/modeling/{name}.py`` (text ``source``) imports; parsed once
+    per source text (a convert writes the files and verify checks them: the same closure twice)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            if node.level != 1 or not node.module or "." in node.module:
+                raise RuntimeError(f"hc_retrofit/modeling/{name}.py: only 'from .module import name' can be shipped")
+            found.append(node.module)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "hc_retrofit":
+            raise RuntimeError(
+                f"hc_retrofit/modeling/{name}.py is shipped as remote code: import {node.module} relatively (from .x import y)"
+            )
+        elif isinstance(node, ast.Import) and any(a.name.split(".")[0] == "hc_retrofit" for a in node.names):
+            raise RuntimeError(f"hc_retrofit/modeling/{name}.py is shipped as remote code: use 'from .x import y'")
+    return tuple(found)
 
 
 def _import_path(cls: type) -> str:

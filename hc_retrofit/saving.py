@@ -56,7 +56,7 @@ def save_converted(
 
     The directory is written next to ``out_dir`` under a temporary name and renamed at the end,
     so a failure or Ctrl-C never leaves a partial checkpoint. ``base_model`` (default: the id or
-    path recorded earlier, else ``model.config._name_or_path``) is stored as ``hc_retrofit_base``;
+    path recorded earlier, else ``model.config.name_or_path``) is stored as ``hc_retrofit_base``;
     ``extra_metadata`` (JSON values) is merged into ``hc_retrofit_metadata``.
 
     Raises:
@@ -78,7 +78,7 @@ def _save_staged(
 ) -> dict[str, Any]:
     """Write into a staging directory beside ``out``, seal its manifest, swap it in; return the config keys."""
     config = model.config
-    base = base_model or getattr(config, BASE_KEY, None) or getattr(config, "_name_or_path", None) or None
+    base = base_model or getattr(config, BASE_KEY, None) or getattr(config, "name_or_path", None) or None
     if base and Path(base).expanduser().is_dir():  # a local base: absolute, so verify works from any cwd
         base = str(Path(base).expanduser().resolve())
     metadata = {**(getattr(config, METADATA_KEY, None) or {}), **(extra or {})}

@@ -98,8 +98,17 @@ def run(command: str, workdir: Path, env: dict[str, str], *, stderr: bool = True
         stderr=subprocess.STDOUT if stderr else subprocess.DEVNULL,
         text=True,
     )
-    lines = [ln.rstrip() for ln in done.stdout.splitlines()]
+    lines = [_as_user_sees(ln.rstrip(), workdir) for ln in done.stdout.splitlines()]
     return lines, done.returncode, time.perf_counter() - start
+
+
+SHOWN_CHECKOUT = "~/hc-retrofit"  # where the page's reader has cloned the repository
+
+
+def _as_user_sees(line: str, workdir: Path) -> str:
+    """``line`` with this machine's paths (the repository, the scratch checkout) shown as the
+    reader's checkout: the page must not name the machine it was generated on."""
+    return line.replace(str(REPO), SHOWN_CHECKOUT).replace(str(workdir), SHOWN_CHECKOUT)
 
 
 def environment() -> dict[str, str]:

@@ -127,6 +127,53 @@ def test_run_probe_generates_from_the_whole_probe() -> None:
     torch.testing.assert_close(out.step_logits[0], out.logits[:, -1])
 
 
+def _generate_calls(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, fail_with_cache: bool = False) -> list:
+    """Record the keyword arguments of ``model.generate`` (optionally refusing a given cache)."""
+    calls: list[dict[str, Any]] = []
+    real = model.generate
+
+    def generate(ids: torch.Tensor, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        if fail_with_cache and ({"cache", "past_key_values"} & set(kwargs)):
+            raise ValueError("this cache cannot be continued")
+        return real(ids, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    return calls
+
+
+@pytest.mark.parametrize("hc", [False, True])
+def test_generation_continues_from_the_full_forward_s_cache(monkeypatch: pytest.MonkeyPatch, hc: bool) -> None:
+    """The prompt runs once: generate() gets the full forward's KV cache less its last position and
+    computes what it computes from the whole prompt (tokens, and each step's logits within float error)."""
+    model = tiny_model(CASE)
+    if hc:
+        model = hc_retrofit.convert(model, CONFIG)
+    inputs = probe_inputs(model, batch=2, length=6)
+    whole = run_probe(model, inputs, new_tokens=3, check_cache=True)
+    monkeypatch.setattr(equivalence, "prompt_cache", lambda _output, _length: {})
+    calls = _generate_calls(model, monkeypatch)
+    plain = run_probe(model, inputs, new_tokens=3)
+    assert not ({"cache", "past_key_values"} & set(calls[0]))
+    monkeypatch.undo()
+    calls = _generate_calls(model, monkeypatch)
+    reused = run_probe(model, inputs, new_tokens=3)
+    [kwargs] = calls
+    [cache] = [kwargs[k] for k in ("cache", "past_key_values") if k in kwargs]
+    assert cache.get_seq_length() == 6 + 3 - 1  # the prompt, less its last position, plus what was generated
+    assert torch.equal(reused.tokens, plain.tokens) and torch.equal(reused.tokens, whole.tokens)
+    for a, b in zip(reused.step_logits, plain.step_logits, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_cache_generate_cannot_continue_falls_back_to_the_whole_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model(CASE)
+    inputs = probe_inputs(model, batch=2, length=6)
+    calls = _generate_calls(model, monkeypatch, fail_with_cache=True)
+    out = run_probe(model, inputs, new_tokens=2)
+    assert len(calls) == 2 and out.tokens.shape == (2, 2) and not out.cache_note
+
+
 # ----------------------------------------------------------------------------- every caller
 def _perturb_sites(model: torch.nn.Module) -> None:
     with torch.no_grad():

@@ -185,3 +185,31 @@ def test_read_into_sets_the_target_to_the_stored_tensor(
     tensors["empty"].read_into(torch.zeros(0, 3))
     with pytest.raises(ValueError, match="shape"):
         tensors["w"].read_into(torch.zeros(5, 6))
+
+
+def test_read_into_writes_only_the_blocks_that_differ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target that already holds the stored bytes is only read; one that differs in a block gets
+    that block; odd sizes (unaligned blocks) too. The result is always the stored tensor, bit for bit."""
+    monkeypatch.setattr(layered, "READ_BLOCK", 64)
+    stored = {"w": torch.randn(40, 7), "odd": torch.randn(37).to(torch.float16)}  # 1120 and 74 bytes
+    stored["w"][3, 1] = -0.0
+    save_file(stored, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    tensors = layered.stored_tensors(tmp_path)
+    copies: list[int] = []
+    real = torch.Tensor.copy_
+    monkeypatch.setattr(
+        torch.Tensor, "copy_", lambda self, src, *a, **k: copies.append(src.numel()) or real(self, src, *a, **k)
+    )
+    for name, value in stored.items():
+        same = value.clone()
+        tensors[name].read_into(same)
+        assert copies == [] and torch.equal(same.view(torch.uint8), value.view(torch.uint8))
+        changed = value.clone()
+        changed.view(-1)[5] = 1e4
+        tensors[name].read_into(changed)
+        assert len(copies) == 1 and copies.pop() <= 64  # one block rewritten
+        assert torch.equal(changed.view(torch.uint8), value.view(torch.uint8))
+    zero = torch.zeros(40, 7)
+    zero[3, 1] = 0.0  # +0.0 where the file holds -0.0: a different bit pattern, rewritten
+    tensors["w"].read_into(zero)
+    assert torch.equal(zero.view(torch.uint8), stored["w"].view(torch.uint8))

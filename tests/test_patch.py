@@ -316,7 +316,7 @@ def test_a_refused_adapter_leaves_the_model_untouched():
 
 
 def test_the_stream_width_of_a_multimodal_model_is_its_text_configs():
-    from hc_retrofit.sweep import build_tiny
+    from hc_retrofit.tiny_models import build_tiny
 
     model = build_tiny("got_ocr2")  # its tiny top-level config says hidden_size 32; the language model is 1024 wide
     text_width = model.config.get_text_config().hidden_size

@@ -188,6 +188,17 @@ def test_docs_name_no_issues_rounds_or_commits(page):
             assert match is None, f"{page.relative_to(ROOT)}:{number}: {match.group(0)!r} in: {line.strip()[:100]}"
 
 
+MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|tmp|root|check|private/var)/")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_docs_name_no_path_of_the_machine_they_were_written_on(page):
+    """Generated outputs show the reader's checkout (``~/hc-retrofit``), not a build machine's directories."""
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        match = MACHINE_PATH.search(line)
+        assert match is None, f"{page.relative_to(ROOT)}:{number}: machine path in: {line.strip()[:100]}"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_relative_links_point_at_files_that_exist(page):
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):

@@ -16,7 +16,7 @@ from torch import nn
 import hc_retrofit
 from hc_retrofit import HCConfig
 from hc_retrofit.modeling.patch import decoder_layers
-from hc_retrofit.sweep import build_tiny
+from hc_retrofit.tiny_models import build_tiny
 from tests.tiny import CASES, VOCAB, tiny_model
 
 # hand-written families, plus families the converter discovers (no hand-written adapter)

@@ -86,12 +86,6 @@ def test_the_row_says_which_variant_gave_what(monkeypatch):
     )
 
 
-def test_hybrid_stacks_get_one_layer_of_each_kind():
-    config = sweep.tiny_config("qwen3_next")
-    assert list(config.layer_types) == ["linear_attention", "full_attention"]
-    assert config.num_hidden_layers == 2
-
-
 def test_coverage_and_the_readme_table():
     rows = [
         sweep.SweepRow("a", "exact", "model.layers: sequential [x -> y]"),

@@ -175,10 +175,15 @@ def _dots(g: torch.Tensor, streams: torch.Tensor | tuple, lead: torch.Size) -> t
     h0, r0, b0, y0 = streams
     n, d = h0.shape[-2], h0.shape[-1]
     ct = torch.promote_types(g.dtype, torch.float32)  # (M, rows, n): small, combined in float32
-    y_t = y0.to(g.dtype).expand(*lead, d).reshape(-1, d, 1)
-    through_y = torch.bmm(g, y_t).to(ct) * _per_token(b0, lead, (n,), ct).unsqueeze(1)
+    through_y = _row_dots(y0.to(g.dtype).expand(*lead, d), g).to(ct) * _per_token(b0, lead, (n,), ct).unsqueeze(1)
     r_t = _per_token(r0, lead, (n, n), ct)
     return torch.baddbmm(through_y, _dots(g, h0.to(g.dtype), lead).to(ct), r_t.transpose(1, 2)).to(g.dtype)
+
+
+def _row_dots(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``g_i . y`` per token, ``(M, rows, 1)`` for ``y`` ``(..., D)`` and ``g`` ``(M, rows, D)``, as
+    ``y^T G^T`` (the vector on the left: several times faster on CPU BLAS than ``G y``)."""
+    return torch.bmm(y.reshape(-1, 1, y.shape[-1]), g.transpose(1, 2)).transpose(1, 2)
 
 
 def _streams_and_y_grads(
@@ -238,7 +243,7 @@ class WidthPass(torch.autograd.Function):
     """``x = a . H``, and ``H`` passed through (a view) for the site's depth side to read.
 
     The depth side then reads the streams *through* this Function, so the streams have one
-    consumer and their gradient ``dH = dH_pass + a (x) dx`` is one ``baddbmm`` here instead of
+    consumer and their gradient ``dH = dH_pass + a (x) dx`` is one ``addcmul`` here instead of
     ``a (x) dx`` materialised and then added to the depth side's gradient by autograd.
     """
 
@@ -263,7 +268,7 @@ class WidthPass(torch.autograd.Function):
                 if g_streams is None:
                     d_streams = (a_t * g).reshape(ctx.shape)
                 else:
-                    d_streams = torch.baddbmm(_tokens(g_streams.to(ctx.dtype)), a_t, g).reshape(ctx.shape)
+                    d_streams = torch.addcmul(_tokens(g_streams.to(ctx.dtype)), a_t, g).reshape(ctx.shape)
             if ctx.needs_input_grad[1]:
                 d_a = _grad_to(_dots(g, streams, lead).squeeze(1), a, lead)
         elif ctx.needs_input_grad[0] and g_streams is not None:
@@ -301,7 +306,7 @@ class DepthWidth(torch.autograd.Function):
             big = _tokens(g_new.to(ctx.dtype))
         else:
             a_t = _per_token(a, lead, (n,), ctx.dtype).unsqueeze(-1)  # (M, n, 1)
-            big = a_t * g if g_new is None else torch.baddbmm(_tokens(g_new.to(ctx.dtype)), a_t, g)
+            big = a_t * g if g_new is None else torch.addcmul(_tokens(g_new.to(ctx.dtype)), a_t, g)
         d_a = None
         if ctx.needs_input_grad[4] and g is not None:
             r_t = _per_token(r, lead, (n, n), ctx.dtype)
@@ -322,15 +327,14 @@ def _depth_grads(ctx, g: torch.Tensor, streams, r: torch.Tensor, b: torch.Tensor
     d_r = _grad_to(_dots(g, streams, lead), r, lead) if needs[1] else None  # G_j . H_k
     d_b = None
     if y is not None and needs[2]:
-        y_t = y.to(ctx.dtype).expand(*lead, d).reshape(-1, d, 1)
-        d_b = _grad_to(torch.bmm(g, y_t).squeeze(-1), b, lead)
+        d_b = _grad_to(_row_dots(y.to(ctx.dtype).expand(*lead, d), g).squeeze(-1), b, lead)
     if d_streams is not None:
         d_streams = d_streams.reshape(ctx.shape)
     return d_streams, d_r, d_b, None if d_y is None else _grad_to(d_y, y, lead)
 
 
 class DepthConnection(torch.autograd.Function):
-    """``H' = R H (+ b (x) y)``: forward ``bmm(R, H)`` then ``baddbmm_(b, y)``; backward
+    """``H' = R H (+ b (x) y)``: forward ``bmm(R, H)`` then ``addcmul_(b, y)``; backward
     ``dH = R^T dH'``, ``dR = dH' H^T``, ``db_j = dH'_j . y``, ``dy = b^T dH'`` (all per token).
     ``b`` and ``y`` may both be ``None`` (:func:`stream_mix`)."""
 
@@ -365,7 +369,7 @@ class Outer(torch.autograd.Function):
         g = g_out.to(y.dtype).reshape(-1, n, d)
         d_b = d_y = None
         if ctx.needs_input_grad[0]:
-            d_b = _grad_to(torch.bmm(g, y.reshape(-1, d, 1)).squeeze(-1), b, lead)
+            d_b = _grad_to(_row_dots(y, g).squeeze(-1), b, lead)
         if ctx.needs_input_grad[1]:
             b_t = _per_token(b, lead, (n,), y.dtype).unsqueeze(1)  # (M, 1, n)
             d_y = torch.bmm(b_t, g).reshape(y.shape)

@@ -84,7 +84,8 @@ def register_conversions(model_type: str, base_type: str, base_architecture: str
 
 
 def check_load_report(info: dict[str, Any], path: Any, *, head_unused: bool = False) -> None:
-    """Fail on missing/unexpected/mismatched keys: transformers leaves missing parameters uninitialised.
+    """Fail on missing/unexpected/mismatched keys: transformers leaves missing parameters uninitialised
+    (and mismatched ones too, under ``ignore_mismatched_sizes=True``).
 
     ``head_unused``: a base model was loaded from a task model's checkpoint (``AutoModel`` on a
     causal LM), whose head tensors (``lm_head.weight``) it does not use; an unused HC tensor
@@ -93,7 +94,14 @@ def check_load_report(info: dict[str, Any], path: Any, *, head_unused: bool = Fa
     info = dict(info)
     if head_unused:
         info["unexpected_keys"] = [k for k in info.get("unexpected_keys") or [] if HC_MODULES in str(k)]
-    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    mismatched = sorted(k[0] if isinstance(k, (tuple, list)) else str(k) for k in info.get("mismatched_keys") or [])
+    if mismatched:  # (reported, not raised, under ``ignore_mismatched_sizes=True``)
+        more = " ..." if len(mismatched) > 5 else ""
+        raise CheckpointError(
+            f"{path}: tensor shapes disagree with config.json ({', '.join(mismatched[:5])}{more}); was it edited "
+            "(e.g. num_streams)? Restore the config or convert again"
+        )
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys")}
     problems = {k: v for k, v in problems.items() if v}
     if problems:
         detail = "; ".join(
