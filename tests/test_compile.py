@@ -127,9 +127,9 @@ def test_mhc_sinkhorn_is_one_opaque_call_per_site_in_the_training_graph():
     assert not any("softmax" in t for t in targets)
 
 
-def test_mhc_sinkhorn_is_traced_in_a_compiled_decode_step():
-    # Without autograd nothing is differentiated: the compiler gets the log-domain iterations to
-    # fuse, where the opaque operator would run them one kernel call at a time inside the step.
+def test_mhc_sinkhorn_is_one_opaque_call_per_site_in_a_compiled_decode_step():
+    # Without autograd too: traced, the 2 x 20 normalisations per site made a compiled decoding
+    # step no faster and its compilation several times longer.
     torch._dynamo.reset()
     model = tiny_llama("mhc").eval()
     graphs = []
@@ -143,9 +143,8 @@ def test_mhc_sinkhorn_is_traced_in_a_compiled_decode_step():
         cache = model(x, use_cache=True).cache
         step = torch.compile(model, backend=backend, fullgraph=True)(x[:, -1:], cache=cache, use_cache=True)
     targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
-    assert not any("sinkhorn_v1" in t for t in targets)
-    iters = HCConfig().sinkhorn_iters
-    assert sum("log_softmax" in t for t in targets) == 2 * iters * len(patch.hyper_connection_sites(model))
+    assert sum("hc_retrofit.sinkhorn_v1" in t for t in targets) == len(patch.hyper_connection_sites(model))
+    assert not any("softmax" in t for t in targets)
     with torch.no_grad():
         eager = model(x[:, -1:], cache=model(x, use_cache=True).cache, use_cache=True)
     torch.testing.assert_close(step.logits, eager.logits)

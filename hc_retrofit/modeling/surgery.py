@@ -85,7 +85,8 @@ def undo_layer(layer: nn.Module, surgery: Surgery) -> None:
     """Give ``layer`` its original class back, without the hooks, sites and ``_hc_*`` state conversion added."""
     for hook in surgery.hooks:
         hook.detach()
-    layer._modules.pop("hyper_connections", None)
+    if "hyper_connections" in dict(layer.named_children()):
+        delattr(layer, "hyper_connections")
     for key in [k for k in layer.__dict__ if k.startswith("_hc_")]:
         del layer.__dict__[key]
     layer.__class__ = surgery.original_class
