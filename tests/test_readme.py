@@ -214,3 +214,10 @@ def test_the_families_table_lists_every_family():
     rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| family")]
     listed = {name.strip() for row in rows for name in row.split("|")[1].split(",")}
     assert listed == set(supported_model_types())
+
+
+def test_the_checkpoint_format_page_lists_every_shipped_module():
+    """docs/checkpoint-format.md names every module copied into a checkpoint as remote code."""
+    page = (ROOT / "docs" / "checkpoint-format.md").read_text(encoding="utf-8")
+    shipped = sorted(p.name for p in (ROOT / "hc_retrofit" / "modeling").glob("*.py") if p.name != "__init__.py")
+    assert [name for name in shipped if f"`{name}`" not in page] == []
