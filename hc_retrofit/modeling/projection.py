@@ -25,8 +25,8 @@ def rms_project_parts(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, t
     ct = torch.promote_types(x.dtype, torch.float32)  # at least float32
     xf = cast(x, ct)
     inv = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(EPS).rsqrt_()
-    # x @ w for a narrow w (n + 2 or 2n + n^2 columns), plainly: with torch 2.13's BLAS this is up to
-    # 4x faster on CPU than the (w^T x^T)^T orientation, and never slower (measured, 1 and 2 threads).
+    # x @ w for a narrow w (n + 2 or 2n + n^2 columns), plainly: on an Intel Xeon with torch 2.13's MKL
+    # up to 4x faster than (w^T x^T)^T (an AMD EPYC measured the opposite: docs/performance.md).
     p = xf.reshape(-1, x.shape[-1]) @ cast(w, ct)
     return p.reshape(*x.shape[:-1], w.shape[-1]), inv
 
