@@ -30,6 +30,7 @@ from pathlib import Path
 from hc_retrofit import ownership
 from hc_retrofit.log import get_logger
 from hc_retrofit.modeling.errors import OutputExistsError
+from hc_retrofit.private_api import reports_full_disk
 
 log = get_logger(__name__)
 
@@ -274,7 +275,7 @@ def abandon(tmp: Path, err: BaseException, out: Path) -> BaseException | None:
     shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(err, OSError):
         return None
-    if "no space left" in str(err).lower() or "disk quota" in str(err).lower():
+    if reports_full_disk(err):
         return OSError(errno.ENOSPC, "No space left on device", str(out.parent))
     return None
 

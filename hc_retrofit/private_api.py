@@ -11,6 +11,8 @@ Checked against: accelerate 1.16.0, transformers 5.24.0, datasets 5.2.0, typer 0
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from collections.abc import Mapping
 from types import ModuleType
@@ -88,3 +90,20 @@ def removed_shared_tensors(message: str) -> set[str] | None:
     """
     found = _SHARED_TENSORS.search(message)
     return None if found is None else set(re.findall(r"'([^']+)'", found.group(1)))
+
+
+#: The C library's texts for a full disk and an exhausted quota, as Rust's and C++'s I/O errors print them.
+_FULL_DISK_TEXTS = tuple(os.strerror(code).lower() for code in (errno.ENOSPC, errno.EDQUOT))
+
+
+def reports_full_disk(err: BaseException) -> bool:
+    """Whether ``err`` (not an ``OSError``) is a write that failed because the disk or quota is full.
+
+    Undocumented text: safetensors' ``SafetensorError`` (a Rust ``io::Error``, safetensors 0.7) and
+    torch's ``RuntimeError`` from its C++ writer carry the operating system's message but no
+    ``errno``, so the only signal is that message: ``strerror(ENOSPC)`` / ``strerror(EDQUOT)``
+    ("No space left on device", "Disk quota exceeded" with glibc), read from the C library rather
+    than spelled here.
+    """
+    text = str(err).lower()
+    return any(t in text for t in _FULL_DISK_TEXTS)

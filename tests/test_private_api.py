@@ -86,3 +86,14 @@ def test_version_counter_counts_in_place_updates() -> None:
         inference = torch.zeros(1)
     with pytest.raises(RuntimeError):
         version_counter(inference)
+
+
+def test_reports_full_disk_reads_the_c_librarys_text() -> None:
+    """A writer without ``errno`` (safetensors' Rust error, torch's C++ writer) prints the OS's strerror."""
+    import errno
+    import os
+
+    rust_style = RuntimeError(f"Error while serializing: IoError({os.strerror(errno.ENOSPC)} (os error 28))")
+    assert private_api.reports_full_disk(rust_style)
+    assert private_api.reports_full_disk(RuntimeError(str(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)))))
+    assert not private_api.reports_full_disk(RuntimeError("header too large"))
