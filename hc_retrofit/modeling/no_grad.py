@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .formulas import EPS
+from .formulas import EPS, hc_dynamic_table
 from .kernels import cast
 from .sinkhorn_knopp import sinkhorn
 from .site_cache import StaticParts
@@ -35,14 +35,18 @@ def _normed(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(xf, (xf.shape[-1],), eps=EPS)
 
 
+def _project_transposed(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """``RMSNorm(x) @ W`` from the cached ``W^T`` (the projection :func:`.formulas.hc_dynamic_table` takes)."""
+    normed = _normed(x)
+    return F.linear(normed, cast(w_t, normed.dtype))
+
+
 def hc_rows(
     parts: StaticParts, streams: torch.Tensor, dtype: torch.dtype, minus_identity: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic HC's ``[a; R]`` ``(..., n + 1, n)`` and ``b`` ``(..., n)`` for ``streams`` ``(..., n, D)``, in ``dtype``."""
     base, scale, proj_t = parts.hc_layout(minus_identity)
-    normed = _normed(streams)
-    table = torch.addcmul(base, scale, torch.tanh(F.linear(normed, cast(proj_t, normed.dtype))))  # (..., n, n + 2)
-    table = cast(table, dtype)
+    table = cast(hc_dynamic_table(base, scale, proj_t, streams, _project_transposed), dtype)  # (..., n, n + 2)
     n = table.shape[-2]
     return table.narrow(-1, 0, n + 1).transpose(-1, -2), table.select(-1, n + 1)
 
@@ -56,6 +60,8 @@ def mhc_rows(
     lead = streams.shape[:-2]
     normed = _normed(streams.reshape(*lead, 1, -1))  # (..., 1, n D): vec H, a row per token
     logits = F.linear(normed, cast(phi_t, normed.dtype), cast(base, normed.dtype))  # (..., 1, 2n + n^2)
+    # .formulas.mhc's a, R, b, on logits kept as a row: for one token every product stays 2-D, and
+    # ``a`` is already the first row of [a; R] (calling it would add views at every site).
     a_b = torch.sigmoid(logits.narrow(-1, 0, 2 * n))
     r = sinkhorn(logits.narrow(-1, 2 * n, n * n).reshape(*lead, n, n), iters)
     if minus_identity:
