@@ -316,10 +316,15 @@ class HyperConnection(nn.Module):
         ``recompute`` (eager, autograd) the following site recomputes ``H'`` in backward from
         what this site saves anyway instead of saving it (see :meth:`width_connection`).
         """
+        if ctx.mixed is not None:  # no autograd: R H was computed with x, one addcmul adds b (x) y
+            new = torch.addcmul(ctx.mixed, ctx.b.unsqueeze(-1), y.unsqueeze(-2))
+            if following is None:
+                return new, None, None
+            x, next_ctx = following._width_no_grad(new, False)
+            return new, x, next_ctx
         if (
             following is not None
             and not following.is_dynamic
-            and ctx.mixed is None
             and not ctx.adds_input
             and torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
