@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from .formulas import hc_dynamic_table
-from .kernels import cast
+from .kernels import at_least_float32, cast
 from .sinkhorn_knopp import sinkhorn
 from .site_cache import StaticParts
 
@@ -35,7 +35,7 @@ def normed_projection(x: torch.Tensor, w_t: torch.Tensor, root: torch.Tensor) ->
     and ``sqrt(D eps)`` (:meth:`~.site_cache.StaticParts.hc_layout`): ``RMSNorm(x) = x / sqrt(|x|^2 / D + eps)``
     is ``sqrt(D) x / hypot(|x|, sqrt(D eps))``, so the norm is one ``vector_norm`` and one ``hypot`` and
     the scaling happens on the ``k`` outputs, not the ``D`` inputs."""
-    xf = cast(x, torch.promote_types(x.dtype, torch.float32))
+    xf = at_least_float32(x)
     return F.linear(xf, w_t).div_(_norm_floor(xf, root))
 
 
@@ -62,8 +62,7 @@ def mhc_rows(
     n = streams.shape[-2]
     base, phi_t, root = parts.mhc_layout()
     lead = streams.shape[:-2]
-    vec = streams.reshape(*lead, 1, -1)  # (..., 1, n D): vec H, a row per token
-    vec = cast(vec, torch.promote_types(vec.dtype, torch.float32))
+    vec = at_least_float32(streams.reshape(*lead, 1, -1))  # (..., 1, n D): vec H, a row per token
     # base + s (RMSNorm(vec H) phi), s folded into phi: one addcdiv of the projection by the norm
     logits = torch.addcdiv(base, F.linear(vec, phi_t), _norm_floor(vec, root))  # (..., 1, 2n + n^2)
     # .formulas.mhc's a, R, b, on logits kept as a row: for one token every product stays 2-D, and

@@ -11,22 +11,22 @@ Parameters created under ``inference_mode`` have no version counter: nothing is 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from .formulas import EPS
 from .kernels import cast
-from .private_api import version_counter
+from .private_api import version_counters
 
 
-def cache_key(params: Iterable[torch.Tensor], *extra: object) -> tuple | None:
+def cache_key(params: list[torch.Tensor], *extra: object) -> tuple | None:
     """What identifies the parameters' current values, or ``None`` if they cannot be tracked."""
-    try:  # (one pass: this runs per site and token at decode)
-        return (*extra, *[(id(p), version_counter(p), p.data_ptr()) for p in params])
+    try:  # (few calls: this runs per site and token at decode)
+        versions = version_counters(params)
     except RuntimeError:  # inference tensors have no version counter
         return None
+    return (*extra, *map(id, params), *versions, *[p.data_ptr() for p in params])
 
 
 @dataclass
