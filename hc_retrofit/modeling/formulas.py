@@ -39,13 +39,18 @@ Sinkhorn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def width(streams: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``x = sum_k a_k H_k``; ``a`` is ``(n,)`` (static) or ``(..., n)`` (per token)."""
-    return torch.einsum("...k,...kd->...d", a.to(streams.dtype), streams)
+    """``x = sum_k a_k H_k``; ``a`` is ``(n,)`` (static) or ``(..., n)`` (per token).
+
+    Written as a product and a sum over the ``n`` streams (not a batched matrix product), here and
+    in :func:`mix`: ``torch.compile`` then fuses it into the loops around it instead of calling a
+    ``bmm`` of ``n x n`` by ``n x D`` per site (one more kernel and one more pass over the streams).
+    """
+    return (a.to(streams.dtype).unsqueeze(-1) * streams).sum(-2)
 
 
 def mix(streams: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """``(R H)_j = sum_k R_jk H_k``; ``R`` is ``(n, n)`` or ``(..., n, n)``."""
-    return torch.einsum("...jk,...kd->...jd", r.to(streams.dtype), streams)
+    return (r.to(streams.dtype).unsqueeze(-1) * streams.unsqueeze(-3)).sum(-2)
 
 
 def outer(b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -59,9 +64,13 @@ def depth(streams: torch.Tensor, r: torch.Tensor, b: torch.Tensor, y: torch.Tens
 
 
 def rms_project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``RMSNorm(x) @ w`` over the last dim (no norm weight), in (at least) float32."""
+    """``RMSNorm(x) @ w`` over the last dim (no norm weight), in (at least) float32.
+
+    The norm is a factor per row, applied to the few outputs: ``(x @ w) / rms(x)``, so the product
+    reads ``x`` itself and no normalised copy of it is written.
+    """
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)) @ w.to(xf.dtype)
+    return (xf @ w.to(xf.dtype)) * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
