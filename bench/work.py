@@ -19,7 +19,8 @@ same inputs; the HC work is the difference. It is printed per token, in units of
 
 ``calls``: operators dispatched per layer beyond the original's (forward + backward), and
 ``decode``: the same for one cached decoding step (batch 1, no grad) per layer, the per-token
-dispatch cost that dominates batch-1 generation. ``saved``: elements per token autograd keeps
+dispatch cost that dominates batch-1 generation, and ``decode_py`` the Python and builtin
+function calls that step makes per layer beyond the original's (hooks, site code, views). ``saved``: elements per token autograd keeps
 for backward beyond the original's (``_common.saved_activation_bytes``), in units of ``D``.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 
 import _common as C
 import torch
@@ -50,14 +52,27 @@ def layer_work(layer, hidden: torch.Tensor, kwargs: dict, grad: torch.Tensor) ->
     return fwd.work, bwd.work, saved["bytes"]
 
 
-def decode_calls(model, prompt: torch.Tensor) -> int:
-    """Operators dispatched by one cached decoding step (batch 1, no grad)."""
+def decode_calls(model, prompt: torch.Tensor) -> tuple[int, int]:
+    """Operators dispatched, and Python and builtin function calls made, by one cached decoding
+    step (batch 1, no grad): the two things a token pays for at batch 1."""
     with torch.no_grad():
         past = model(input_ids=prompt, use_cache=True).past_key_values
         step = prompt[:, -1:]
+        model(input_ids=step, past_key_values=past, use_cache=True)  # (first-call caches filled)
         with WorkCounter() as counter:
             model(input_ids=step, past_key_values=past, use_cache=True)
-    return counter.work.calls
+        calls = 0
+
+        def count(frame, event: str, arg) -> None:
+            nonlocal calls
+            calls += event in ("call", "c_call")
+
+        sys.setprofile(count)
+        try:
+            model(input_ids=step, past_key_values=past, use_cache=True)
+        finally:
+            sys.setprofile(None)
+    return counter.work.calls, calls
 
 
 def minimum(n: int, sites: int) -> dict[str, int]:
@@ -118,7 +133,9 @@ def main() -> None:
             row["x_min"] = row["total"] / row["minimum"]
             row["saved"] = (saved - base_saved) / 4 / per
             row["calls"] = fwd.calls + bwd.calls
-            row["decode"] = (decode_calls(model.eval(), ids[:1, :8]) - base_decode) / config.num_hidden_layers
+            ops, py = decode_calls(model.eval(), ids[:1, :8])
+            row["decode"] = (ops - base_decode[0]) / config.num_hidden_layers
+            row["decode_py"] = (py - base_decode[1]) / config.num_hidden_layers
             rows.append(row)
             if args.top:
                 print(f"{variant} n={n}: most traffic (per token, units of D)")

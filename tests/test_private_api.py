@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hc_retrofit import private_api
-from hc_retrofit.modeling.private_api import version_counter
+from hc_retrofit.modeling.private_api import version_counter, version_counters
 
 
 def test_reset_accelerate_state_forgets_the_shared_state() -> None:
@@ -86,6 +86,18 @@ def test_version_counter_counts_in_place_updates() -> None:
         inference = torch.zeros(1)
     with pytest.raises(RuntimeError):
         version_counter(inference)
+
+
+def test_version_counters_reads_each_tensors_counter() -> None:
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with torch.no_grad():
+        b.mul_(2)
+        b.mul_(2)
+    assert version_counters([a, b]) == [version_counter(a), version_counter(b)] == [0, 2]
+    with torch.inference_mode():
+        inference = torch.zeros(1)
+    with pytest.raises(RuntimeError):
+        version_counters([a, inference])
 
 
 def test_reports_full_disk_reads_the_c_librarys_text() -> None:

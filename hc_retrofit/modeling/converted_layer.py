@@ -66,7 +66,7 @@ class LayerCalls:
         *,
         beside: bool = False,
         recompute: bool = False,
-        sites: nn.ModuleList | None = None,
+        sites: tuple[HyperConnection, ...] | None = None,
     ) -> None:
         self.beside, self.recompute, self.sites = beside, recompute, sites
         self.streams = None if first is None else first.streams
@@ -110,7 +110,8 @@ class HCDecoderLayerMixin:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden = hidden_input(args, kwargs)
-        first_site: HyperConnection = self.hyper_connections[0]
+        sites = tuple(self.hyper_connections)  # (the hooks index a tuple: no ModuleList lookups per token)
+        first_site: HyperConnection = sites[0]
         streams = expand_streams(hidden, first_site.num_streams) if self._hc_first else hidden
         x, ctx = first_site.width_connection(streams)
         if self._hc_block.kind == "layer":
@@ -119,7 +120,8 @@ class HCDecoderLayerMixin:
             new = first_site.depth_around(ctx, first_output(out))  # F(x) = layer(x) - x
         elif beside_layer(self):  # the hooks compute the streams; the layer's adds see (B, T, D) only
             calls = self._hc_calls
-            calls.reset(ctx, beside=True, recompute=recomputes(self), sites=self.hyper_connections)
+            recompute = ctx.mixed is None and recomputes(self)  # (mixed: computed without autograd)
+            calls.reset(ctx, beside=True, recompute=recompute, sites=sites)
             new_args, new_kwargs = with_hidden_input(args, kwargs, x)
             out = super().forward(*new_args, **new_kwargs)
             new = calls.streams
@@ -179,6 +181,8 @@ def entry_hook(
 ) -> tuple[tuple, dict]:
     """Forward pre-hook on an entry module: feed it ``x = a . H`` instead of the streams."""
     ctx = calls.contexts[index]
+    if ctx is not None and (args[0] if args else kwargs.get("hidden_states")) is ctx.x:
+        return None  # fed x already (site 0's entry, beside the layer: x is the layer's input)
     if ctx is None:  # first entry of a site whose x is not computed yet: read H_s here
         if calls.beside:
             _, ctx = site.width_connection(calls.streams)
@@ -205,7 +209,7 @@ def exit_hook(
     ``R H`` the layer received, ``(R - I) H + b (x) y`` on the others.
     """
     ctx = calls.contexts[index]
-    y = first_output(output)
+    y = output[0] if isinstance(output, (tuple, list)) else output  # (first_output, inlined: runs per token)
     if calls.beside:
         following = calls.sites[index + 1] if index + 1 < calls.num_sites else None
         calls.streams, _, next_ctx = site.advance(ctx, y, following, recompute=calls.recompute and index == 0)

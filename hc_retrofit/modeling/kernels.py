@@ -29,6 +29,7 @@ __all__ = [
     "Recomputed",
     "WidthConnection",
     "WidthPass",
+    "at_least_float32",
     "cast",
     "expanded_streams",
     "mid_layer_streams",
@@ -39,6 +40,12 @@ __all__ = [
 
 def cast(c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return c if c.dtype == dtype else c.to(dtype)
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or as it is if float32 or float64 (``torch.promote_types`` with float32, without
+    its operator call: this runs per site and token at decode)."""
+    return t if t.dtype == torch.float32 or t.dtype == torch.float64 else t.to(torch.float32)
 
 
 def expanded_streams(streams: torch.Tensor) -> bool:

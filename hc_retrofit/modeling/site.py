@@ -60,13 +60,15 @@ class SiteContext:
 
     ``r`` is ``R``, or ``R - I`` when ``adds_input`` (the layer adds ``H`` itself). ``source``:
     what ``streams`` are recomputed from in backward (see :meth:`HyperConnection.width_connection`), if any.
-    ``mixed``: ``r`` times ``streams``, when it was computed together with ``x`` (without autograd).
+    ``mixed``: ``r`` times ``streams``, when it was computed together with ``x`` (without autograd);
+    then per-token ``a`` and ``r`` are ``None`` (the depth side needs only ``mixed`` and ``b``, and at
+    decode each view is an operator call per site and token).
     """
 
     streams: torch.Tensor
     x: torch.Tensor
-    a: torch.Tensor
-    r: torch.Tensor
+    a: torch.Tensor | None
+    r: torch.Tensor | None
     b: torch.Tensor
     adds_input: bool = False
     source: tuple | None = None
@@ -194,10 +196,10 @@ class HyperConnection(nn.Module):
     def _static_parts(self) -> StaticParts:
         """The input-independent part of the coefficients, rebuilt only when a parameter changes
         (see :mod:`hc_retrofit.site_cache`). No-grad only: it holds no graph."""
-        params = list(self._parameters.values())
+        params = [*self._parameters.values()]
         key = cache_key(params, self.ablate, self.config.sinkhorn_iters)
         cached: StaticParts | None = self.__dict__.get("_static_cache")
-        if key is not None and cached is not None and cached.key == key:
+        if cached is not None and cached.key == key and key is not None:
             return cached
         with torch.no_grad():
             return self._build_static_parts(key, params)
@@ -228,42 +230,49 @@ class HyperConnection(nn.Module):
         return Coefficients(a, r, b)
 
     def _no_grad_rows(
-        self, streams: torch.Tensor | None, dtype: torch.dtype, minus_identity: bool
+        self, streams: torch.Tensor | None, dtype: torch.dtype, minus_identity: bool, views: bool = True
     ) -> tuple[torch.Tensor, ...]:
         """``[a; R]`` (``[a; R - I]`` if ``minus_identity``) as one ``(..., n + 1, n)`` matrix, its
-        rows ``a`` and ``R`` (views), and ``b``, in ``dtype``, without autograd: one product with
+        rows ``a`` and ``R`` (views; ``None`` for per-token coefficients unless ``views``: the no-grad
+        depth side reads ``R H`` computed with ``x``), and ``b``, in ``dtype``, without autograd: one product with
         ``H`` then gives the branch input and the mix together. Static coefficients come from the
         cache; dynamic ones from the cached layout in a few calls (:mod:`hc_retrofit.modeling.no_grad`)."""
         parts = self._static_parts()
-        if not self.is_dynamic:
+        if parts.proj is None:  # static coefficients (also a dynamic site when ablated)
             return parts.rows(dtype, minus_identity)
         if streams is None:
             raise ValueError(f"dynamic {'mHC' if self.variant == 'mhc' else 'HC'} coefficients need the streams")
         if _autocasting(streams):  # mixed precision: the coefficients stay float32
             with torch.autocast(streams.device.type, enabled=False):
-                return self._no_grad_rows(streams, dtype, minus_identity)
+                return self._no_grad_rows(streams, dtype, minus_identity, views)
         if self.variant == "mhc":
             rows, b = mhc_rows(parts, streams, self.config.sinkhorn_iters, dtype, minus_identity)
         else:
             rows, b = hc_rows(parts, streams, dtype, minus_identity)
+        if not views:
+            return rows, None, None, b
         return rows, rows.select(-2, 0), rows.narrow(-2, 1, self.num_streams), b
 
     def _width_no_grad(self, streams: torch.Tensor, adds_input: bool) -> tuple[torch.Tensor, SiteContext]:
         """:meth:`width_connection` without autograd (evaluation, ``generate()``): ``a . H`` and
         ``R H`` (or ``(R - I) H``) as one product ``[a; R] H``. At decode (one token: ``n x D``
-        tensors) each op costs its dispatch, so fewer ops is what makes a token faster: one token's
-        streams are handled as an ``(n, D)`` matrix (its coefficients then have no token dims)."""
-        n, d = streams.shape[-2:]
+        tensors) each op and each Python call costs more than its arithmetic, so this path is kept
+        to one product and a few views: one token's streams are handled as an ``(n, D)`` matrix
+        (its coefficients then have no token dims)."""
+        shape = streams.shape
+        n, d = shape[-2], shape[-1]
         one_token = streams.numel() == n * d
         h = streams.reshape(n, d) if one_token else streams
-        rows, a, r, b = self._no_grad_rows(h, streams.dtype, adds_input)
-        if expanded_streams(streams):  # layer 0: n views of one h, every product a scaling of h
+        rows, a, r, b = self._no_grad_rows(h, streams.dtype, adds_input, views=False)
+        if n > 1 and streams.stride(-2) == 0:  # layer 0's n views of one h: every product a scaling of h
             out = rows.sum(-1, keepdim=True) * streams.narrow(-2, 0, 1)
-        elif one_token:  # (decode): a plain 2-D product
-            out = torch.mm(rows, h).view(*streams.shape[:-2], n + 1, d)
+            x = out.select(-2, 0).contiguous()
+        elif one_token:  # (decode): a plain 2-D product; its row 0 is x, already contiguous
+            out = torch.mm(rows, h).view(*shape[:-2], n + 1, d)
+            x = out.select(-2, 0)
         else:
             out = torch.matmul(rows, streams)
-        x = out.select(-2, 0).contiguous()  # (a copy only for several tokens: the branch gets a plain tensor)
+            x = out.select(-2, 0).contiguous()  # (the branch gets a plain tensor)
         return x, SiteContext(streams, x, a, r, b, adds_input, mixed=out.narrow(-2, 1, n))
 
     # -- the per-site API ------------------------------------------------------------------------
@@ -316,10 +325,15 @@ class HyperConnection(nn.Module):
         ``recompute`` (eager, autograd) the following site recomputes ``H'`` in backward from
         what this site saves anyway instead of saving it (see :meth:`width_connection`).
         """
+        if ctx.mixed is not None:  # no autograd: R H was computed with x, one addcmul adds b (x) y
+            new = torch.addcmul(ctx.mixed, ctx.b.unsqueeze(-1), y.unsqueeze(-2))
+            if following is None:
+                return new, None, None
+            x, next_ctx = following._width_no_grad(new, False)
+            return new, x, next_ctx
         if (
             following is not None
             and not following.is_dynamic
-            and ctx.mixed is None
             and not ctx.adds_input
             and torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
@@ -363,6 +377,9 @@ class HyperConnection(nn.Module):
 
         ``R H - b x`` first: with equal streams it is exactly 0 at init, so ``H' = out`` exactly.
         """
+        if ctx.mixed is not None:  # (no autograd: R H computed with x)
+            b = cast(ctx.b, ctx.mixed.dtype).unsqueeze(-1)
+            return torch.addcmul(ctx.mixed, -b, ctx.x.unsqueeze(-2)).addcmul_(b, out.unsqueeze(-2))
         return depth_connection(ctx.streams, ctx.r, -ctx.b, ctx.x) + outer_streams(ctx.b, out)
 
     def forward(self, streams: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

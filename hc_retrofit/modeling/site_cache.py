@@ -11,21 +11,22 @@ Parameters created under ``inference_mode`` have no version counter: nothing is 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
+from .formulas import EPS
 from .kernels import cast
-from .private_api import version_counter
+from .private_api import version_counters
 
 
-def cache_key(params: Iterable[torch.Tensor], *extra: object) -> tuple | None:
+def cache_key(params: list[torch.Tensor], *extra: object) -> tuple | None:
     """What identifies the parameters' current values, or ``None`` if they cannot be tracked."""
-    try:  # (one pass: this runs per site and token at decode)
-        return (*extra, *[(id(p), version_counter(p), p.data_ptr()) for p in params])
+    try:  # (few calls: this runs per site and token at decode)
+        versions = version_counters(params)
     except RuntimeError:  # inference tensors have no version counter
         return None
+    return (*extra, *map(id, params), *versions, *[p.data_ptr() for p in params])
 
 
 @dataclass
@@ -68,19 +69,22 @@ class StaticParts:
             self.derived[key] = base
         return self.derived[key]
 
-    def hc_layout(self, minus_identity: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Dynamic HC's ``base`` (:meth:`hc_base`), ``s`` and the projection transposed, ``W^T``
-        ``(n + 2, D)`` contiguous: ``F.linear(x, W^T)`` is ``x W`` in the layout linear layers use."""
+    def hc_layout(self, minus_identity: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dynamic HC's ``base`` (:meth:`hc_base`), ``s``, the projection as ``sqrt(D) W^T`` ``(n + 2, D)``
+        contiguous and ``sqrt(D eps)``: ``RMSNorm(x) W = F.linear(x, sqrt(D) W^T) / hypot(|x|, sqrt(D eps))``
+        (see :func:`~.no_grad.normed_projection`)."""
         key = ("hc_layout", minus_identity)
         if key not in self.derived:
-            self.derived[key] = (self.hc_base(minus_identity), self.scale, self.proj.t().contiguous())
+            w_t, root = _scaled_transpose(self.proj)
+            self.derived[key] = (self.hc_base(minus_identity), self.scale, w_t, root)
         return self.derived[key]
 
-    def mhc_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """mHC's ``base`` and ``(phi s)^T`` ``(2n + n^2, n D)``: the logits ``base + s (x phi)`` are then
-        ``F.linear(x, (phi s)^T, base)``, one call."""
+    def mhc_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mHC's ``base``, ``sqrt(n D) (phi s)^T`` ``(2n + n^2, n D)`` and ``sqrt(n D eps)``: the logits
+        ``base + s (RMSNorm(vec H) phi)`` are then ``base + F.linear(vec H, .) / hypot(|vec H|, .)``."""
         if "mhc_layout" not in self.derived:
-            self.derived["mhc_layout"] = (self.base, (self.proj * self.scale).t().contiguous())
+            w_t, root = _scaled_transpose(self.proj * self.scale)
+            self.derived["mhc_layout"] = (self.base, w_t, root)
         return self.derived["mhc_layout"]
 
     def eye(self) -> torch.Tensor:
@@ -88,6 +92,12 @@ class StaticParts:
         if "eye" not in self.derived:
             self.derived["eye"] = eye_like(self.r)
         return self.derived["eye"]
+
+
+def _scaled_transpose(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sqrt(D) w^T`` (contiguous) and ``sqrt(D eps)`` (on ``w``'s device) for a ``(D, k)`` projection."""
+    d = w.shape[0]
+    return (w.t() * d**0.5).contiguous(), torch.full((), (d * EPS) ** 0.5, dtype=w.dtype, device=w.device)
 
 
 def eye_like(r: torch.Tensor) -> torch.Tensor:
