@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import hc_retrofit
 from hc_retrofit import HCConfig
-from hc_retrofit.modeling import patch
+from hc_retrofit.modeling import patch, sinkhorn_knopp
 from tests.tiny import VOCAB, tiny_config
 
 VARIANTS = ["static", "dynamic", "mhc"]
@@ -127,10 +127,13 @@ def test_mhc_sinkhorn_is_one_opaque_call_per_site_in_the_training_graph():
     assert not any("softmax" in t for t in targets)
 
 
-def test_mhc_sinkhorn_is_one_region_compiled_once_in_a_compiled_decode_step():
+def test_mhc_sinkhorn_is_one_region_compiled_once_in_a_compiled_decode_step(monkeypatch):
     # Without autograd: unrolled at every site, the 2 x 20 normalisations made a compiled decoding
     # step little faster and its compilation several times longer. They are one nested compile
-    # region instead: traced once, called at every site.
+    # region instead: traced once, called at every site (the default, whatever the environment says).
+    monkeypatch.setattr(
+        sinkhorn_knopp, "_compiled_region", sinkhorn_knopp._nested_region(sinkhorn_knopp._exp_domain, "auto")
+    )
     torch._dynamo.reset()
     model = tiny_llama("mhc").eval()
     graphs = []

@@ -360,6 +360,9 @@ def test_sinkhorn_switch_eager_keeps_the_operator_in_compiled_graphs(monkeypatch
         return sinkhorn(t, 20), sinkhorn(t * 2, 20)
 
     logits = torch.randn(1, 4, 4)
+    monkeypatch.setattr(
+        sinkhorn_knopp, "_compiled_region", sinkhorn_knopp._nested_region(sinkhorn_knopp._exp_domain, "auto")
+    )
     targets = _compiled_graph_targets(two_sites, logits)
     assert sum("invoke_subgraph" in t for t in targets) == 2 and not any("sinkhorn" in t for t in targets)
     region = sinkhorn_knopp._nested_region(sinkhorn_knopp._exp_domain, "eager")
