@@ -326,20 +326,21 @@ def test_sinkhorn_module_imported_twice_reuses_the_operator(tmp_path, monkeypatc
 
 def test_sinkhorn_in_a_compiled_graph_without_autograd_matches_the_formula():
     # What a compiled decoding step runs (Inductor, C++ here): the exp-domain iterations as one
-    # nested region, compiled once and called at both sites; row-stochastic as exactness needs.
+    # nested region, compiled once and called at both sites; also for many matrices (a compiled
+    # server's batch); row-stochastic as exactness needs.
     torch._dynamo.reset()
     torch.manual_seed(9)
-    logits = torch.randn(2, 1, 4, 4) * 3
+    few, many = torch.randn(2, 1, 4, 4) * 3, torch.randn(3, 40, 4, 4) * 3
 
     @torch.compile(fullgraph=True)
-    def two_sites(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return sinkhorn(t, 20), sinkhorn(t.flip(-1), 20)
+    def sites(t: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return sinkhorn(t, 20), sinkhorn(t.flip(-1), 20), sinkhorn(u, 20)
 
     with torch.inference_mode():
-        outs = two_sites(logits)
-    for out, t in zip(outs, (logits, logits.flip(-1)), strict=True):
+        outs = sites(few, many)
+    for out, t in zip(outs, (few, few.flip(-1), many), strict=True):
         torch.testing.assert_close(out, formulas.sinkhorn(t.double(), 20).float(), rtol=0, atol=1e-6)
-        torch.testing.assert_close(out.sum(-1), torch.ones(2, 1, 4), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.sum(-1), torch.ones(t.shape[:-1]), rtol=0, atol=1e-6)
 
 
 def _compiled_graph_targets(fn, *args) -> list[str]:
@@ -359,7 +360,7 @@ def test_sinkhorn_switch_eager_keeps_the_operator_in_compiled_graphs(monkeypatch
     def two_sites(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (one call site is inlined)
         return sinkhorn(t, 20), sinkhorn(t * 2, 20)
 
-    logits = torch.randn(1, 4, 4)
+    logits = torch.randn(100, 4, 4)  # many matrices: the region too (a compiled server's batch)
     monkeypatch.setattr(
         sinkhorn_knopp, "_compiled_region", sinkhorn_knopp._nested_region(sinkhorn_knopp._exp_domain, "auto")
     )

@@ -9,11 +9,11 @@ several times slower than the original). For few matrices (decode: one per seque
 without autograd, and the operator, run the log-domain formula instead of the exp-domain
 iterations: there the number of kernel calls is the cost, and the log domain needs half as many.
 
-A compiled graph without autograd (a compiled decoding step) runs the exp-domain iterations as one
-nested compile region (``torch.compiler.nested_compile_region``) instead: traced and compiled once
-per graph, its fused code called at every site, without the operator's eager normalisations (one
-kernel call each) or the compile time of unrolling them at every site (~6x the original's for a
-decoding step). ``HC_RETROFIT_SINKHORN=eager`` (read at import) keeps the operator there too, for a
+A compiled graph without autograd (a compiled decoding step, a compiled server's forward) runs the
+exp-domain iterations as one nested compile region (``torch.compiler.nested_compile_region``)
+instead, for any number of matrices: traced and compiled once per graph, its fused code called at
+every site, without the operator's eager normalisations (one kernel call each) or the compile time
+of unrolling them at every site (~6x the original's for a decoding step). ``HC_RETROFIT_SINKHORN=eager`` (read at import) keeps the operator there too, for a
 compiler that does not handle regions; a torch without them keeps it as well.
 """
 
@@ -37,11 +37,11 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     row-stochastic (what exactness needs) and doubly stochastic up to the convergence of ``iters``
     iterations. The gradient is that of the iterations (not of the limit), see :func:`_backward`.
     """
-    if torch.is_grad_enabled() or not _few(logits):
+    if torch.is_grad_enabled():
         return sinkhorn_op(logits, iters)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # for any number of matrices (no guard on a dynamic batch)
         return (sinkhorn_op if _compiled_region is None else _compiled_region)(logits, iters)
-    return plain_sinkhorn(logits, iters)
+    return plain_sinkhorn(logits, iters) if _few(logits) else sinkhorn_op(logits, iters)
 
 
 def _few(logits: torch.Tensor) -> bool:
