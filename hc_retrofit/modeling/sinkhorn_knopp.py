@@ -13,8 +13,9 @@ A compiled graph without autograd (a compiled decoding step, a compiled server's
 exp-domain iterations as one nested compile region (``torch.compiler.nested_compile_region``)
 instead, for any number of matrices: traced and compiled once per graph, its fused code called at
 every site, without the operator's eager normalisations (one kernel call each) or the compile time
-of unrolling them at every site (~6x the original's for a decoding step). ``HC_RETROFIT_SINKHORN=eager`` (read at import) keeps the operator there too, for a
-compiler that does not handle regions; a torch without them keeps it as well.
+of unrolling them at every site (~6x the original's for a decoding step).
+``HC_RETROFIT_SINKHORN=eager`` (read at import) keeps the operator there too, for a compiler that
+does not handle regions; a torch without them keeps it as well.
 """
 
 from __future__ import annotations
