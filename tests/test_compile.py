@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import hc_retrofit
 from hc_retrofit import HCConfig
-from hc_retrofit.modeling import patch
+from hc_retrofit.modeling import patch, sinkhorn_knopp
 from tests.tiny import VOCAB, tiny_config
 
 VARIANTS = ["static", "dynamic", "mhc"]
@@ -127,9 +127,13 @@ def test_mhc_sinkhorn_is_one_opaque_call_per_site_in_the_training_graph():
     assert not any("softmax" in t for t in targets)
 
 
-def test_mhc_sinkhorn_is_one_opaque_call_per_site_in_a_compiled_decode_step():
-    # Without autograd too: traced, the 2 x 20 normalisations per site made a compiled decoding
-    # step no faster and its compilation several times longer.
+def test_mhc_sinkhorn_is_one_region_compiled_once_in_a_compiled_decode_step(monkeypatch):
+    # Without autograd: unrolled at every site, the 2 x 20 normalisations made a compiled decoding
+    # step little faster and its compilation several times longer. They are one nested compile
+    # region instead: traced once, called at every site (the default, whatever the environment says).
+    monkeypatch.setattr(
+        sinkhorn_knopp, "_compiled_region", sinkhorn_knopp._nested_region(sinkhorn_knopp._exp_domain, "auto")
+    )
     torch._dynamo.reset()
     model = tiny_llama("mhc").eval()
     graphs = []
@@ -142,9 +146,15 @@ def test_mhc_sinkhorn_is_one_opaque_call_per_site_in_a_compiled_decode_step():
     with torch.no_grad():
         cache = model(x, use_cache=True).cache
         step = torch.compile(model, backend=backend, fullgraph=True)(x[:, -1:], cache=cache, use_cache=True)
-    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
-    assert sum("hc_retrofit.sinkhorn_v1" in t for t in targets) == len(patch.hyper_connection_sites(model))
-    assert not any("softmax" in t for t in targets)
+    (gm,) = graphs
+    calls = [node for node in gm.graph.nodes if node.op == "call_function"]
+    regions = [node for node in calls if node.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(regions) == len(patch.hyper_connection_sites(model))
+    assert len({node.args[1] for node in regions}) == 1  # one identifier: one region, traced once
+    assert not any("sinkhorn" in str(node.target) or "softmax" in str(node.target) for node in calls)
+    (region,) = [module for name, module in gm.named_children() if name.startswith("subgraph")]
+    sums = [node for node in region.graph.nodes if node.target in ("sum", torch.sum)]
+    assert len(sums) == 2 * HCConfig().sinkhorn_iters  # every normalisation, in the region
     with torch.no_grad():
         eager = model(x[:, -1:], cache=model(x, use_cache=True).cache, use_cache=True)
     torch.testing.assert_close(step.logits, eager.logits)

@@ -322,3 +322,69 @@ def test_sinkhorn_module_imported_twice_reuses_the_operator(tmp_path, monkeypatc
     assert copy.sinkhorn_op is sinkhorn_op and copy.sinkhorn_backward_op is sinkhorn_knopp.sinkhorn_backward_op
     logits = torch.randn(3, 4, 4, requires_grad=True)
     torch.testing.assert_close(copy.sinkhorn(logits, 4), sinkhorn(logits, 4))
+
+
+def test_sinkhorn_in_a_compiled_graph_without_autograd_matches_the_formula():
+    # What a compiled decoding step runs (Inductor, C++ here): the exp-domain iterations as one
+    # nested region, compiled once and called at both sites; also for many matrices (a compiled
+    # server's batch); row-stochastic as exactness needs.
+    torch._dynamo.reset()
+    torch.manual_seed(9)
+    few, many = torch.randn(2, 1, 4, 4) * 3, torch.randn(3, 40, 4, 4) * 3
+
+    @torch.compile(fullgraph=True)
+    def sites(t: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return sinkhorn(t, 20), sinkhorn(t.flip(-1), 20), sinkhorn(u, 20)
+
+    with torch.inference_mode():
+        outs = sites(few, many)
+    for out, t in zip(outs, (few, few.flip(-1), many), strict=True):
+        torch.testing.assert_close(out, formulas.sinkhorn(t.double(), 20).float(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.sum(-1), torch.ones(t.shape[:-1]), rtol=0, atol=1e-6)
+
+
+def _compiled_graph_targets(fn, *args) -> list[str]:
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+
+
+def test_sinkhorn_switch_eager_keeps_the_operator_in_compiled_graphs(monkeypatch):
+    def two_sites(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (one call site is inlined)
+        return sinkhorn(t, 20), sinkhorn(t * 2, 20)
+
+    logits = torch.randn(100, 4, 4)  # many matrices: the region too (a compiled server's batch)
+    monkeypatch.setattr(
+        sinkhorn_knopp, "_compiled_region", sinkhorn_knopp._nested_region(sinkhorn_knopp._exp_domain, "auto")
+    )
+    targets = _compiled_graph_targets(two_sites, logits)
+    assert sum("invoke_subgraph" in t for t in targets) == 2 and not any("sinkhorn" in t for t in targets)
+    region = sinkhorn_knopp._nested_region(sinkhorn_knopp._exp_domain, "eager")
+    assert region is None
+    monkeypatch.setattr(sinkhorn_knopp, "_compiled_region", region)
+    targets = _compiled_graph_targets(two_sites, logits)
+    assert sum("hc_retrofit.sinkhorn_v1" in t for t in targets) == 2 and not any(
+        "invoke_subgraph" in t for t in targets
+    )
+
+
+@pytest.mark.parametrize(("value", "switch"), [(None, "auto"), ("eager", "eager"), (" Eager ", "eager"), ("", "auto")])
+def test_sinkhorn_switch_is_read_from_the_environment(monkeypatch, value, switch):
+    if value is None:
+        monkeypatch.delenv(sinkhorn_knopp.SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(sinkhorn_knopp.SWITCH, value)
+    assert sinkhorn_knopp._switch() == switch
+
+
+def test_sinkhorn_switch_with_an_unknown_value_warns_and_means_auto(monkeypatch):
+    monkeypatch.setenv(sinkhorn_knopp.SWITCH, "compiled")
+    with pytest.warns(UserWarning, match="HC_RETROFIT_SINKHORN='compiled' is neither auto nor eager; using auto"):
+        assert sinkhorn_knopp._switch() == "auto"
