@@ -16,10 +16,28 @@ def test_width_mix_outer_depth_by_hand():
     torch.testing.assert_close(formulas.depth(h, r, b, y), torch.tensor([[13.0, 24.0], [7.0, 10.0]]))
 
 
+def test_width_and_mix_with_per_token_coefficients_are_each_tokens_products():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)  # (B, T, n, D)
+    a = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    r = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    x, mixed = formulas.width(h, a), formulas.mix(h, r)
+    assert x.shape == (2, 3, 5) and mixed.shape == (2, 3, 4, 5)
+    for i in range(2):
+        for t in range(3):
+            torch.testing.assert_close(x[i, t], a[i, t] @ h[i, t])
+            torch.testing.assert_close(mixed[i, t], r[i, t] @ h[i, t])
+    torch.testing.assert_close(formulas.mix(h, r[0, 0]), r[0, 0] @ h)  # static R over every token
+
+
 def test_rms_project_is_a_weightless_rms_norm_then_matmul():
     x = torch.tensor([[3.0, 4.0]])  # rms = sqrt(12.5)
     w = torch.eye(2)
     torch.testing.assert_close(formulas.rms_project(x, w), x / 12.5**0.5, atol=1e-6, rtol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 4, 8, generator=g, dtype=torch.float64), torch.randn(8, 6, generator=g, dtype=torch.float64)
+    by_hand = (x / (x.pow(2).mean(-1, keepdim=True) + formulas.EPS).sqrt()) @ w
+    torch.testing.assert_close(formulas.rms_project(x, w), by_hand)
 
 
 def test_sinkhorn_is_row_stochastic_and_keeps_a_doubly_stochastic_matrix():
