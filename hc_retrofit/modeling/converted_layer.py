@@ -120,8 +120,7 @@ class HCDecoderLayerMixin:
             new = first_site.depth_around(ctx, first_output(out))  # F(x) = layer(x) - x
         elif beside_layer(self):  # the hooks compute the streams; the layer's adds see (B, T, D) only
             calls = self._hc_calls
-            recompute = ctx.mixed is None and recomputes(self)  # (mixed: computed without autograd)
-            calls.reset(ctx, beside=True, recompute=recompute, sites=sites)
+            calls.reset(ctx, beside=True, recompute=recomputes(self), sites=sites)
             new_args, new_kwargs = with_hidden_input(args, kwargs, x)
             out = super().forward(*new_args, **new_kwargs)
             new = calls.streams
@@ -209,7 +208,7 @@ def exit_hook(
     ``R H`` the layer received, ``(R - I) H + b (x) y`` on the others.
     """
     ctx = calls.contexts[index]
-    y = output[0] if isinstance(output, (tuple, list)) else output  # (first_output, inlined: runs per token)
+    y = first_output(output)
     if calls.beside:
         following = calls.sites[index + 1] if index + 1 < calls.num_sites else None
         calls.streams, _, next_ctx = site.advance(ctx, y, following, recompute=calls.recompute and index == 0)

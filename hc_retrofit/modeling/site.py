@@ -264,7 +264,7 @@ class HyperConnection(nn.Module):
         one_token = streams.numel() == n * d
         h = streams.reshape(n, d) if one_token else streams
         rows, a, r, b = self._no_grad_rows(h, streams.dtype, adds_input, views=False)
-        if n > 1 and streams.stride(-2) == 0:  # layer 0's n views of one h: every product a scaling of h
+        if expanded_streams(streams):  # layer 0's n views of one h: every product a scaling of h
             out = rows.sum(-1, keepdim=True) * streams.narrow(-2, 0, 1)
             x = out.select(-2, 0).contiguous()
         elif one_token:  # (decode): a plain 2-D product; its row 0 is x, already contiguous
